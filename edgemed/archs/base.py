@@ -1,0 +1,76 @@
+"""What edgemed needs to know about one model family, declared as data.
+
+Each module in ``edgemed.archs`` builds one :class:`ArchSpec`. Code elsewhere asks the spec (where the vision
+tower sits, which modules LoRA targets, the GGUF architecture name) and never tests ``model_type`` itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One model family.
+
+    Module paths are those of the transformers 5 module tree (``model.named_modules()``), not of the
+    checkpoint's tensor names.
+    """
+
+    name: str  # registry key and the name users write in recipes
+    family: str  # what a person calls it
+    model_types: tuple[str, ...]  # config.model_type values this entry serves
+    model_class: str  # transformers class that loads the full model
+    real_model_ids: tuple[str, ...]  # the public checkpoints this entry is written for
+    decoder: str  # module path of the text decoder stack (holds .layers)
+    lm_head: str = "lm_head"
+    vision: str | None = None  # module path of the vision tower, None for text models
+    projector: str | None = None  # module path of the vision-to-text projector
+    decoder_lora: tuple[str, ...] = DECODER_LORA  # leaf names LoRA targets inside decoder layers
+    vision_lora: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # leaf names inside the vision tower
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm", "norm")  # decoder norm leaf names
+    vision_norms: tuple[str, ...] = ("layer_norm1", "layer_norm2", "post_layernorm", "pre_layrnorm")
+    image_placeholder: str | None = None  # text the processor expands into image tokens
+    gguf_arch: str | None = None  # llama.cpp architecture of the text model; None: no llama.cpp support
+    gguf_projector: str | None = None  # llama.cpp clip projector type for the mmproj file
+    no_gguf_reason: str = ""  # said when gguf_arch is None
+    text_config: Callable[[Any], Any] = lambda config: config  # the text decoder's config
+    build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
+    notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
+
+    @property
+    def is_vision(self) -> bool:
+        return self.vision is not None
+
+    def decoder_lora_regex(self, targets: tuple[str, ...] | None = None) -> str:
+        """Full-match regex over module names: LoRA targets inside the text decoder's layers only."""
+        leaves = "|".join(re.escape(t) for t in (targets or self.decoder_lora))
+        return rf"{re.escape(self.decoder)}\.layers\.\d+\.(?:[\w.]+\.)?(?:{leaves})"
+
+    def vision_lora_regex(self, targets: tuple[str, ...] | None = None) -> str:
+        """Full-match regex over module names: LoRA targets inside the vision tower."""
+        if self.vision is None:
+            raise ValueError(f"{self.name} has no vision tower")
+        leaves = "|".join(re.escape(t) for t in (targets or self.vision_lora))
+        return rf"{re.escape(self.vision)}\.(?:[\w.]+\.)?(?:{leaves})"
+
+    def part_of(self, param_name: str) -> str:
+        """Which part a parameter belongs to: vision, projector, decoder, lm_head or other."""
+        for part, prefix in (("vision", self.vision), ("projector", self.projector), ("decoder", self.decoder),
+                             ("lm_head", self.lm_head)):
+            if prefix and (param_name == prefix or param_name.startswith(prefix + ".")):
+                return part
+        return "other"
+
+    def is_decoder_norm(self, param_name: str) -> bool:
+        """True for the weights and biases of the text decoder's norm layers."""
+        if self.part_of(param_name) != "decoder":
+            return False
+        leaf = param_name.rsplit(".", 2)[-2] if param_name.count(".") >= 1 else param_name
+        return leaf in self.norms

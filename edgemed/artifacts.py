@@ -1,0 +1,152 @@
+"""Output folders that describe themselves, and that are never half-written.
+
+Every run, model and export folder holds ``manifest.json``: what kind of artifact it is, the resolved recipe,
+the base model path and sha256, data sha256, library versions, the parent artifact, and the sha256 of every
+file in it. Folders are written under a temporary name beside the target and renamed when complete, so a
+killed command never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgemed.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+KINDS = ("run", "model", "gguf", "onnx")
+_LIBS = ("edgemed", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf", "llama_cpp_python",
+         "onnx", "onnxruntime", "numpy")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of one file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (relative posix path -> hex), manifest excluded."""
+    out: dict[str, str] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in skip and not rel.startswith("checkpoints/"):
+            out[rel] = sha256_file(p)
+    return out
+
+
+def tree_sha256(path: Path) -> str:
+    """One sha256 for a file, or for a folder (over its sorted file names and their hashes)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for rel, digest in file_hashes(path).items():
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide what an artifact contains."""
+    out = {}
+    for name in _LIBS:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields: Any) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``folder``; with ``hash_files`` it lists the sha256 of every file."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    manifest = {
+        "edgemed_manifest": 1,
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        **fields,
+    }
+    if hash_files:
+        manifest["files"] = file_hashes(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read an artifact's manifest, checking that it exists and is of one of ``kinds``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such folder; give the folder that edgemed wrote")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder}: no {MANIFEST}; this is not a folder written by edgemed "
+            "(run `edgemed finetune`, `edgemed merge` or `edgemed export` to make one)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the folder is damaged, make it again") from e
+    if kinds and manifest.get("kind") not in kinds:
+        raise ArtifactError(
+            f"{folder}: is a {manifest.get('kind')!r} folder, expected {' or '.join(kinds)}"
+        )
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it to ``target`` only if the block completes.
+
+    An existing ``target`` is an error unless ``overwrite``; then it is replaced only after the new folder
+    is complete.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``target``; rename it to ``target`` only if the block completes."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
