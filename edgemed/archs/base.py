@@ -16,6 +16,26 @@ DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass(frozen=True)
+class GGUFSpec:
+    """How a family's checkpoint becomes llama.cpp files: data read by ``edgemed.export.gguf``.
+
+    ``key_prefixes`` sorts checkpoint tensor names into parts and rewrites them to the names gguf-py's
+    ``TensorNameMap`` knows: ``(checkpoint prefix, part, new prefix)``, part one of text, vision, projector or
+    skip; the first matching prefix wins. ``tensor_names`` names what that map lacks (name without
+    .weight/.bias -> GGUF name). ``skip`` lists rewritten names (regex, full match) that are not exported.
+    """
+
+    key_prefixes: tuple[tuple[str, str, str], ...]
+    tensor_names: dict[str, str] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    permute_qk: bool = False  # HF rotate-half Q/K rows -> llama.cpp's interleaved rope (Llama)
+    norm_plus_one: tuple[str, ...] = ()  # GGUF names (regex) whose weights are stored as w - 1 in HF (Gemma)
+    text_kv: Callable[[Any], dict[str, Any]] | None = None  # extra text-model keys ("{arch}" is filled in)
+    mmproj_kv: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None  # (config, processor cfg) -> keys
+    image_wrap: tuple[str, str] = ("", "")  # text llama.cpp's mtmd puts around an image (HF renders it too)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One model family.
 
@@ -40,6 +60,7 @@ class ArchSpec:
     gguf_arch: str | None = None  # llama.cpp architecture of the text model; None: no llama.cpp support
     gguf_projector: str | None = None  # llama.cpp clip projector type for the mmproj file
     no_gguf_reason: str = ""  # said when gguf_arch is None
+    gguf: GGUFSpec | None = None  # tensor names and metadata for `export gguf`; None: no llama.cpp support
     text_config: Callable[[Any], Any] = lambda config: config  # the text decoder's config
     build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
     notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
