@@ -510,9 +510,10 @@ def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Ima
         arr = pixel_array(ds, index=0)  # first frame only: a multi-frame series gives its first image
     except Exception as e:  # noqa: BLE001 - pydicom raises many types (missing codec, bad length, ...)
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        todo = ("install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress it "
+                "(gdcmconv --raw)") if getattr(ts, "is_compressed", False) else "the file is damaged, export it again"
         raise DataError(f"{name}: cannot decode the DICOM pixel data (transfer syntax "
-                        f"{getattr(ts, 'name', ts)}): {e}; install a decoder (pip install pylibjpeg "
-                        "pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress it (gdcmconv --raw)") from e
+                        f"{getattr(ts, 'name', ts)}): {e}; {todo}") from e
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (pydicom converts YBR to RGB)
         a = arr[..., :3].astype(np.float64)
         if arr.dtype != np.uint8:
