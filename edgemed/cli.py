@@ -229,7 +229,8 @@ def verify(bundle: Path) -> None:
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
-    from edgemed.serve import ServeConfig, serve as run
+    from edgemed.serve import ServeConfig
+    from edgemed.serve import serve as run
 
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,

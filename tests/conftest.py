@@ -51,3 +51,29 @@ def embedded_image() -> Path:
     from edgemed import embedded
 
     return embedded.materialize(embedded.IMAGE, quiet=True)
+
+
+def write_vqa(folder: Path, n: int = 6, image: bool = True, size: int = 40) -> Path:
+    """A small VQA JSONL with PNG images whose answers depend on the picture (bright left or right half)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        side = "left" if i % 2 == 0 else "right"
+        rec = {"question": "Which side is bright?", "answer": side, "answer_type": "open", "image": None}
+        if image:
+            arr = np.zeros((size, size, 3), dtype=np.uint8)
+            arr[:, : size // 2] = 220 if side == "left" else 20
+            arr[:, size // 2:] = 20 if side == "left" else 220
+            Image.fromarray(arr).save(folder / f"img{i}.png")
+            rec["image"] = f"img{i}.png"
+        else:
+            rec["question"] = f"Say {side}."
+        lines.append(json.dumps(rec))
+    path = folder / "vqa.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

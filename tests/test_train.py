@@ -1,0 +1,146 @@
+"""Every strategy trains on the tiny config of every architecture: two steps, frozen parts bit-identical,
+trainable share as the strategy implies, and a run folder that describes itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ARCHS, VISION_ARCHS, write_vqa
+
+from edgemed.archs import REGISTRY
+from edgemed.errors import ArtifactError, RecipeError
+from edgemed.recipe import Recipe
+from edgemed.train import finetune
+
+STRATEGIES = {
+    "decoder_lora": {"vision": "frozen", "projector": "frozen", "decoder": "lora"},
+    "layernorm": {"vision": "frozen", "projector": "frozen", "decoder": "layernorm"},
+    "projector_lora": {"vision": "frozen", "projector": "train", "decoder": "lora"},
+    "vision_lora": {"vision": "lora", "projector": "frozen", "decoder": "lora"},
+}
+CASES = [(a, s) for a in ARCHS for s in STRATEGIES if REGISTRY[a].is_vision or s in ("decoder_lora", "layernorm")]
+
+
+def recipe_for(model, data, parts=None, **kw) -> Recipe:
+    doc = {"model": {"path": str(model)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+           "optim": {"lr": 1e-3, "batch_size": 2}, "eval_every": 1, "save_every": 100,
+           "stages": [{"name": "s1", "data": {"train": str(data), "validation": str(data)},
+                       "train": parts or STRATEGIES["decoder_lora"], "max_steps": 2}]}
+    for k, v in kw.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
+    return Recipe.model_validate(doc)
+
+
+@pytest.mark.parametrize("arch,strategy", CASES)
+def test_strategy_trains_two_steps(arch, strategy, tiny_model, tmp_path):
+    spec = REGISTRY[arch]
+    data = write_vqa(tmp_path / "data", n=4, image=spec.is_vision)
+    run = finetune(recipe_for(tiny_model(arch), data, STRATEGIES[strategy]), tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["kind"] == "run" and manifest["arch"] == arch
+    assert json.loads((run / "frozen_check.json").read_text())["identical"] is True
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["global_step"] for e in log] == [1, 2] and all(e["loss"] > 0 for e in log)
+    assert "val_accuracy" in log[-1]
+    rep = json.loads((run / "trainable.json").read_text())
+    parts = rep["per_part"]
+    assert rep["trainable"] > 0 and 0 < rep["percent"] < 100
+    if strategy == "layernorm":
+        # only norm weights: no LoRA, and far less than a percent of a real model
+        assert not (run / "adapter").exists() and (run / "trained.safetensors").is_file()
+        assert parts["decoder"]["trainable"] == rep["trainable"]
+    else:
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    if spec.is_vision:
+        assert (parts["projector"]["trainable"] > 0) == (strategy == "projector_lora")
+        assert (parts["vision"]["trainable"] > 0) == (strategy == "vision_lora")
+        if strategy == "projector_lora":
+            assert parts["projector"]["trainable"] == parts["projector"]["total"]
+    assert (run / "loss.png").stat().st_size > 1000
+
+
+def test_qlora_4bit_path_on_cpu(tiny_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    data = write_vqa(tmp_path / "data", n=4)
+    recipe = recipe_for(tiny_model("llava"), data, STRATEGIES["projector_lora"], method="qlora",
+                        quant={"allow_cpu": True, "compute_dtype": "float32"})
+    run = finetune(recipe, tmp_path / "run")
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["method"]["used"] == "qlora"
+    assert json.loads((run / "frozen_check.json").read_text())["identical"] is True
+
+
+def test_qlora_without_cuda_falls_back_or_fails_strict(tiny_model, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    recipe = recipe_for(tiny_model("llama"), data, method="qlora")
+    with pytest.raises(RecipeError, match="--strict"):
+        finetune(recipe, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.partial").exists()
+    with pytest.warns(UserWarning, match="32-bit LoRA"):
+        run = finetune(recipe, tmp_path / "run")
+    assert json.loads((run / "manifest.json").read_text())["method"]["used"] == "lora"
+
+
+@pytest.mark.parametrize("arch", VISION_ARCHS[:1])
+def test_two_stage_recipe(arch, tiny_model, tmp_path):
+    data = write_vqa(tmp_path / "data", n=4)
+    recipe = recipe_for(tiny_model(arch), data, STRATEGIES["projector_lora"])
+    doc = recipe.model_dump()
+    doc["stages"].append({**doc["stages"][0], "name": "s2", "train": STRATEGIES["decoder_lora"]})
+    doc["prompt"] = {"role": "an experienced radiologist", "tasks": {"side": "Answer left or right."}}
+    run = finetune(Recipe.model_validate(doc), tmp_path / "run")
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in log] == [("s1", 1), ("s1", 2), ("s2", 1), ("s2", 2)]
+
+
+def test_refuses_existing_output_and_leaves_nothing_on_error(tiny_model, tmp_path):
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        finetune(recipe_for(tiny_model("llama"), data), out)
+    bad = recipe_for(tiny_model("llama"), data, STRATEGIES["projector_lora"])
+    with pytest.raises(RecipeError, match="no projector"):
+        finetune(bad, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run2.partial").exists()
+
+
+def test_resume_reaches_same_result(tiny_model, tmp_path):
+    """A run stopped after a checkpoint and resumed ends with the same adapter as one that ran straight."""
+    from safetensors.torch import load_file
+
+    data = write_vqa(tmp_path / "data", n=8, image=False)
+    model = tiny_model("llama")
+    straight = finetune(_steps(recipe_for(model, data, save_every=2), 4), tmp_path / "a")
+    partial = tmp_path / "b.partial"
+    import edgemed.train as t
+
+    real = t._checkpoint
+
+    def stop_after_first(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    t._checkpoint = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_steps(recipe_for(model, data, save_every=2), 4), tmp_path / "b")
+    finally:
+        t._checkpoint = real
+    assert (partial / "checkpoints").is_dir() and not (tmp_path / "b").exists()
+    resumed = finetune(_steps(recipe_for(model, data, save_every=2), 4), tmp_path / "b", resume=True)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+
+
+def _steps(recipe: Recipe, n: int) -> Recipe:
+    recipe.stages[0].max_steps = n
+    return recipe
