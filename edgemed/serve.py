@@ -1,0 +1,892 @@
+"""Serve an export offline with an OpenAI-compatible chat API, and ask it one question from the terminal.
+
+``serve(config)`` runs ``create_app(config)`` under uvicorn. The runtime follows from the folder's manifest
+(``edgemed.backends.open_backend``): GGUF through llama.cpp, ONNX through onnxruntime, a model or run folder
+through PyTorch. A plain transformers folder (config.json, no manifest) is served through PyTorch, unverified.
+
+Offline by construction: the process sets the hub's offline switches before any model is loaded, no endpoint
+fetches a URL (remote image URLs are refused), and a local image path is read only under an ``--allow-dir``.
+The server binds 127.0.0.1 unless told otherwise, and refuses any other address without an API key.
+
+Limits: the request body size, an image's pixel count (checked from its header, before decoding), ``max_tokens``,
+a bounded queue (429 when full), a per-request timeout (504), and a client that disconnects stops its
+generation within one token. Every error is OpenAI-shaped JSON: ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
+
+from fastapi import Request  # at run time: FastAPI resolves the endpoints' annotations from this module
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgemed.backends.base import GenParams
+from edgemed.errors import DataError, EdgemedError, ServeError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from PIL import Image
+
+    from edgemed.backends.base import Backend
+
+log = logging.getLogger("edgemed.serve")
+
+DICOM_MIMES = ("application/dicom", "image/dicom", "application/dicom+octet-stream")
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", *DICOM_MIMES)
+SUFFIX_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom",
+               ".dicom": "application/dicom"}
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``edgemed serve`` takes; the defaults are the safe ones."""
+
+    export_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_concurrency: int = 1  # generations at once (more than 1 only for a backend that says it is thread-safe)
+    max_queue: int = 16  # requests waiting for a slot; one more is answered 429
+    max_tokens_cap: int = 512
+    request_timeout: float = 120.0  # seconds from arrival to the last token, queueing included
+    allow_dirs: list[Path] = field(default_factory=list)  # folders from which file:// images may be read
+    verify: bool = True  # check the bundle's files against its manifest before serving
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 50_000_000  # width x height; larger images are refused before decoding
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_config(config: ServeConfig) -> None:
+    """Refuse settings that would expose the model or cannot work, all problems at once."""
+    problems = []
+    if not _is_loopback(config.host) and not config.api_key:
+        problems.append(f"--host {config.host} is not a loopback address; serving beyond this machine needs "
+                        "--api-key KEY (or EDGEMED_API_KEY), or bind 127.0.0.1")
+    for name in ("max_concurrency", "max_tokens_cap", "max_body_bytes", "max_image_pixels"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.max_queue < 0:
+        problems.append(f"--max-queue must be 0 or more, got {config.max_queue}")
+    if config.request_timeout <= 0:
+        problems.append(f"--timeout must be positive seconds, got {config.request_timeout}")
+    if not 0 <= config.port <= 65535:
+        problems.append(f"--port must be 0-65535, got {config.port}")
+    for d in config.allow_dirs:
+        if not Path(d).is_dir():
+            problems.append(f"--allow-dir {d} is not a folder")
+    if problems:
+        raise ServeError("cannot serve: " + "; ".join(problems))
+
+
+def _offline() -> None:
+    """Make every library that could reach a hub refuse to, before any model is loaded."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def open_export(folder: Path | str, verify: bool = True, **kw: Any) -> Backend:
+    """The backend for an export, run or model folder; with ``verify`` a bundle that fails its manifest is refused.
+
+    A folder with a manifest opens the runtime its kind names. A plain transformers folder (config.json and no
+    manifest) opens with PyTorch; it has no manifest to verify against, which is logged.
+    """
+    _offline()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ServeError(f"{folder}: no such folder; give an export, run or model folder")
+    if (folder / "manifest.json").is_file():
+        if verify:
+            _verify(folder)
+        from edgemed.backends import open_backend
+
+        return open_backend(folder, **kw)
+    if (folder / "config.json").is_file():
+        log.warning("%s has no manifest.json: serving it as a plain transformers folder, unverified", folder)
+        from edgemed.backends.pytorch import TorchBackend
+
+        return TorchBackend(folder, **kw)
+    raise ServeError(f"{folder}: neither an edgemed folder (manifest.json) nor a transformers model folder "
+                     "(config.json); give the folder `edgemed export`, `merge` or `finetune` wrote")
+
+
+def _verify(folder: Path) -> None:
+    try:
+        from edgemed.bundle import verify
+    except ImportError:
+        log.warning("bundle verification is not available in this installation; %s served unverified", folder)
+        return
+    problems = verify(folder)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ServeError(f"{folder}: fails verification against its manifest ({shown}); "
+                         "re-export it, or pass --no-verify to serve it anyway")
+
+
+# ---------------------------------------------------------------------------------------------- images
+def decode_image(data: bytes, mime: str, max_pixels: int) -> Image.Image:
+    """PNG, JPEG or DICOM bytes as an RGB image; the pixel count is checked from the header, before decoding."""
+    try:
+        from edgemed.data import load_image_bytes
+    except ImportError:
+        load_image_bytes = None
+    if load_image_bytes is not None:
+        return load_image_bytes(data, mime, max_pixels=max_pixels)
+    return _decode_image_local(data, mime, max_pixels)
+
+
+def _too_big(width: int, height: int, max_pixels: int) -> DataError:
+    return DataError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                     "pixels; send a smaller image (or raise --max-image-pixels)")
+
+
+def _decode_image_local(data: bytes, mime: str, max_pixels: int) -> Image.Image:
+    """Stand-in for ``edgemed.data.load_image_bytes`` while that module is absent."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if mime in DICOM_MIMES or data[128:132] == b"DICM":
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=mime in DICOM_MIMES)
+            rows, cols = int(head.Rows), int(head.Columns)
+        except (InvalidDicomError, AttributeError, ValueError, TypeError, EOFError) as e:
+            raise DataError(f"the {mime} data is not a readable DICOM image ({e}); send a DICOM file with pixels"
+                            ) from None
+        if rows * cols > max_pixels:
+            raise _too_big(cols, rows, max_pixels)
+        try:
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            arr = ds.pixel_array
+            arr = arr[0] if arr.ndim == 3 and arr.shape[-1] not in (3, 4) else arr
+            if arr.ndim == 2:  # the stored window (VOI LUT), as training windows it
+                arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+                if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+                    arr = 1.0 - arr
+                arr = (arr * 255).round().astype(np.uint8)
+            return Image.fromarray(arr).convert("RGB")
+        except Exception as e:  # pydicom raises many types for damaged pixel data
+            raise DataError(f"the DICOM pixel data cannot be decoded ({e})") from e
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"the {mime} data is not an image ({e}); send PNG, JPEG or DICOM bytes") from e
+    if im.format not in ("PNG", "JPEG"):
+        raise DataError(f"image format {im.format} is not accepted; send PNG, JPEG or DICOM")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise _too_big(w, h, max_pixels)
+    try:
+        im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"the {im.format} image is damaged or truncated ({e})") from e
+    return im.convert("RGB")
+
+
+def image_from_url(url: str, config: ServeConfig) -> Image.Image:
+    """An image from a ``data:`` URL, or a local path (``file://`` or plain) under one of the allowed folders."""
+    if url.startswith("data:"):
+        head, sep, payload = url[5:].partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise _Api(400, "image_url data URLs must be base64: data:image/png;base64,...", "invalid_image_url")
+        mime = head[: -len(";base64")].lower() or "image/png"
+        if mime not in IMAGE_MIMES:
+            raise _Api(400, f"image type {mime!r} is not accepted; send one of {', '.join(IMAGE_MIMES)}",
+                       "unsupported_image_type")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise _Api(400, f"the image's base64 payload is invalid ({e})", "invalid_base64") from e
+        return _image_or_400(data, mime, config)
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "ftp"):
+        raise _Api(400, "remote image URLs are not fetched (this server is offline); send the image as a "
+                   "base64 data: URL", "remote_url_refused")
+    if parsed.scheme not in ("file", ""):
+        raise _Api(400, f"image URL scheme {parsed.scheme!r} is not accepted; use data: URLs", "invalid_image_url")
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+    if not config.allow_dirs:
+        raise _Api(403, "local image paths are not allowed on this server (start it with --allow-dir FOLDER); "
+                   "send the image as a base64 data: URL", "path_not_allowed")
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise _Api(404, f"image file {path} does not exist", "image_not_found") from None
+    if not any(real.is_relative_to(Path(d).resolve()) for d in config.allow_dirs):
+        raise _Api(403, f"image file {path} is outside the allowed folders", "path_not_allowed")
+    if not real.is_file():
+        raise _Api(400, f"{path} is not a file", "invalid_image_url")
+    if real.stat().st_size > config.max_body_bytes:
+        raise _Api(413, f"image file {path} is larger than {config.max_body_bytes} bytes", "image_too_large")
+    return _image_or_400(real.read_bytes(), SUFFIX_MIME.get(real.suffix.lower(), "image/png"), config)
+
+
+def _image_or_400(data: bytes, mime: str, config: ServeConfig) -> Image.Image:
+    try:
+        return decode_image(data, mime, config.max_image_pixels)
+    except DataError as e:
+        code = "image_too_large" if "pixels" in str(e) and "exceeds" in str(e) else "invalid_image"
+        raise _Api(413 if code == "image_too_large" else 400, str(e), code) from None
+
+
+# ---------------------------------------------------------------------------------------------- requests
+class _ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    url: str
+    detail: str | None = None
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: _ImageURL | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat completion request this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # greedy unless asked: answers are reproducible
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class _Api(Exception):
+    """An answer other than 200: HTTP status and an OpenAI-shaped error body."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:8]:
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+@dataclass
+class _Prompt:
+    text: str
+    image: Image.Image | None
+    params: GenParams
+    stream: bool
+    include_usage: bool
+
+
+def _text_of(content: str | list[_Part] | None, images: list[str]) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type == "text":
+            if part.text is None:
+                raise _Api(400, "a text content part needs 'text'", "invalid_content")
+            texts.append(part.text)
+        else:
+            if part.image_url is None:
+                raise _Api(400, "an image_url content part needs 'image_url': {'url': ...}", "invalid_content")
+            images.append(part.image_url.url)
+    return "\n".join(texts)
+
+
+def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Prompt:
+    """The rendered prompt, image and decoding settings of one request (one user turn, optional system)."""
+    system_parts, users, images = [], [], []
+    for m in req.messages:
+        if m.role in ("system", "developer"):
+            found: list[str] = []
+            system_parts.append(_text_of(m.content, found))
+            if found:
+                raise _Api(400, "images belong in a user message, not a system message", "invalid_content")
+        elif m.role == "user":
+            users.append(_text_of(m.content, images))
+        else:
+            raise _Api(400, "conversation history (assistant messages) is not supported: send an optional system "
+                       "message and one user message", "unsupported_conversation")
+    if len(users) != 1:
+        raise _Api(400, f"send exactly one user message (got {len(users)})", "unsupported_conversation")
+    if len(images) > 1:
+        raise _Api(400, f"one image per request is supported (got {len(images)})", "too_many_images")
+    if images and not backend.is_vision:
+        raise _Api(400, "this model is a text model and takes no image; send text only", "image_not_supported")
+    max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens_cap
+    if max_tokens > config.max_tokens_cap:
+        raise _Api(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}; ask for "
+                   "fewer (or restart with a larger --max-tokens-cap)", "max_tokens_exceeded")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise _Api(400, "stop takes up to 4 non-empty strings", "invalid_stop")
+    image = image_from_url(images[0], config) if images else None
+    system = "\n".join(p for p in system_parts if p) or None
+    try:
+        text = backend.render(users[0], image=image is not None, system=system)
+    except EdgemedError as e:
+        raise _Api(400, str(e), "invalid_prompt") from None
+    params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                       stop=stop)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _Prompt(text, image, params, req.stream, include_usage)
+
+
+# ---------------------------------------------------------------------------------------------- state
+class _QueueFull(Exception):
+    pass
+
+
+class _Gate:
+    """At most ``slots`` generations at once and ``max_queue`` waiting; lives in the event loop (no locks)."""
+
+    def __init__(self, slots: int, max_queue: int):
+        self.slots, self.max_queue = slots, max_queue
+        self.running = 0
+        self.waiting = 0
+        self.sem = asyncio.Semaphore(slots)
+
+    def leave(self) -> None:
+        self.running -= 1
+        self.sem.release()
+
+
+class _Ticket:
+    """One request's place: waiting, then admitted (holds a slot), then handed to the worker, which gives it back.
+
+    ``close()`` undoes whatever the request still holds, so a request that ends at any point (disconnect,
+    timeout, an error before its generation started) never leaks a place or a slot.
+    """
+
+    def __init__(self, gate: _Gate):
+        if gate.running + gate.waiting >= gate.slots + gate.max_queue:
+            raise _QueueFull
+        gate.waiting += 1
+        self.gate, self.state = gate, "waiting"
+
+    async def admit(self) -> None:
+        try:
+            await self.gate.sem.acquire()
+        except BaseException:
+            self.close()
+            raise
+        self.gate.waiting -= 1
+        self.gate.running += 1
+        self.state = "admitted"
+
+    def hand_over(self) -> None:
+        self.state = "handed"
+
+    def close(self) -> None:
+        if self.state == "waiting":
+            self.gate.waiting -= 1
+        elif self.state == "admitted":
+            self.gate.leave()
+        if self.state != "handed":
+            self.state = "closed"
+
+
+class _Metrics:
+    def __init__(self):
+        self.started = time.time()
+        self.counts: dict[str, int] = {"requests": 0, "completed": 0, "rejected_queue_full": 0,
+                                       "client_errors": 0, "server_errors": 0, "timed_out": 0, "cancelled": 0}
+        self.tokens = 0
+        self.gen_seconds = 0.0
+        self.latencies: deque[float] = deque(maxlen=1000)
+
+    def snapshot(self, gate: _Gate) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else None
+
+        return {
+            **{f"requests_{k}" if k != "requests" else "requests_total": v for k, v in self.counts.items()},
+            "tokens_generated": self.tokens,
+            "generation_seconds": round(self.gen_seconds, 4),
+            "tokens_per_second": round(self.tokens / self.gen_seconds, 3) if self.gen_seconds else 0.0,
+            "queue_depth": gate.waiting,
+            "running": gate.running,
+            "max_queue": gate.max_queue,
+            "max_concurrency": gate.slots,
+            "latency_p50_s": pct(0.5),
+            "latency_p95_s": pct(0.95),
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+
+class _State:
+    def __init__(self, config: ServeConfig, backend: Backend, owns_backend: bool):
+        self.config, self.backend, self.owns_backend = config, backend, owns_backend
+        slots = config.max_concurrency
+        if slots > 1 and not getattr(backend, "thread_safe", False):
+            log.warning("the %s backend runs one generation at a time; --max-concurrency %d acts as 1",
+                        getattr(backend, "name", "?"), slots)
+            slots = 1
+        self.gate = _Gate(slots, config.max_queue)
+        self.metrics = _Metrics()
+        self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="edgemed-serve")
+        self.model_id = _model_id(config.export_dir)
+        self.created = int(time.time())
+        self.bos = len(backend.tokenize(""))
+
+    def count_tokens(self, text: str) -> int:
+        return max(0, len(self.backend.tokenize(text)) - self.bos) if text else 0
+
+
+def _model_id(folder: Path | str) -> str:
+    folder = Path(folder)
+    try:
+        name = json.loads((folder / "manifest.json").read_text()).get("name")
+    except (OSError, ValueError):
+        name = None
+    return str(name or folder.resolve().name)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: float
+                    ) -> AsyncIterator[tuple[str, Any]]:
+    """Run the backend in the pool; yield ("piece", text) ... then ("end", (finish_reason, usage)).
+
+    The worker thread gives the slot back when the backend has really finished, so a cancelled request never
+    lets a second generation start while the first still holds the model. Leaving early (timeout, disconnect,
+    cancellation) tells the worker to stop, which closes the backend's generator: the model stops within one
+    token. Raises TimeoutError past the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def post(item: tuple[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        reason, pieces = "cancelled", []
+        try:
+            it = state.backend.generate(prompt.text, prompt.image, prompt.params)
+            try:
+                for piece in it:
+                    pieces.append(piece)
+                    post(("piece", piece))
+                    if stop.is_set():
+                        break
+                else:
+                    reason = getattr(state.backend, "last_finish_reason", None) or "stop"
+            finally:
+                it.close()
+            # counted here, in the thread that owns the backend, not beside another generation
+            usage = {"prompt_tokens": len(state.backend.tokenize(prompt.text)),
+                     "completion_tokens": state.count_tokens("".join(pieces))}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            state.metrics.gen_seconds += time.perf_counter() - t0
+            state.metrics.tokens += usage["completion_tokens"]
+            post(("end", (reason, usage)))
+        except BaseException as e:  # handed to the request, which answers 500
+            post(("error", e))
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(state.gate.leave)
+
+    ticket.hand_over()
+    try:
+        loop.run_in_executor(state.pool, work)
+    except RuntimeError:  # the pool is shut down
+        state.gate.leave()
+        raise
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            kind, value = await asyncio.wait_for(q.get(), remaining)
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "end":
+                return
+    finally:
+        stop.set()
+
+
+def _chunk(state: _State, rid: str, delta: dict[str, Any], finish: str | None) -> str:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _finish(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _watch_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _race(work, watcher: asyncio.Future):
+    """Await ``work`` unless the client disconnects first (then cancel it and raise _Disconnected)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _Disconnected
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or actual)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise _Api(400, f"invalid Content-Length {declared!r}", "invalid_request") from None
+        if too_big:
+            raise _Api(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Api(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _admit(state: _State, ticket: _Ticket, deadline: float) -> None:
+    """Wait for a generation slot; 504 past the deadline."""
+    try:
+        await asyncio.wait_for(ticket.admit(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise _Api(504, f"the request waited longer than {state.config.request_timeout:g} s for a free slot; "
+                   "try again later", "timeout") from None
+
+
+async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: float, arrived: float
+                    ) -> dict[str, Any]:
+    """A whole (non-streamed) answer, once a slot is held."""
+    pieces, reason, usage = [], "stop", {}
+    try:
+        async for kind, value in _generate(state, prompt, ticket, deadline):
+            if kind == "piece":
+                pieces.append(value)
+            else:
+                reason, usage = value
+    except TimeoutError:
+        raise _Api(504, f"the answer took longer than {state.config.request_timeout:g} s; ask for fewer tokens "
+                   "or try again later", "timeout") from None
+    except EdgemedError as e:
+        raise _Api(400, str(e), "invalid_request") from None
+    except Exception as e:
+        log.exception("generation failed")
+        raise _Api(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed") from None
+    state.metrics.counts["completed"] += 1
+    state.metrics.latencies.append(time.monotonic() - arrived)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": state.model_id, "system_fingerprint": f"edgemed-{getattr(state.backend, 'name', '?')}",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None,
+                     "finish_reason": _finish(reason)}],
+        "usage": usage,
+    }
+
+
+async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket, deadline: float,
+               arrived: float) -> AsyncIterator[str]:
+    """Server-sent events of one answer; a disconnect (polled between pieces, or seen by Starlette) stops it."""
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    last_check = time.monotonic()
+    try:
+        yield _chunk(state, rid, {"role": "assistant", "content": ""}, None)
+        async for kind, value in _generate(state, prompt, ticket, deadline):
+            if kind == "end":
+                reason, usage = value
+                yield _chunk(state, rid, {}, _finish(reason))
+                if prompt.include_usage:
+                    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": state.model_id, "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(body)}\n\n"
+                break
+            yield _chunk(state, rid, {"content": value}, None)
+            if time.monotonic() - last_check > 0.1:  # a cheap poll, at most ten times a second
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    state.metrics.counts["cancelled"] += 1
+                    return
+        yield "data: [DONE]\n\n"
+        state.metrics.counts["completed"] += 1
+        state.metrics.latencies.append(time.monotonic() - arrived)
+    except TimeoutError:
+        state.metrics.counts["timed_out"] += 1
+        err = _Api(504, f"the answer took longer than {state.config.request_timeout:g} s", "timeout")
+        yield f"data: {json.dumps(err.body())}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        state.metrics.counts["cancelled"] += 1
+        raise
+    except Exception as e:
+        log.exception("generation failed")
+        state.metrics.counts["server_errors"] += 1
+        err = _Api(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed")
+        yield f"data: {json.dumps(err.body())}\n\n"
+
+
+def _streaming_response(body: AsyncIterator[str], on_close):
+    """A StreamingResponse that runs ``on_close`` however it ends, even if its body never started."""
+    from starlette.responses import StreamingResponse
+
+    class _Stream(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                with contextlib.suppress(Exception):
+                    await body.aclose()  # runs the generator's cleanup (stop the model) if it was started
+                on_close()
+
+    return _Stream(body, media_type="text/event-stream",
+                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
+    """The FastAPI app serving ``config.export_dir`` (or ``backend``, already open, which the caller closes)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    check_config(config)
+    owns = backend is None
+    backend = backend or open_export(config.export_dir, verify=config.verify)
+    state = _State(config, backend, owns)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.pool.shutdown(wait=True, cancel_futures=True)
+        if state.owns_backend:
+            state.backend.close()
+
+    app = FastAPI(title="edgemed", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.edgemed = state
+
+    def error(e: _Api) -> JSONResponse:
+        if e.status == 429:
+            state.metrics.counts["rejected_queue_full"] += 1
+        elif e.status == 504:
+            state.metrics.counts["timed_out"] += 1
+        elif e.status >= 500:
+            state.metrics.counts["server_errors"] += 1
+        else:
+            state.metrics.counts["client_errors"] += 1
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(_Api(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error(_Api(400, f"invalid request: {exc.errors()[:3]}", "invalid_request"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("internal error")
+        return error(_Api(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error"))
+
+    def authorized(request: Request) -> bool:
+        if not config.api_key:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), config.api_key.encode())
+
+    def unauthorized() -> JSONResponse:
+        return error(_Api(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                          "invalid_api_key", "authentication_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_id, "backend": getattr(backend, "name", "?"),
+                "queue_depth": state.gate.waiting, "running": state.gate.running}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorized(request):
+            return unauthorized()
+        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": state.created,
+                                            "owned_by": "edgemed"}]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if not authorized(request):
+            return unauthorized()
+        return state.metrics.snapshot(state.gate)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        arrived = time.monotonic()
+        deadline = arrived + config.request_timeout
+        state.metrics.counts["requests"] += 1
+        if not authorized(request):
+            return unauthorized()
+        ticket = None
+        streaming = False
+        try:
+            prompt = await _parse(request, state)
+            try:
+                ticket = _Ticket(state.gate)
+            except _QueueFull:
+                raise _Api(429, f"the server is busy ({state.gate.running} running, {state.gate.waiting} waiting, "
+                           f"queue bound {config.max_queue}); retry shortly", "queue_full", "rate_limit_error"
+                           ) from None
+            watcher = asyncio.ensure_future(_watch_disconnect(request))
+            try:
+                await _race(_admit(state, ticket, deadline), watcher)
+                if prompt.stream:
+                    streaming = True
+                    return _streaming_response(_sse(state, request, prompt, ticket, deadline, arrived),
+                                               ticket.close)
+                return await _race(_complete(state, prompt, ticket, deadline, arrived), watcher)
+            finally:
+                watcher.cancel()
+        except _Api as e:
+            return error(e)
+        except _Disconnected:
+            state.metrics.counts["cancelled"] += 1
+            return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled",
+                                           "code": "client_disconnected", "param": None}}, status_code=499)
+        finally:
+            if ticket is not None and not streaming:
+                ticket.close()
+
+    return app
+
+
+async def _parse(request: Request, state: _State) -> _Prompt:
+    """The request's prompt, or a 4xx _Api error saying what is wrong with it."""
+    body = await _read_body(request, state.config.max_body_bytes)
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Api(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    if not isinstance(obj, dict):
+        raise _Api(400, f"the request body must be a JSON object, got {type(obj).__name__}", "invalid_request")
+    try:
+        req = ChatRequest.model_validate(obj)
+    except ValidationError as e:
+        raise _Api(400, _validation_message(e), "invalid_request") from None
+    # image decoding is CPU work: off the event loop
+    return await asyncio.get_running_loop().run_in_executor(None, build_prompt, req, state.backend, state.config)
+
+
+def _version() -> str:
+    from edgemed import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def serve(config: ServeConfig) -> None:
+    """Check the settings, open the export and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    check_config(config)
+    app = create_app(config)
+    log.info("serving %s on http://%s:%d", config.export_dir, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=5)
+
+
+def ask(export_dir: Path | str, question: str, image: Path | str | None = None, system: str | None = None,
+        max_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]:
+    """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export."""
+    pil = None
+    if image is not None:
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"--image {path}: no such file")
+        pil = decode_image(path.read_bytes(), SUFFIX_MIME.get(path.suffix.lower(), "image/png"),
+                           ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
+    backend = open_export(export_dir, verify=False)
+    try:
+        if pil is not None and not backend.is_vision:
+            raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
+        prompt = backend.render(question, image=pil is not None, system=system)
+        yield from backend.generate(prompt, pil, GenParams(max_tokens=max_tokens, temperature=temperature))
+    finally:
+        backend.close()
+
+
+__all__ = ["ChatRequest", "ServeConfig", "ask", "check_config", "create_app", "decode_image", "open_export",
+           "serve"]

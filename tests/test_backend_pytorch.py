@@ -1,0 +1,202 @@
+"""The PyTorch reference backend against transformers itself, on tiny models and the embedded default."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgemed.backends.base import Backend, GenParams
+from edgemed.backends.pytorch import TorchBackend
+from edgemed.errors import DataError
+
+QUESTION = "Is there a lesion in the left lung?"
+
+
+def picture(seed: int, size=(40, 52)) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(size[0], size[1], 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def text_backend(tiny_model):
+    b = TorchBackend(tiny_model("llama"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def image_backend(tiny_model):
+    b = TorchBackend(tiny_model("llava"))
+    yield b
+    b.close()
+
+
+def hf(folder):
+    """The same folder loaded by transformers directly: the independent reference."""
+    from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    if (folder / "processor_config.json").is_file():
+        return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    return LlamaForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def test_is_a_backend_and_renders_with_the_models_template(text_backend, image_backend, tiny_model):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    assert isinstance(text_backend, Backend) and isinstance(image_backend, Backend)
+    assert not text_backend.is_vision and image_backend.is_vision
+    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
+    want = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text_backend.render(QUESTION, system="Be brief.") == want
+    assert text_backend.tokenize(want) == tok(want, add_special_tokens=False).input_ids
+    proc = AutoProcessor.from_pretrained(tiny_model("llava"))
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    want = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    assert image_backend.render(QUESTION, image=True) == want
+    assert image_backend.tokenize(want).count(image_backend.image_token_id) == 1
+    assert text_backend.chat_template() == tok.chat_template
+
+
+def test_text_model_refuses_an_image(text_backend):
+    with pytest.raises(DataError, match="takes no image"):
+        text_backend.render(QUESTION, image=True)
+
+
+def test_text_logits_equal_transformers(text_backend, tiny_model):
+    model, tok = hf(tiny_model("llama"))
+    tokens = text_backend.tokenize(text_backend.render(QUESTION))
+    got = text_backend.logits(tokens)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0].numpy()
+    assert got.shape == (len(tokens), model.config.vocab_size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_image_logits_rows_line_up_with_the_unexpanded_tokens(image_backend, tiny_model):
+    model, proc = hf(tiny_model("llava"))
+    prompt = image_backend.render(QUESTION, image=True)
+    tokens = image_backend.tokenize(prompt)
+    img = picture(0)
+    got = image_backend.logits(tokens, img)
+    enc = proc(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        full = model(**enc).logits[0].numpy()
+    ids = enc["input_ids"][0].tolist()
+    image_id = model.config.image_token_id
+    image_pos = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(image_pos) > 1  # the processor expanded the placeholder
+    rows = [i for i, t in enumerate(ids) if t != image_id]
+    k = tokens.index(image_id)
+    rows.insert(k, image_pos[-1])  # the placeholder's row: the logit after the last image token
+    assert got.shape == (len(tokens), model.config.text_config.vocab_size)
+    np.testing.assert_allclose(got, full[rows], atol=1e-5, rtol=1e-5)
+    other = image_backend.logits(tokens, picture(1))
+    assert np.abs(other[k:] - got[k:]).max() > 1e-3  # the image reaches every row after it
+    np.testing.assert_allclose(other[:k], got[:k], atol=1e-6)  # and none before it (causal)
+
+
+def test_image_embeddings_are_the_projected_features(image_backend, tiny_model):
+    model, proc = hf(tiny_model("llava"))
+    img = picture(2)
+    got = image_backend.image_embeddings(img)
+    pixels = proc.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = model.model.get_image_features(pixel_values=pixels).pooler_output[0].numpy()
+    n_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert got.shape == (n_tokens, model.config.text_config.hidden_size)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_greedy_answer_equals_transformers_generate(arch, text_backend, image_backend, tiny_model):
+    backend = image_backend if arch == "llava" else text_backend
+    model, owner = hf(tiny_model(arch))
+    img = picture(3) if arch == "llava" else None
+    prompt = backend.render(QUESTION, image=img is not None)
+    if img is not None:
+        enc = owner(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
+        tok = owner.tokenizer
+    else:
+        enc = owner([prompt], return_tensors="pt", add_special_tokens=False)
+        tok = owner
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    want = tok.decode(new, skip_special_tokens=True)
+    assert "".join(backend.generate(prompt, img, GenParams(max_tokens=12))) == want
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_narrows(image_backend):
+    prompt = image_backend.render(QUESTION, image=True)
+    img = picture(4)
+
+    def run(**kw) -> str:
+        return "".join(image_backend.generate(prompt, img, GenParams(max_tokens=16, **kw)))
+
+    a = run(temperature=1.0, seed=11)
+    assert a == run(temperature=1.0, seed=11)
+    assert a != run(temperature=1.0, seed=12)
+    assert run(temperature=1.0, seed=13, top_p=1e-6) == run()  # only the top token survives: greedy
+
+
+def test_stop_string_ends_the_answer_before_it(text_backend):
+    prompt = text_backend.render(QUESTION)
+    params = GenParams(max_tokens=24, temperature=1.0, seed=5)
+    full = "".join(text_backend.generate(prompt, None, params))
+    assert text_backend.last_finish_reason == "length"
+    stop = next(full[i:i + 3] for i in range(4, len(full) - 3) if full[i:i + 3].strip())
+    cut = full.index(stop)
+    params.stop = [stop]
+    got = "".join(text_backend.generate(prompt, None, params))
+    assert got == full[:cut]
+    assert text_backend.last_finish_reason == "stop"
+
+
+def test_closing_the_stream_stops_the_model(text_backend):
+    prompt = text_backend.render(QUESTION)
+    it = text_backend.generate(prompt, None, GenParams(max_tokens=400, temperature=1.0, seed=1))
+    first = [next(it), next(it)]
+    it.close()
+    assert all(first)
+    assert not [t for t in threading.enumerate() if t.name == "edgemed-generate"]
+    # the model is free again at once
+    assert "".join(text_backend.generate(prompt, None, GenParams(max_tokens=3)))
+
+
+def test_a_prompt_without_its_placeholder_is_refused_with_an_image(image_backend):
+    tokens = image_backend.tokenize(image_backend.render(QUESTION))
+    with pytest.raises(DataError, match="exactly once"):
+        image_backend.logits(tokens, picture(0))
+
+
+@pytest.mark.slow
+def test_embedded_text_model_answers_and_ends_its_turn(embedded_text):
+    b = TorchBackend(embedded_text)
+    try:
+        answer = "".join(b.generate(b.render("What is the capital of France? Answer in one sentence."), None,
+                                    GenParams(max_tokens=48)))
+        assert "Paris" in answer
+        assert b.last_finish_reason == "stop"  # <|im_end|> ended it, not the token budget
+        tokens = b.tokenize(b.render("What is the capital of France?"))
+        logits = b.logits(tokens)
+        assert logits.shape == (len(tokens), 49152)
+    finally:
+        b.close()
+
+
+@pytest.mark.slow
+def test_embedded_image_model_expands_its_sixteen_image_tokens(embedded_image):
+    b = TorchBackend(embedded_image)
+    try:
+        emb = b.image_embeddings(picture(0, (80, 64)))
+        assert emb.shape == (16, 576)
+        tokens = b.tokenize(b.render("Describe the image.", image=True))
+        assert b.logits(tokens, picture(0, (80, 64))).shape == (len(tokens), 49153)
+    finally:
+        b.close()
