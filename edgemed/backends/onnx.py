@@ -1,0 +1,340 @@
+"""The onnxruntime runtime: an ``edgemed export onnx`` folder as a Backend.
+
+The folder's manifest describes its graphs (``edgemed.export.onnx``): ``decoder.onnx`` (token ids or input
+embeddings, attention mask, optional position ids and the KV cache in; logits and the new KV cache out), and for
+image models ``vision.onnx`` (image inputs -> projected features) and ``embed.onnx`` (ids + features -> input
+embeddings, the features spliced over the image tokens). This runtime drives them: the HF processor saved in the
+folder expands the image placeholder as the family does, the decoder is run once over the prompt and then one
+token at a time on its own KV cache, with greedy or seeded temperature/top-p sampling, stop strings and streaming.
+
+The CPU execution provider is the default; CUDA is used when onnxruntime-gpu is installed and a GPU answers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgemed import prompting
+from edgemed.archs import get_arch
+from edgemed.artifacts import read_manifest
+from edgemed.backends.base import GenParams
+from edgemed.errors import ArtifactError, DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# keys of a processor's output that are not image inputs of the model
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def providers_for(requested: list[str] | None = None) -> list[str]:
+    """Execution providers: those asked for (each must be installed), else CUDA first when onnxruntime-gpu is
+    installed, then CPU. onnxruntime falls back to CPU itself when CUDA is installed but no GPU answers."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ArtifactError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime; "
+                                f"available: {', '.join(available)} (install onnxruntime-gpu for CUDA)")
+        return list(requested)
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxBackend:
+    """An ONNX export answering through the edgemed Backend protocol.
+
+    Args:
+        folder: an ``edgemed export onnx`` folder (manifest kind "onnx").
+        n_threads: intra-op threads for onnxruntime (default: onnxruntime's choice, all cores).
+        providers: execution providers in order of preference (default: CUDA when available, then CPU).
+    """
+
+    name = "onnx"
+    thread_safe = False  # one call at a time per instance; calls are serialised by a lock
+
+    def __init__(self, folder: Path | str, n_threads: int | None = None, providers: list[str] | None = None,
+                 **_: Any):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the runtime needs is in the folder
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder, kinds=("onnx",))
+        self.arch = get_arch(self.manifest["arch"])
+        self.graphs: dict[str, Any] = self.manifest.get("graphs") or {}
+        if "decoder" not in self.graphs:
+            raise ArtifactError(f"{self.folder}: the manifest describes no decoder graph; export the model again "
+                                "with `edgemed export onnx`")
+        self.is_vision = self.arch.is_vision and "vision" in self.graphs
+        opts = ort.SessionOptions()
+        if n_threads:
+            opts.intra_op_num_threads = int(n_threads)
+        opts.log_severity_level = 3  # warnings about CPU fallbacks are expected and not the user's problem
+        provs = providers_for(providers)
+        self.sessions = {}
+        for part, g in self.graphs.items():
+            path = self.folder / g["file"]
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing; the export folder is incomplete, export it again")
+            self.sessions[part] = ort.InferenceSession(str(path), opts, providers=provs)
+        self.providers = self.sessions["decoder"].get_providers()
+        self._dec = self.graphs["decoder"]
+        self._dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
+        self._dec_outputs = [o.name for o in self.sessions["decoder"].get_outputs()]
+        self._past_names = [n for n in self._dec_inputs if n.startswith("past_key_values.")]
+        self.processor, self.tokenizer = self._load_processing()
+        self.image_token_id = None
+        if self.is_vision and self.arch.image_placeholder:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
+        self._prefix = self.tokenizer("", add_special_tokens=True).input_ids  # what the tokenizer adds (BOS)
+        self.eos_ids = self._eos_ids()
+        self.max_length = int(self._dec.get("max_length") or self._max_positions())
+        self._lock = threading.Lock()
+        self.last_finish_reason: str | None = None
+
+    def _load_processing(self) -> tuple[Any, Any]:
+        from transformers import AutoProcessor, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        if self.is_vision:
+            proc = AutoProcessor.from_pretrained(self.folder, local_files_only=True)
+            return proc, proc.tokenizer
+        return tok, tok
+
+    def _eos_ids(self) -> list[int]:
+        """End of text and end of turn: the generation config's eos ids and the tokenizer's eos."""
+        import json
+
+        ids: list[int] = []
+        gc = self.folder / "generation_config.json"
+        gen_eos = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
+        for v in (gen_eos, self.tokenizer.eos_token_id):
+            for i in v if isinstance(v, list | tuple) else [v]:
+                if i is not None and int(i) not in ids:
+                    ids.append(int(i))
+        return ids
+
+    def _max_positions(self) -> int:
+        import json
+
+        cfg = self.folder / "config.json"
+        c = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        c = c.get("text_config", c)
+        return int(c.get("max_position_embeddings") or 4096)
+
+    # ------------------------------------------------------------------ text
+    def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
+        if image and not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image; "
+                            "ask without an image or use an image model")
+        msgs = prompting.messages(question, image=image, system=system, typed=self.is_vision)
+        return prompting.render(self.processor, msgs)
+
+    def chat_template(self) -> str:
+        return getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self._prefix and ids[: len(self._prefix)] != self._prefix:  # BOS once, as the model adds it
+            ids = self._prefix + ids
+        return ids
+
+    # ------------------------------------------------------------------ model inputs
+    def _expand(self, tokens: list[int], image: Image.Image | None) -> tuple[list[int], dict[str, Any], list[int]]:
+        """(ids with the image placeholder expanded, image inputs, the row of each of ``tokens``).
+
+        The processor saved with the model does the family's expansion (so this code knows no family): the
+        tokens are decoded to text, run through the processor with the image, and the expansion is found between
+        the unchanged text before and after the placeholder.
+        """
+        if image is None:
+            return list(tokens), {}, list(range(len(tokens)))
+        if not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
+        where = [i for i, t in enumerate(tokens) if t == self.image_token_id]
+        if len(where) != 1:
+            raise DataError(f"the prompt holds the image placeholder {self.arch.image_placeholder!r} "
+                            f"{len(where)} times; it must hold it exactly once (render it with image=True)")
+        k = where[0]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        enc = self.processor(text=[text], images=[image.convert("RGB")], add_special_tokens=False,
+                             return_tensors="np")
+        full = [int(t) for t in enc["input_ids"][0]]
+        tail = len(tokens) - k - 1
+        if full[:k] != list(tokens[:k]) or full[len(full) - tail:] != list(tokens[k + 1:]) or len(full) < len(tokens):
+            raise DataError("the processor tokenized the prompt differently from tokenize(); "
+                            "give tokens made by this backend's tokenize(render(...))")
+        n_img = len(full) - len(tokens) + 1
+        rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
+        return full, {key: v for key, v in enc.items() if key not in _TEXT_KEYS}, rows
+
+    def _image_features(self, image_inputs: dict[str, Any]) -> np.ndarray:
+        import numpy as np
+
+        g = self.graphs["vision"]
+        sess = self.sessions["vision"]
+        feed = {}
+        for inp in sess.get_inputs():
+            if inp.name not in image_inputs:
+                raise DataError(f"the processor gave no {inp.name!r} for the vision graph "
+                                f"(it gave {', '.join(image_inputs)}); the export folder's processor is not the "
+                                "one the graph was exported with")
+            v = np.asarray(image_inputs[inp.name]).astype(_NP_TYPES.get(inp.type, "float32"))
+            want = g.get("input_shapes", {}).get(inp.name)
+            if want and [d for d in v.shape] != list(want) and all(isinstance(d, int) for d in inp.shape):
+                raise DataError(f"image input {inp.name} has shape {list(v.shape)}, the vision graph takes {want}")
+            feed[inp.name] = v
+        return sess.run(None, feed)[0]
+
+    def _embed(self, ids: list[int], feats: np.ndarray | None) -> np.ndarray:
+        import numpy as np
+
+        hidden = int(self.graphs["embed"]["hidden_size"])
+        f = feats if feats is not None else np.zeros((0, hidden), np.float32)
+        return self.sessions["embed"].run(None, {"input_ids": np.asarray([ids], np.int64),
+                                                 "image_features": f.astype(np.float32)})[0]
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        d = self._dec
+        out = {}
+        for n in self._past_names:
+            dtype = _NP_TYPES.get(self._dec_inputs[n].type, "float32")
+            out[n] = np.zeros((1, int(d["num_kv_heads"]), 0, int(d["head_dim"])), dtype)
+        return out
+
+    def _forward(self, ids: list[int], feats: np.ndarray | None, past: dict[str, np.ndarray], start: int
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the decoder over ``ids`` after ``start`` cached positions; (logits [len(ids), vocab], new cache)."""
+        import numpy as np
+
+        n = len(ids)
+        feed: dict[str, Any] = {}
+        if "input_ids" in self._dec_inputs:
+            feed["input_ids"] = np.asarray([ids], np.int64)
+        else:
+            feed["inputs_embeds"] = self._embed(ids, feats).astype(_NP_TYPES[self._dec_inputs["inputs_embeds"].type])
+        if "attention_mask" in self._dec_inputs:
+            feed["attention_mask"] = np.ones((1, start + n), np.int64)
+        if "position_ids" in self._dec_inputs:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        feed.update(past)
+        out = dict(zip(self._dec_outputs, self.sessions["decoder"].run(None, feed), strict=True))
+        new_past = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items()
+                    if n.startswith("present.")}
+        return out["logits"][0].astype(np.float32), new_past
+
+    def _prefill(self, tokens: list[int], image: Image.Image | None) -> tuple[np.ndarray, dict, list[int], int]:
+        ids, image_inputs, rows = self._expand(tokens, image)
+        feats = self._image_features(image_inputs) if image_inputs else None
+        if len(ids) > self.max_length:
+            raise DataError(f"the prompt is {len(ids)} tokens long; this model takes at most {self.max_length}")
+        logits, past = self._forward(ids, feats, self._empty_past(), 0)
+        return logits, past, rows, len(ids)
+
+    # ------------------------------------------------------------------ numbers
+    def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
+        with self._lock:
+            logits, _, rows, _ = self._prefill(list(tokens), image)
+        return logits[rows]
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        if not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
+        _, image_inputs, _ = self._expand(self.tokenize(self.render("", image=True)), image)
+        with self._lock:
+            feats = self._image_features(image_inputs)
+        return feats.reshape(-1, feats.shape[-1]).astype("float32")
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+                 ) -> Iterator[str]:
+        """Stream the answer, piece by piece; closing the iterator stops the model within one token."""
+        params = params or GenParams()
+        tokens = self.tokenize(prompt)
+        with self._lock:
+            yield from self._stream(tokens, image, params)
+
+    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
+        import numpy as np
+
+        from edgemed.backends.pytorch import _cut_at_stop  # the one stop-string rule every backend shares
+
+        self.last_finish_reason = None
+        if params.max_tokens <= 0:
+            self.last_finish_reason = "length"
+            return
+        rng = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+            rng = np.random.default_rng(seed)
+        logits, past, _, pos = self._prefill(tokens, image)
+        last = logits[-1]
+        ids: list[int] = []
+        sent = ""
+        reason, hit = "length", False
+        for _ in range(params.max_tokens):
+            t = _pick(last, params.temperature, params.top_p, rng)
+            if t in self.eos_ids:
+                reason = "stop"
+                break
+            ids.append(t)
+            text = self._decode(ids)
+            if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
+                piece, hit = _cut_at_stop(text, sent, params.stop)
+                if piece:
+                    sent += piece
+                    yield piece
+                if hit:
+                    reason = "stop"
+                    break
+            if pos + 1 > self.max_length:
+                break
+            step, past = self._forward([t], None, past, pos)
+            last, pos = step[-1], pos + 1
+        if not hit:  # flush what a possible stop-string start held back
+            text = self._decode(ids).rstrip("\ufffd")
+            if len(text) > len(sent) and text.startswith(sent):
+                rest = text[len(sent):]
+                sent += rest
+                yield rest
+        self.last_finish_reason = reason
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self.sessions = {}
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: Any) -> int:
+    """Greedy (temperature 0) or temperature / top-p sampling from a seeded generator."""
+    import numpy as np
+
+    if temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        sp = p[order]
+        drop = (np.cumsum(sp) - sp) >= top_p  # keeps at least the most likely token
+        sp[drop] = 0.0
+        p = np.zeros_like(p)
+        p[order] = sp
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
