@@ -60,7 +60,10 @@ def arch_for_dir(model_dir: Path | str) -> ArchSpec:
         model_type = json.loads(cfg.read_text())["model_type"]
     except (json.JSONDecodeError, KeyError) as e:
         raise ArchError(f"{cfg}: cannot read model_type ({e})") from e
-    return arch_for_model_type(model_type, str(model_dir))
+    spec = arch_for_model_type(model_type, str(model_dir))
+    if spec.prepare is not None:
+        spec.prepare()
+    return spec
 
 
 __all__ = ["ArchSpec", "REGISTRY", "arch_for_dir", "arch_for_model_type", "get_arch", "supported"]

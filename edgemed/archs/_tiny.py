@@ -75,3 +75,56 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def spm_tokenizer(special: list[str], chat_template: str, vocab_size: int = 400, **extra: Any):
+    """A SentencePiece BPE tokenizer with byte fallback, as Gemma uses, trained on CORPUS and wrapped.
+
+    Ids 0-3 are <pad>, <eos>, <bos>, <unk> (Gemma's order); ``special`` follow as user-defined pieces. The
+    returned GemmaTokenizer keeps the trained model in ``spm_model_proto`` so that :func:`save_spm_model` can
+    write ``tokenizer.model`` beside ``tokenizer.json``, as real Gemma checkpoints ship both.
+    """
+    import io
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 4), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=special, hard_vocab_limit=False, minloglevel=2)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "tokenizer.model").write_bytes(buf.getvalue())
+        # transformers converts a folder holding only tokenizer.model into its tokenizers-backed GemmaTokenizer
+        tok = GemmaTokenizer.from_pretrained(d, chat_template=chat_template, **extra)
+    tok.spm_model_proto = buf.getvalue()
+    return tok
+
+
+def save_spm_model(out: Path, tokenizer: Any) -> None:
+    """Write the SentencePiece model of a :func:`spm_tokenizer` tokenizer as ``out/tokenizer.model``."""
+    (out / "tokenizer.model").write_bytes(tokenizer.spm_model_proto)
+
+
+def perturb_constant_params(model: Any, vector_std: float = 0.1, matrix_std: float = 0.02) -> list[str]:
+    """Add noise to every parameter initialised to a constant (norm weights, biases, zero-init gates/projections).
+
+    Random-weight test models otherwise keep norms at exactly 1 (or 0 for Gemma's 1+w), biases and tanh gates at
+    0, so an exporter that drops a bias, forgets Gemma's +1 or a gate would still agree with PyTorch. Returns
+    the names of the parameters changed.
+    """
+    import torch
+
+    changed = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() > 1 and not bool((p == p.flatten()[0]).all()):
+                continue
+            std = vector_std if p.dim() <= 1 else matrix_std
+            p.add_(torch.randn_like(p) * std)
+            changed.append(name)
+    return changed

@@ -63,6 +63,7 @@ class ArchSpec:
     gguf: GGUFSpec | None = None  # tensor names and metadata for `export gguf`; None: no llama.cpp support
     text_config: Callable[[Any], Any] = lambda config: config  # the text decoder's config
     build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
+    prepare: Callable[[], None] | None = None  # run by arch_for_dir before a folder is loaded (registers classes)
     notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
 
     @property
@@ -82,8 +83,11 @@ class ArchSpec:
         return rf"{re.escape(self.vision)}\.(?:[\w.]+\.)?(?:{leaves})"
 
     def part_of(self, param_name: str) -> str:
-        """Which part a parameter belongs to: vision, projector, decoder, lm_head or other."""
-        for part, prefix in (("vision", self.vision), ("projector", self.projector), ("decoder", self.decoder),
+        """Which part a parameter belongs to: vision, projector, decoder, lm_head or other.
+
+        The projector is tested first because it may sit inside the vision module (Qwen2.5-VL's merger).
+        """
+        for part, prefix in (("projector", self.projector), ("vision", self.vision), ("decoder", self.decoder),
                              ("lm_head", self.lm_head)):
             if prefix and (param_name == prefix or param_name.startswith(prefix + ".")):
                 return part

@@ -1,0 +1,83 @@
+"""Gemma 3 image-text: SigLIP vision tower, pooled soft-embedding projector, Gemma 3 decoder (MedGemma 4B)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded
+from edgemed.archs.base import ArchSpec
+from edgemed.archs.gemma3_text import NOTES as TEXT_NOTES
+from edgemed.archs.gemma3_text import gemma_tokenizer, tiny_text_config
+
+IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE = 32, 8, 4  # 4x4 patches average-pooled 2x2 into 4 soft tokens
+
+
+def vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                              layer_norm_eps=1e-6, vision_use_head=False)
+
+
+def processor(tokenizer, image_size: int, tokens_per_image: int):
+    """Gemma3Processor with the PIL image backend (needs no torchvision)."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    ip = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5],
+                                 image_std=[0.5, 0.5, 0.5], do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=ip, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                           image_seq_length=tokens_per_image)
+
+
+def build_tiny(out: Path, seed: int = 0) -> Path:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch = seeded(seed)
+    tok = gemma_tokenizer()
+    # Gemma3ForConditionalGeneration does not apply final_logit_softcapping (transformers 5.23), so it is left
+    # unset here as in MedGemma 4B; the gemma3_text tiny model exercises it
+    text = tiny_text_config(tok, final_logit_softcapping=None)
+    cfg = Gemma3Config(text_config=text, vision_config=vision_config(IMAGE_SIZE, PATCH_SIZE, 32, 2, 4),
+                       mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=tok.convert_tokens_to_ids(tok.boi_token),
+                       eoi_token_index=tok.convert_tokens_to_ids(tok.eoi_token),
+                       image_token_index=tok.image_token_id, tie_word_embeddings=True)
+    model = Gemma3ForConditionalGeneration(cfg).to(torch.float32)
+    # the projector matrix starts at zero and Gemma norms at w=0: without noise the image would change nothing
+    perturb_constant_params(model)
+    save_folder(out, model, tok, processor(tok, IMAGE_SIZE, TOKENS_PER_IMAGE))
+    save_spm_model(out, tok)
+    return out
+
+
+SPEC = ArchSpec(
+    name="gemma3",
+    family="Gemma 3 image-text (MedGemma 4B, Gemma 3 4B/12B/27B)",
+    model_types=("gemma3",),
+    model_class="Gemma3ForConditionalGeneration",
+    real_model_ids=("google/medgemma-4b-it", "google/gemma-3-4b-it"),
+    decoder="model.language_model",
+    vision="model.vision_tower",
+    projector="model.multi_modal_projector",
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+           "q_norm", "k_norm", "norm"),
+    vision_lora=("q_proj", "k_proj", "v_proj", "out_proj"),  # SigLIP attention
+    vision_norms=("layer_norm1", "layer_norm2", "post_layernorm"),  # SigLIP has no pre-norm
+    image_placeholder="<start_of_image>",
+    gguf_arch="gemma3",
+    gguf_projector="gemma3",
+    text_config=lambda config: config.text_config,
+    build_tiny=build_tiny,
+    notes=TEXT_NOTES + (
+        "Gemma3ForConditionalGeneration does not apply final_logit_softcapping (transformers 5.23) even when the "
+        "text config sets it; llama.cpp's gemma3 applies it whenever the GGUF carries it: match the PyTorch model",
+        "the processor expands <start_of_image> into '\\n\\n<start_of_image>' + mm_tokens_per_image x "
+        "<image_soft_token> + '<end_of_image>\\n\\n'; image soft tokens attend to each other bidirectionally "
+        "(token_type_ids == 1 marks them)",
+        "projector: SigLIP last hidden state (post_layernorm applied, no pooling head) -> 2D average pool to "
+        "mm_tokens_per_image tokens -> mm_soft_emb_norm (Gemma RMSNorm, 1+w) -> x @ mm_input_projection_weight "
+        "(a bare [vision_hidden, text_hidden] parameter, not a Linear: no transpose)",
+        "SigLIP vision tower: patch embedding conv, learned position embeddings, gelu_pytorch_tanh MLP; "
+        "images normalised with mean 0.5 and std 0.5",
+    ),
+)

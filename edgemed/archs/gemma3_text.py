@@ -1,0 +1,109 @@
+"""Gemma 3 text decoder (Gemma3ForCausalLM, model_type gemma3_text: Gemma 3 1B, MedGemma 27B text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded, spm_tokenizer
+from edgemed.archs.base import ArchSpec
+
+GEMMA_SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+# Gemma 3's own template (google/gemma-3-*-it, google/medgemma-4b-it): <bos>, the system turn folded into the
+# first user turn, role "assistant" written as "model", typed or string content, text trimmed.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}{{ raise_exception('Invalid content type') }}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def gemma_tokenizer():
+    """Gemma-like SentencePiece tokenizer: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn and image tokens, adds <bos>."""
+    return spm_tokenizer(GEMMA_SPECIAL, GEMMA_TEMPLATE, add_bos_token=True,
+                         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"})
+
+
+def tiny_text_config(tok, **kw):
+    """Gemma3TextConfig that trips naive exporters: one sliding and one global layer with a window shorter than
+    the test prompts, separate local/global RoPE bases, query_pre_attn_scalar != head_dim, soft-capping set."""
+    from transformers import Gemma3TextConfig
+
+    base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+                final_logit_softcapping=30.0, attn_logit_softcapping=50.0, max_position_embeddings=512,
+                rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+                pad_token_id=tok.pad_token_id)
+    base.update(kw)
+    return Gemma3TextConfig(**base)
+
+
+def build_tiny(out: Path, seed: int = 0) -> Path:
+    from transformers import Gemma3ForCausalLM
+
+    torch = seeded(seed)
+    tok = gemma_tokenizer()
+    model = Gemma3ForCausalLM(tiny_text_config(tok)).to(torch.float32)
+    perturb_constant_params(model)  # Gemma norms start at w=0 (scale 1+w): make the +1 matter
+    save_folder(out, model, tok)
+    save_spm_model(out, tok)
+    return out
+
+
+NOTES = (
+    "RMSNorm weights are stored as w and applied as x*(1+w) (all norms, q_norm/k_norm included); llama.cpp's "
+    "gemma3 expects 1+w in the GGUF",
+    "token embeddings are multiplied by sqrt(hidden_size) (in the model's dtype); image embeddings are not",
+    "layer_types gives each layer sliding_attention (window config.sliding_window) or full_attention; the two use "
+    "different RoPE bases (rope_parameters sliding_attention/full_attention rope_theta)",
+    "attention scores are scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5",
+    "q_norm and k_norm (RMSNorm over head_dim) are applied to queries and keys before RoPE",
+    "four norms per layer: input_layernorm, post_attention_layernorm (after attention, before the residual add), "
+    "pre_feedforward_layernorm, post_feedforward_layernorm",
+    "Gemma3ForCausalLM applies final_logit_softcapping: logits = c*tanh(logits/c) when set",
+    "attn_logit_softcapping may be set in config but transformers' Gemma 3 (and llama.cpp's gemma3) ignore it: do "
+    "not apply it",
+    "MLP activation is gelu_pytorch_tanh; lm_head is tied to embed_tokens",
+    "tokenizer is SentencePiece BPE with byte fallback (tokenizer.model beside tokenizer.json); it adds <bos> and "
+    "the chat template starts with <bos> too: tokenise rendered prompts with add_special_tokens=False",
+)
+
+SPEC = ArchSpec(
+    name="gemma3_text",
+    family="Gemma 3 text decoder (Gemma 3 1B, MedGemma 27B text)",
+    model_types=("gemma3_text",),
+    model_class="Gemma3ForCausalLM",
+    real_model_ids=("google/gemma-3-1b-it", "google/medgemma-27b-text-it"),
+    decoder="model",
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+           "q_norm", "k_norm", "norm"),
+    gguf_arch="gemma3",
+    build_tiny=build_tiny,
+    notes=NOTES,
+)

@@ -1,0 +1,142 @@
+"""Qwen2.5-VL: window-attention ViT with a 2x2 patch merger, Qwen2 decoder with multimodal RoPE (M-RoPE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemed.archs._tiny import perturb_constant_params, save_folder, seeded
+from edgemed.archs.base import ArchSpec
+from edgemed.archs.qwen2 import QWEN_SPECIAL, qwen_tokenizer, tiny_text_config
+
+VL_SPECIAL = QWEN_SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                             "<|video_pad|>"]
+
+# Qwen2.5-VL-Instruct's own template (string or typed content; images become vision_start/image_pad/vision_end)
+QWEN2_5_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# 64x64 px, patch 8, merge 2: 8x8 patches -> 16 image tokens; window 32 px = 2x2 merged units, so the image
+# spans 4 attention windows and block 0 (windowed) differs from block 1 (full attention)
+IMAGE_SIZE, PATCH_SIZE, MERGE, WINDOW = 64, 8, 2, 32
+
+
+def vision_config(hidden: int, out_hidden: int):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    return Qwen2_5_VLVisionConfig(depth=2, hidden_size=hidden, intermediate_size=hidden * 2, num_heads=4,
+                                  patch_size=PATCH_SIZE, spatial_merge_size=MERGE, temporal_patch_size=2,
+                                  window_size=WINDOW, out_hidden_size=out_hidden, fullatt_block_indexes=[1])
+
+
+_PROCESSOR_CLASS: list = []
+
+
+def processor_class():
+    """Qwen2_5_VLProcessor without the video processor, registered with AutoProcessor.
+
+    transformers' Qwen2_5_VLProcessor requires a video processor, and every video processor needs torchvision,
+    which edgemed does not install; images need only the PIL image processor. Saved folders name this class in
+    processor_config.json, so ``AutoProcessor.from_pretrained`` finds it once this function has run
+    (``ArchSpec.prepare``, called by ``arch_for_dir``).
+    """
+    if not _PROCESSOR_CLASS:
+        from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+        from transformers.processing_utils import ProcessorMixin
+
+        class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
+            """Qwen2.5-VL processor for images and text (no video: needs no torchvision)."""
+
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+                self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+                self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+                self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+                ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+        AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageTextProcessor, exist_ok=True)
+        _PROCESSOR_CLASS.append(Qwen2_5_VLImageTextProcessor)
+    return _PROCESSOR_CLASS[0]
+
+
+def prepare() -> None:
+    """Make AutoProcessor able to load tiny Qwen2.5-VL folders (see :func:`processor_class`)."""
+    processor_class()
+
+
+def processor(tokenizer):
+    """The Qwen2.5-VL processor with the PIL image backend and a fixed pixel budget (no video processor)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=PATCH_SIZE,
+                                  merge_size=MERGE, temporal_patch_size=2)
+    return processor_class()(image_processor=ip, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def build_tiny(out: Path, seed: int = 0) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch = seeded(seed)
+    tok = qwen_tokenizer(VL_SPECIAL, QWEN2_5_VL_TEMPLATE)
+    qwen = tiny_text_config(tok)  # head_dim 16: M-RoPE sections (t, h, w) must sum to 8
+    text = qwen.to_dict() | {"rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
+                                                 "mrope_section": [2, 3, 3]}}
+    for key in ("model_type", "architectures", "transformers_version", "dtype"):
+        text.pop(key, None)
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision_config(32, qwen.hidden_size).to_dict(),
+                           image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                           vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                           tie_word_embeddings=True)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32)
+    perturb_constant_params(model)  # q/k/v and vision biases, norms
+    return save_folder(out, model, tok, processor(tok))
+
+
+SPEC = ArchSpec(
+    name="qwen2_5_vl",
+    family="Qwen2.5-VL",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    real_model_ids=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    decoder="model.language_model",
+    vision="model.visual",
+    projector="model.visual.merger",  # inside the vision module: part_of checks the projector first
+    vision_lora=("attn.qkv", "attn.proj"),  # fused qkv; "proj" alone would also hit the patch-embedding conv
+    vision_norms=("norm1", "norm2"),  # RMSNorm in each block; the merger's ln_q belongs to the projector
+    image_placeholder="<|image_pad|>",
+    gguf_arch="qwen2vl",
+    gguf_projector="qwen2.5vl_merger",
+    text_config=lambda config: config.text_config,
+    build_tiny=build_tiny,
+    prepare=prepare,
+    notes=(
+        "M-RoPE: rope_parameters.mrope_section [t, h, w] splits each head's rotary half-dims into temporal, "
+        "height and width sections (Qwen2.5-VL-3B: [16, 24, 24]); text tokens use one position for all three, "
+        "image tokens (t, row, col) of the merged grid, and text after an image restarts at max position + 1",
+        "decoder: Qwen2 (q/k/v biases, RoPE theta 1e6); llama.cpp architecture qwen2vl with rope.dimension_sections",
+        "vision: Conv3d patch embedding over temporal_patch_size=2 frames (a still image is repeated), RMSNorm "
+        "blocks with fused qkv (bias) and SwiGLU MLP (gate/up/down with bias), 2D rotary position embedding",
+        "window attention: blocks not in fullatt_block_indexes attend within window_size px windows; patches are "
+        "reordered into window order before the blocks and restored after the merger",
+        "merger (the projector, model.visual.merger): ln_q RMSNorm per patch, then 2x2 neighbouring patches "
+        "concatenated (spatial_merge_size**2 * hidden) -> Linear -> GELU -> Linear to the text hidden size",
+        "image processor resizes to multiples of patch_size*merge_size within min/max pixels; the number of "
+        "<|image_pad|> tokens is grid_t*grid_h*grid_w / merge_size**2 (image_grid_thw)",
+    ),
+)
