@@ -1,0 +1,440 @@
+"""A real server on 127.0.0.1, driven by the official openai client and by raw HTTP; nothing else is contacted."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgemed.backends.base import GenParams
+from edgemed.backends.pytorch import TorchBackend
+from edgemed.errors import ServeError
+from edgemed.serve import ServeConfig, ask, check_config, create_app
+
+QUESTION = "Is there a lesion in the left lung?"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class Server:
+    """uvicorn serving ``create_app(config, backend)`` on a free loopback port, in a thread."""
+
+    def __init__(self, config: ServeConfig, backend):
+        import uvicorn
+
+        self.app = create_app(config, backend)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = "unused", **kw):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+
+    def metrics(self) -> dict:
+        return httpx.get(f"{self.url}/metrics", timeout=10).json()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@contextlib.contextmanager
+def serving(backend, **kw) -> Iterator[Server]:
+    server = Server(ServeConfig(export_dir=backend.folder, **kw), backend)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def picture(seed: int, size=(40, 52)) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(size[0], size[1], 3) * 255).astype("uint8"))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, text: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG whose header claims width x height pixels, with a few rows of data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\x00" + b"\x00" * width * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+class Slow:
+    """A backend that takes ``delay`` seconds per piece: makes queueing, timeouts and cancellation observable."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+        self.pieces = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompt, image=None, params=None):
+        with contextlib.closing(self.inner.generate(prompt, image, params)) as it:
+            for piece in it:
+                time.sleep(self.delay)
+                self.pieces += 1
+                yield piece
+
+
+def direct(backend, question: str = QUESTION, image: Image.Image | None = None, **params) -> str:
+    prompt = backend.render(question, image=image is not None)
+    return "".join(backend.generate(prompt, image, GenParams(**params)))
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def text_backend(tiny_model):
+    b = TorchBackend(tiny_model("llama"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def image_backend(tiny_model):
+    b = TorchBackend(tiny_model("llava"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def text_server(text_backend):
+    with serving(text_backend) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def image_server(image_backend, tmp_path_factory):
+    allowed = tmp_path_factory.mktemp("allowed")
+    with serving(image_backend, allow_dirs=[allowed], max_body_bytes=1 << 20) as s:
+        s.allowed = allowed
+        yield s
+
+
+# ---------------------------------------------------------------------------------------------- answers
+def test_text_question_equals_the_backend_for_the_same_prompt_and_seed(text_server, text_backend):
+    client = text_server.client()
+    for seed in (3, 4):
+        r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=12, temperature=1.0, seed=seed)
+        assert r.choices[0].message.content == direct(text_backend, max_tokens=12, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == text_backend.last_finish_reason == "length"
+        assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens == len(
+            text_backend.tokenize(text_backend.render(QUESTION)))
+    assert direct(text_backend, max_tokens=12, temperature=1.0, seed=3) != direct(
+        text_backend, max_tokens=12, temperature=1.0, seed=4)
+    greedy = client.chat.completions.create(
+        model="any", max_tokens=8, messages=[{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": QUESTION}])
+    prompt = text_backend.render(QUESTION, system="Be brief.")
+    assert greedy.choices[0].message.content == "".join(text_backend.generate(prompt, None, GenParams(max_tokens=8)))
+
+
+def test_image_question_equals_the_backend_with_the_same_image(image_server, image_backend):
+    img, other = picture(0), picture(1)
+    # a seed at which the image decides the answer, so that equality says the server used this image
+    seed = next(s for s in range(50) if direct(image_backend, image=img, max_tokens=12, temperature=0.3, seed=s)
+                != direct(image_backend, image=other, max_tokens=12, temperature=0.3, seed=s))
+    r = image_server.client().chat.completions.create(
+        model="any", messages=image_message(data_url(png_bytes(img))), max_tokens=12, temperature=0.3, seed=seed)
+    assert r.choices[0].message.content == direct(image_backend, image=img, max_tokens=12, temperature=0.3, seed=seed)
+
+
+def test_streamed_answer_arrives_in_pieces_and_equals_the_backend(image_server, image_backend):
+    img = picture(2)
+    stream = image_server.client().chat.completions.create(
+        model="any", messages=image_message(data_url(png_bytes(img))), max_tokens=16, temperature=0.3, seed=9,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1
+    assert "".join(pieces) == direct(image_backend, image=img, max_tokens=16, temperature=0.3, seed=9)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_models_health_and_metrics(text_server):
+    models = text_server.client().models.list()
+    assert [m.id for m in models.data] == [text_server.app.state.edgemed.model_id]
+    assert httpx.get(f"{text_server.url}/health").json()["status"] == "ok"
+    before = text_server.metrics()
+    text_server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4)
+    after = text_server.metrics()
+    assert after["requests_completed"] == before["requests_completed"] + 1
+    assert after["tokens_generated"] > before["tokens_generated"]
+    assert after["tokens_per_second"] > 0 and after["queue_depth"] == 0
+
+
+def test_local_image_path_only_under_an_allowed_folder(image_server, image_backend, tmp_path):
+    img = picture(3)
+    inside = image_server.allowed / "scan.png"
+    inside.write_bytes(png_bytes(img))
+    client = image_server.client()
+    r = client.chat.completions.create(model="m", messages=image_message(inside.as_uri()), max_tokens=8,
+                                       temperature=0.3, seed=1)
+    assert r.choices[0].message.content == direct(image_backend, image=img, max_tokens=8, temperature=0.3, seed=1)
+    outside = tmp_path / "scan.png"
+    outside.write_bytes(png_bytes(img))
+    import openai
+
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="m", messages=image_message(outside.as_uri()), max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="offline"):
+        client.chat.completions.create(model="m", messages=image_message("https://example.org/x.png"), max_tokens=8)
+
+
+def test_ask_streams_what_the_backend_answers(tiny_model, image_backend, tmp_path):
+    img = picture(4)
+    path = tmp_path / "q.png"
+    path.write_bytes(png_bytes(img))
+    pieces = list(ask(tiny_model("llava"), QUESTION, image=path, max_tokens=10))
+    assert len(pieces) > 1
+    assert "".join(pieces) == direct(image_backend, image=img, max_tokens=10)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load(server: Server, clients: int, per_client: int, max_tokens: int) -> tuple[list, list]:
+    """``clients`` threads, ``per_client`` requests each, started together: (answers, errors)."""
+    import openai
+
+    answers, errors, lock = [], [], threading.Lock()
+    start = threading.Barrier(clients)
+
+    def run(i: int) -> None:
+        client = server.client()
+        start.wait()
+        for j in range(per_client):
+            seed = i * per_client + j
+            try:
+                r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
+                                                   max_tokens=max_tokens, temperature=1.0, seed=seed)
+                with lock:
+                    answers.append((seed, r.choices[0].message.content, r.choices[0].finish_reason))
+            except openai.APIStatusError as e:
+                with lock:
+                    errors.append((seed, e.status_code, e.body))
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "the load test did not finish in 120 s"
+    return answers, errors
+
+
+def test_sixteen_clients_four_requests_each_all_answers_whole(text_backend):
+    with serving(text_backend, max_queue=16) as server:
+        t0 = time.time()
+        answers, errors = load(server, 16, 4, max_tokens=8)
+        took = time.time() - t0
+        m = server.metrics()
+    assert not errors  # 1 running + 16 waiting fits 16 clients: no 429 is implied
+    assert len(answers) == 64
+    for seed, text, finish in answers:
+        assert text == direct(text_backend, max_tokens=8, temperature=1.0, seed=seed), seed
+        assert finish == text_backend.last_finish_reason
+    assert m["requests_completed"] == 64 and m["running"] == 0 and m["queue_depth"] == 0
+    assert took < 120
+
+
+def test_a_full_queue_answers_429_and_every_other_answer_is_whole(text_backend):
+    slow = Slow(text_backend, 0.01)
+    with serving(slow, max_queue=2) as server:
+        answers, errors = load(server, 16, 4, max_tokens=8)
+        m = server.metrics()
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    assert errors, "16 clients against 1 slot and 2 waiting places must meet a full queue"
+    assert {status for _, status, _ in errors} == {429}
+    assert all(body["code"] == "queue_full" for _, _, body in errors)  # the openai client unwraps "error"
+    assert len(answers) + len(errors) == 64
+    assert m["requests_rejected_queue_full"] == len(errors)
+    for seed, text, _ in answers:
+        assert text == direct(text_backend, max_tokens=8, temperature=1.0, seed=seed), seed
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+def post(server: Server, body: bytes, **headers) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json", **headers}, timeout=30)
+
+
+def chat_body(messages, **kw) -> bytes:
+    return json.dumps({"model": "m", "messages": messages, "max_tokens": 4, **kw}).encode()
+
+
+BAD = {
+    "malformed json": (b'{"model": "m", "messages": [', 400, "invalid_json"),
+    "not an object": (b"[1, 2]", 400, "invalid_request"),
+    "messages of the wrong type": (b'{"model": "m", "messages": "hello"}', 400, "invalid_request"),
+    "max_tokens of the wrong type": (chat_body([{"role": "user", "content": "hi"}], max_tokens="ten"), 400,
+                                     "invalid_request"),
+    "temperature out of range": (chat_body([{"role": "user", "content": "hi"}], temperature=9), 400,
+                                 "invalid_request"),
+    "max_tokens over the cap": (chat_body([{"role": "user", "content": "hi"}], max_tokens=100000), 400,
+                                "max_tokens_exceeded"),
+    "bad base64": (chat_body(image_message("data:image/png;base64,@@not-base64@@")), 400, "invalid_base64"),
+    "bytes that are no image": (chat_body(image_message(data_url(b"these bytes are not a picture" * 10))), 400,
+                                "invalid_image"),
+    "a 20000x20000 image": (chat_body(image_message(data_url(bomb_png()))), 413, "image_too_large"),
+    "an oversized body": (chat_body([{"role": "user", "content": "x" * (2 << 20)}]), 413, "body_too_large"),
+    "two images": (chat_body([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(picture(0)))}},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(picture(1)))}}]}]), 400, "too_many_images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_a_4xx_json_error_and_the_server_lives_on(image_server, case):
+    body, status, code = BAD[case]
+    r = post(image_server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    assert httpx.get(f"{image_server.url}/health").json()["status"] == "ok"
+
+
+def test_missing_or_wrong_api_key_is_401_and_health_stays_open(text_backend):
+    import openai
+
+    with serving(text_backend, api_key="s3cret") as server:
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            r = post(server, chat_body([{"role": "user", "content": "hi"}]), **headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        r = server.client("s3cret").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                            max_tokens=4)
+        assert r.choices[0].message.content == direct(text_backend, "hi", max_tokens=4)
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_text_model_refuses_an_image(text_server):
+    r = post(text_server, chat_body(image_message(data_url(png_bytes(picture(0))))))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_not_supported"
+
+
+# ---------------------------------------------------------------------------------------------- limits
+def test_client_disconnect_stops_the_generation(text_backend):
+    slow = Slow(text_backend, 0.02)
+    with serving(slow, max_tokens_cap=400) as server:
+        body = chat_body([{"role": "user", "content": QUESTION}], max_tokens=400, temperature=1.0, seed=1,
+                         stream=True)
+        with httpx.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/v1/chat/completions", content=body,
+                headers={"content-type": "application/json"}) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")]
+        assert len(got) >= 3
+        deadline = time.time() + 5
+        while server.metrics()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        m = server.metrics()
+        assert m["running"] == 0 and m["requests_cancelled"] == 1
+        stopped_at = slow.pieces
+        assert stopped_at < 100  # 400 pieces would take 8 s
+        time.sleep(0.3)
+        assert slow.pieces == stopped_at  # nothing runs on after the stop
+        # and the non-streamed path: a request abandoned mid-answer frees the slot as well
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/chat/completions", timeout=0.3,
+                       content=chat_body([{"role": "user", "content": QUESTION}], max_tokens=400),
+                       headers={"content-type": "application/json"})
+        deadline = time.time() + 5
+        while server.metrics()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.metrics()["running"] == 0 and server.metrics()["requests_cancelled"] == 2
+        assert slow.pieces < stopped_at + 100
+
+
+def test_request_timeout_answers_504(text_backend):
+    slow = Slow(text_backend, 0.05)
+    with serving(slow, request_timeout=0.5, max_tokens_cap=400) as server:
+        t0 = time.time()
+        r = post(server, chat_body([{"role": "user", "content": QUESTION}], max_tokens=400))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.time() - t0 < 3
+        assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_settings_that_would_expose_the_model_are_refused(tmp_path):
+    with pytest.raises(ServeError, match="api-key"):
+        check_config(ServeConfig(export_dir=tmp_path, host="0.0.0.0"))
+    check_config(ServeConfig(export_dir=tmp_path, host="0.0.0.0", api_key="k"))
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_config(ServeConfig(export_dir=tmp_path, host=host))
+    with pytest.raises(ServeError, match="max-queue"):
+        check_config(ServeConfig(export_dir=tmp_path, max_queue=-1))
+
+
+def test_a_folder_that_is_no_model_is_refused(tmp_path):
+    from edgemed.serve import open_export
+
+    with pytest.raises(ServeError, match="neither"):
+        open_export(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- real weights
+@pytest.mark.slow
+def test_embedded_image_model_served_equals_its_backend(embedded_image):
+    from edgemed.serve import open_export
+
+    backend = open_export(embedded_image)  # from its manifest
+    try:
+        with serving(backend) as server:
+            client = server.client()
+            img = picture(5, (96, 80))
+            r = client.chat.completions.create(model="m", messages=image_message(data_url(png_bytes(img)),
+                                                                                 "Describe the image."),
+                                               max_tokens=16, temperature=0.7, seed=2)
+            assert r.choices[0].message.content == direct(backend, "Describe the image.", img, max_tokens=16,
+                                                          temperature=0.7, seed=2)
+            stream = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=24, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == direct(backend, "What is the capital of France?", max_tokens=24)
+            assert "Paris" in text
+    finally:
+        backend.close()
