@@ -81,7 +81,22 @@ def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields
     }
     if hash_files:
         manifest["files"] = file_hashes(folder)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return save_manifest(folder, manifest)
+
+
+def manifest_seal(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its seal: an edited manifest no longer matches."""
+    body = {k: v for k, v in manifest.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Seal and write ``manifest`` as ``folder/manifest.json`` (atomically)."""
+    manifest = json.loads(json.dumps(manifest, default=str))
+    manifest["seal"] = manifest_seal(manifest)
+    tmp = folder / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST)
     return manifest
 
 

@@ -90,6 +90,8 @@ class Recipe(_Strict):
     prompt: PromptSpec = PromptSpec()
     optim: Optim = Optim()
     stages: list[Stage] = Field(min_length=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast for training; auto: bf16 where the GPU or CPU computes it natively")
     max_length: int = Field(512, ge=16)
     gradient_checkpointing: bool = False
     seed: int = 0

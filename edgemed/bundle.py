@@ -1,0 +1,114 @@
+"""Deployable bundles: an export folder that carries everything needed to check it before it serves.
+
+A bundle is an export folder (GGUF or ONNX) with its model files, mmproj, tokenizer and chat template, a model
+card (``README.md``), the parity and eval reports, and a sealed manifest holding the sha256 of every file and the
+lineage: base model, adapter (run), data and recipe hashes. ``verify`` recomputes all of it and names every file
+that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgemed.artifacts import MANIFEST, file_hashes, manifest_seal, read_manifest, save_manifest, sha256_file
+from edgemed.errors import ArtifactError
+
+CARD = "README.md"
+
+
+def lineage(folder: Path) -> dict[str, Any]:
+    """Follow ``parent`` links from an artifact back to its base model and collect what it was made from."""
+    out: dict[str, Any] = {}
+    seen = set()
+    current: Path | None = Path(folder)
+    while current is not None and current not in seen:
+        seen.add(current)
+        try:
+            m = read_manifest(current)
+        except ArtifactError:
+            break
+        kind = m.get("kind")
+        entry = {"path": str(current), "kind": kind, "seal": m.get("seal")}
+        if kind == "run":
+            out["adapter"] = entry
+            out["recipe_sha256"] = _json_sha(m.get("recipe"))
+            out["data"] = m.get("data")
+            out.setdefault("base_model", m.get("base_model"))
+        elif kind == "model" and "merged_model" not in out and m.get("parent", {}).get("kind") == "run":
+            out["merged_model"] = entry
+        if m.get("base_model") and "base_model" not in out:
+            out["base_model"] = m["base_model"]
+        parent = (m.get("parent") or {}).get("path")
+        current = Path(parent) if parent else None
+    return out
+
+
+def _json_sha(obj: Any) -> str | None:
+    import hashlib
+
+    if obj is None:
+        return None
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def model_card(manifest: dict[str, Any], reports: dict[str, Any]) -> str:
+    """A short Markdown model card from the manifest and the parity/eval reports."""
+    lin = manifest.get("lineage", {})
+    base = lin.get("base_model") or {}
+    lines = [f"# {manifest.get('name', 'edgemed export')}", "",
+             f"Format: **{manifest.get('kind')}** ({', '.join(manifest.get('quants', []) or [str(manifest.get('quant'))])})",
+             f"Architecture: {manifest.get('arch')}",
+             f"Base model: {base.get('id') or base.get('path')} (sha256 {str(base.get('sha256'))[:16]}…)",
+             f"Adapter run: {(lin.get('adapter') or {}).get('path')}",
+             f"Recipe sha256: {lin.get('recipe_sha256')}", "",
+             "## Checks", ""]
+    for name, rep in reports.items():
+        lines.append(f"- {name}: {rep}")
+    lines += ["", "Run `edgemed verify <this folder>` before deployment: it checks every file against the sealed "
+              "manifest. `edgemed serve` does so before it loads.", "",
+              "Intended use: research and decision support under clinical supervision; not a medical device."]
+    return "\n".join(lines) + "\n"
+
+
+def finalize(folder: Path | str, reports: dict[str, Path] | None = None, summary: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """Make an export folder a bundle: copy reports in, add lineage and a model card, re-hash and seal."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, ("gguf", "onnx"))
+    for name, src in (reports or {}).items():
+        (folder / name).write_bytes(Path(src).read_bytes())
+    manifest["lineage"] = lineage(folder)
+    (folder / CARD).write_text(model_card(manifest, summary or {}))
+    manifest["files"] = file_hashes(folder)
+    return save_manifest(folder, manifest)
+
+
+def verify(folder: Path | str) -> list[str]:
+    """Every problem with a bundle, one line each naming the file; an empty list means it checks out."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return [f"{path}: missing; this folder is not an edgemed bundle"]
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{path}: not valid JSON ({e})"]
+    problems = []
+    if manifest.get("seal") != manifest_seal(manifest):
+        problems.append(f"{path}: edited after it was sealed (seal does not match its contents)")
+    listed = manifest.get("files") or {}
+    if not listed:
+        problems.append(f"{path}: lists no files")
+    for rel, digest in sorted(listed.items()):
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing (listed in the manifest)")
+        elif sha256_file(p) != digest:
+            problems.append(f"{p}: sha256 differs from the manifest (changed or corrupted)")
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != MANIFEST and rel not in listed:
+            problems.append(f"{p}: not in the manifest (added after export)")
+    return problems

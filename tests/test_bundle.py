@@ -1,0 +1,69 @@
+"""A tampered bundle fails verify, naming the file: one byte changed, a file missing, a file added, the
+manifest edited. A clean bundle passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.artifacts import write_manifest
+from edgemed.bundle import finalize, verify
+from edgemed.cli import main
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model-q8_0.gguf").write_bytes(bytes(range(256)) * 64)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "parity.json").write_text('{"passed": true}')
+    write_manifest(folder, "gguf", name="t", quants=["q8_0"], arch="llama")
+    finalize(folder, summary={"parity": "passed"})
+    return folder
+
+
+def test_clean_bundle_verifies(bundle):
+    assert verify(bundle) == []
+    r = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert r.exit_code == 0 and "OK" in r.output
+    assert (bundle / "README.md").is_file()
+
+
+def test_one_byte_changed_is_named(bundle):
+    p = bundle / "model-q8_0.gguf"
+    data = bytearray(p.read_bytes())
+    data[1000] ^= 1
+    p.write_bytes(bytes(data))
+    problems = verify(bundle)
+    assert len(problems) == 1 and "model-q8_0.gguf" in problems[0] and "sha256" in problems[0]
+    r = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert r.exit_code == 1 and "model-q8_0.gguf" in r.output
+
+
+def test_missing_and_added_files_are_named(bundle):
+    (bundle / "tokenizer.json").unlink()
+    (bundle / "extra.bin").write_bytes(b"x")
+    problems = "\n".join(verify(bundle))
+    assert "tokenizer.json: missing" in problems and "extra.bin: not in the manifest" in problems
+
+
+def test_edited_manifest_is_caught(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["arch"] = "qwen2"
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    problems = verify(bundle)
+    assert problems and "manifest.json" in problems[0] and "edited" in problems[0]
+
+
+def test_edited_file_hash_in_manifest_is_caught(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"]["model-q8_0.gguf"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    assert any("edited" in p for p in verify(bundle))
+
+
+def test_folder_without_manifest(tmp_path):
+    assert "missing" in verify(tmp_path)[0]
