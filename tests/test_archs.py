@@ -304,7 +304,10 @@ def test_gemma_tiny_config_exercises_what_breaks_exports(arch, loaded):
     spec = REGISTRY[arch]
     folder, model = loaded(arch)
     text = spec.text_config(model.config)
-    assert sorted(text.layer_types) == ["full_attention", "sliding_attention"]
+    assert set(text.layer_types) == {"full_attention", "sliding_attention"}
+    # and in the pattern llama.cpp's gemma3 hard-codes (global iff il % 6 == 5), so GGUF exports can match it
+    assert text.layer_types == ["full_attention" if i % 6 == 5 else "sliding_attention"
+                                for i in range(text.num_hidden_layers)]
     assert text.query_pre_attn_scalar != text.head_dim
     assert text.attn_logit_softcapping is not None
     assert text.rope_parameters["sliding_attention"]["rope_theta"] != text.rope_parameters["full_attention"][
@@ -404,3 +407,31 @@ def test_text_archs_have_no_vision_parts(arch):
     assert spec.vision is None and spec.projector is None and spec.image_placeholder is None
     with pytest.raises(ValueError):
         spec.vision_lora_regex()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_build_is_a_function_of_the_seed(arch, tiny_model, tmp_path):
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    build = REGISTRY[arch].build_tiny
+    assert digest(build(tmp_path / "again", 0)) == digest(tiny_model(arch))
+    assert digest(build(tmp_path / "other", 1))["model.safetensors"] != digest(tiny_model(arch))["model.safetensors"]
+
+
+def test_qwen2_5_vl_processor_loads_in_a_fresh_process_after_arch_for_dir(tiny_model):
+    """transformers' Qwen2.5-VL processor needs torchvision; the registered image-only one needs arch_for_dir."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tiny_model("qwen2_5_vl")
+    code = ("import sys; from edgemed.archs import arch_for_dir; arch_for_dir(sys.argv[1]); "
+            "from transformers import AutoProcessor; p = AutoProcessor.from_pretrained(sys.argv[1]); "
+            "print(type(p).__name__, p.image_token)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["Qwen2_5_VLImageTextProcessor", "<|image_pad|>"]

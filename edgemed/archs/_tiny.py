@@ -101,6 +101,8 @@ def spm_tokenizer(special: list[str], chat_template: str, vocab_size: int = 400,
         (Path(d) / "tokenizer.model").write_bytes(buf.getvalue())
         # transformers converts a folder holding only tokenizer.model into its tokenizers-backed GemmaTokenizer
         tok = GemmaTokenizer.from_pretrained(d, chat_template=chat_template, **extra)
+    tok.init_kwargs.pop("vocab_file", None)  # the temporary path would be saved into tokenizer_config.json
+    tok.vocab_file = None
     tok.spm_model_proto = buf.getvalue()
     return tok
 

@@ -77,6 +77,8 @@ SPEC = ArchSpec(
         "projector: SigLIP last hidden state (post_layernorm applied, no pooling head) -> 2D average pool to "
         "mm_tokens_per_image tokens -> mm_soft_emb_norm (Gemma RMSNorm, 1+w) -> x @ mm_input_projection_weight "
         "(a bare [vision_hidden, text_hidden] parameter, not a Linear: no transpose)",
+        "llama.cpp's mmproj pools with kernel clip.vision.projector.scale_factor (default 4, MedGemma's 64 -> 16 "
+        "patches per side): write (image_size / patch_size) / sqrt(mm_tokens_per_image)",
         "SigLIP vision tower: patch embedding conv, learned position embeddings, gelu_pytorch_tanh MLP; "
         "images normalised with mean 0.5 and std 0.5",
     ),

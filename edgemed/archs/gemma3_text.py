@@ -46,14 +46,19 @@ def gemma_tokenizer():
                                                "image_token": "<image_soft_token>"})
 
 
+# Six layers, not two: llama.cpp's gemma3 hard-codes Gemma 3's pattern (every 6th layer global, il % 6 == 5), so
+# the smallest model that mixes local and global layers the way real checkpoints do has six.
+LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
+
+
 def tiny_text_config(tok, **kw):
-    """Gemma3TextConfig that trips naive exporters: one sliding and one global layer with a window shorter than
-    the test prompts, separate local/global RoPE bases, query_pre_attn_scalar != head_dim, soft-capping set."""
+    """Gemma3TextConfig that trips naive exporters: sliding and global layers with a window shorter than the
+    test prompts, separate local/global RoPE bases, query_pre_attn_scalar != head_dim, soft-capping set."""
     from transformers import Gemma3TextConfig
 
-    base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=len(LAYER_TYPES),
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8, layer_types=LAYER_TYPES,
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
                 final_logit_softcapping=30.0, attn_logit_softcapping=50.0, max_position_embeddings=512,
@@ -82,7 +87,11 @@ NOTES = (
     "token embeddings are multiplied by sqrt(hidden_size) (in the model's dtype); image embeddings are not",
     "layer_types gives each layer sliding_attention (window config.sliding_window) or full_attention; the two use "
     "different RoPE bases (rope_parameters sliding_attention/full_attention rope_theta)",
-    "attention scores are scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5",
+    "attention scores are scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5; llama.cpp's gemma3 ignores "
+    "query_pre_attn_scalar (it uses head_dim**-0.5, or (hidden/heads)**-0.5 when n_layer == 62): fold the "
+    "difference into attn_q_norm, i.e. store (1+w)*sqrt(head_dim/query_pre_attn_scalar)",
+    "llama.cpp's gemma3 hard-codes the layer pattern (layer il is global iff il % 6 == 5) and the local RoPE base "
+    "10000: refuse to export layer_types or a sliding rope_theta that differ",
     "q_norm and k_norm (RMSNorm over head_dim) are applied to queries and keys before RoPE",
     "four norms per layer: input_layernorm, post_attention_layernorm (after attention, before the residual add), "
     "pre_feedforward_layernorm, post_feedforward_layernorm",
