@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import CHATML, bpe_tokenizer, save_folder, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
 
 
 def tiny_text_config(vocab_size: int, **kw):
@@ -35,6 +35,13 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     return save_folder(out, model, tok)
 
 
+# checkpoint keys: model.* and lm_head.* as LlamaForCausalLM saves them
+GGUF = GGUFSpec(
+    key_prefixes=(("model.", "text", "model."), ("lm_head.", "text", "lm_head.")),
+    skip=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # old checkpoints kept the rope table
+    permute_qk=True,  # llama.cpp's llama uses interleaved rope pairs; HF rotates halves
+)
+
 SPEC = ArchSpec(
     name="llama",
     family="Llama text decoder (Llama 3.x, SmolLM2)",
@@ -43,5 +50,6 @@ SPEC = ArchSpec(
     real_model_ids=("meta-llama/Llama-3.2-1B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
     decoder="model",
     gguf_arch="llama",
+    gguf=GGUF,
     build_tiny=build_tiny,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import save_folder, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
 from edgemed.archs.llama import chatml_tokenizer, tiny_text_config
 
 
@@ -49,6 +49,52 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     return save_folder(out, model, tok, processor(tok, 32, 8, "default"))
 
 
+def mmproj_kv(config, processor_config: dict) -> dict:
+    """clip.cpp runs the CLIP tower up to the deepest clip.vision.feature_layer (counted from the embeddings, 0 =
+    input) and always drops the CLS position before the projector: LLaVA's "default" strategy."""
+    from edgemed.errors import ExportError
+
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ExportError(f"vision_feature_select_strategy {strategy!r} cannot be exported to llama.cpp, whose LLaVA "
+                          "projector always drops the CLS token; supported: 'default'")
+    n = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    return {"clip.vision.feature_layer": [fl if fl >= 0 else n + 1 + fl for fl in layers]}
+
+
+def roll_positions(w):
+    """llama.cpp's LLaVA graph appends CLS after the patches and adds position rows 0..n in that order; HF puts
+    CLS first. Moving CLS's position row to the end gives every token the position HF gives it."""
+    return w[[*range(1, w.shape[0]), 0]]
+
+
+# checkpoint keys: transformers 5 saves LLaVA with the legacy hub names (language_model.model.*,
+# vision_tower.*, multi_modal_projector.*); newer tools write the module names (model.language_model.*)
+GGUF = GGUFSpec(
+    key_prefixes=(
+        ("language_model.model.", "text", "model."),
+        ("language_model.lm_head.", "text", "lm_head."),
+        ("model.language_model.", "text", "model."),
+        ("lm_head.", "text", "lm_head."),
+        ("vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+        ("model.vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+        ("vision_tower.", "vision", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision", "vision_tower.vision_model."),
+        ("multi_modal_projector.", "projector", "multi_modal_projector."),
+        ("model.multi_modal_projector.", "projector", "multi_modal_projector."),
+    ),
+    # clip.cpp's PROJECTOR_TYPE_MLP reads mm.0 and mm.2 (the legacy llava surgery names)
+    tensor_names={"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"},
+    # hidden_states[feature_layer] is taken before CLIP's post_layernorm, which LLaVA never applies
+    skip=(r"vision_tower\.vision_model\.post_layernorm\.(weight|bias)",
+          r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+    permute_qk=True,  # Llama/Mistral decoders
+    mmproj_kv=mmproj_kv,
+    transforms=((r"v\.position_embd\.weight", roll_positions),),
+)
+
 SPEC = ArchSpec(
     name="llava",
     family="LLaVA (LLaVA-1.5, LLaVA-Med)",
@@ -61,6 +107,7 @@ SPEC = ArchSpec(
     image_placeholder="<image>",
     gguf_arch="llama",
     gguf_projector="mlp",
+    gguf=GGUF,
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
 )

@@ -1,0 +1,425 @@
+"""The llama.cpp runtime: a GGUF export folder (``edgemed export gguf``) as a Backend.
+
+Prompts are rendered by the HF tokenizer/processor files saved beside the GGUF files, so the template is the
+one the model was fine-tuned with; tokens, logits and answers come from llama.cpp (through llama-cpp-python's
+low-level API). Images go through llama.cpp's multimodal library (mtmd) with the export's mmproj file: the
+image placeholder in the token list is replaced by the projector's embeddings, decoded at the placeholder's
+position, so logits line up with PyTorch's row for row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgemed import prompting
+from edgemed.archs import get_arch
+from edgemed.artifacts import read_manifest
+from edgemed.backends.base import GenParams
+from edgemed.errors import ArtifactError, DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
+
+
+def _quiet(verbose: bool) -> None:
+    """Route llama.cpp's and mtmd's logs through llama-cpp-python's logger (errors only unless verbose)."""
+    import llama_cpp
+    from llama_cpp import _logger, mtmd_cpp
+
+    _logger.set_verbose(verbose)
+    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+class LlamaCppBackend:
+    """A GGUF export answering through the edgemed Backend protocol.
+
+    Args:
+        folder: an export folder of kind "gguf".
+        quant: which ``model-<quant>.gguf`` to load (default: the first quant the export lists).
+        n_threads: CPU threads (default: all cores).
+        n_ctx: context length in tokens.
+        kv_type: KV-cache precision, "f32", "f16" or "auto" (f32 for an f32 model, so that it reproduces
+            PyTorch's fp32 numbers; f16 otherwise, llama.cpp's default).
+        verbose: let llama.cpp print its logs.
+    """
+
+    name = "llamacpp"
+    thread_safe = False  # one request at a time per instance; calls are serialised by a lock
+
+    def __init__(self, folder: Path | str, quant: str | None = None, n_threads: int | None = None,
+                 n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False, **_: Any):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder, ("gguf",))
+        models: dict[str, str] = manifest.get("models") or {}
+        self.quant = (quant or (manifest.get("quants") or [None])[0] or "").lower()
+        if self.quant not in models:
+            raise ArtifactError(f"{self.folder}: has no model-{self.quant}.gguf; quants in this export: "
+                                f"{', '.join(models) or 'none'}")
+        self.path = self.folder / models[self.quant]
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path} is missing; the export is incomplete, export again")
+        self.arch = get_arch(manifest["arch"])
+        self.is_vision = bool(manifest.get("mmproj"))
+        self.image_token_id = manifest.get("image_token_id")
+        self._load_hf()
+        _quiet(verbose)
+        llama_cpp.llama_backend_init()
+        n_threads = int(n_threads or os.cpu_count() or 1)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
+        if kv_type == "auto":
+            kv_type = "f32" if self.quant == "f32" else "f16"
+        if kv_type not in KV_TYPES:
+            raise ArtifactError(f"unknown kv_type {kv_type!r}; choose auto, f32 or f16")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its f16 accumulation moves fp32 logits
+        cp.no_perf = True
+        self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=verbose)
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
+        self.n_vocab = self._model.n_vocab()
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(self._model.model)
+        self._mtmd = None
+        if self.is_vision:
+            self._mtmd = self._load_mtmd(self.folder / manifest["mmproj"], n_threads)
+        self._lock = threading.Lock()
+        self.last_finish_reason: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _load_hf(self) -> None:
+        from transformers import AutoProcessor, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        self.processor = (AutoProcessor.from_pretrained(self.folder, local_files_only=True) if self.is_vision
+                          else self.tokenizer)
+        if self.is_vision and self.image_token_id is None and self.arch.image_placeholder:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
+
+    def _load_mtmd(self, mmproj: Path, n_threads: int):
+        from llama_cpp import mtmd_cpp
+
+        if not mmproj.is_file():
+            raise ArtifactError(f"{mmproj} is missing; the export is incomplete, export again")
+        p = mtmd_cpp.mtmd_context_params_default()
+        p.use_gpu = False
+        p.n_threads = n_threads
+        p.print_timings = False
+        p.warmup = False
+        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self._model.model, p)
+        if not ctx:
+            raise ArtifactError(f"llama.cpp's mtmd could not load {mmproj} with {self.path.name}; "
+                                "run with verbose=True to see why")
+        return ctx
+
+    # ------------------------------------------------------------------ text
+    def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
+        if image and not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
+        msgs = prompting.messages(question, image=image, system=system, typed=self.is_vision)
+        return prompting.render(self.processor, msgs)
+
+    def chat_template(self) -> str:
+        return getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokenization: special tokens parsed, BOS added once when the model adds one."""
+        add_bos = self._model.add_bos_token()
+        ids = self._model.tokenize(text.encode("utf-8"), add_bos, True)
+        bos = self._model.token_bos()
+        if add_bos and len(ids) > 1 and ids[0] == bos and ids[1] == bos:  # the template wrote BOS itself
+            ids = ids[1:]
+        return ids
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_tokens(self, tokens: list[int], pos0: int, logits: str) -> list[np.ndarray]:
+        """Decode ``tokens`` at positions pos0...; return logits rows (all, or only the last)."""
+        import numpy as np
+
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            b = self._batch.batch
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+            self._ctx.decode(self._batch)
+            if logits == "all":
+                ptr = self._ctx.get_logits()
+                arr = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+                rows.extend(arr.copy())
+            elif logits == "last" and last_chunk:
+                rows.append(self._last_logits())
+        return rows
+
+    def _last_logits(self) -> np.ndarray:
+        import numpy as np
+
+        return np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
+
+    def _image_chunk(self, image: Image.Image):
+        """mtmd's image chunk for ``image`` (its preprocessing is the mmproj's), kept in a chunks list."""
+        from llama_cpp import mtmd_cpp
+
+        rgb = image.convert("RGB")
+        data = rgb.tobytes()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        marker = mtmd_cpp.mtmd_default_marker()
+        text = mtmd_cpp.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        try:
+            rc = mtmd_cpp.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise DataError(f"llama.cpp's mtmd could not read the image ({rgb.width}x{rgb.height}), code {rc}")
+        finally:
+            mtmd_cpp.mtmd_bitmap_free(bitmap)
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                return chunks, chunk
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        raise DataError("llama.cpp's mtmd made no image chunk from the image")
+
+    def _encode(self, chunk) -> np.ndarray:
+        import numpy as np
+        from llama_cpp import mtmd_cpp
+
+        if mtmd_cpp.mtmd_encode_chunk(self._mtmd, chunk) != 0:
+            raise DataError("llama.cpp's mtmd failed to encode the image")
+        n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+        ptr = mtmd_cpp.mtmd_get_output_embd(self._mtmd)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_embd)).copy()
+
+    def _decode_image(self, chunk, emb: np.ndarray, pos0: int) -> tuple[np.ndarray, int]:
+        """Decode image embeddings at pos0...; return the logits after the last one and the positions used."""
+        import llama_cpp
+        import numpy as np
+        from llama_cpp import mtmd_cpp
+
+        n = emb.shape[0]
+        mrope = mtmd_cpp.mtmd_decode_use_mrope(self._mtmd)
+        n_pos = mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)
+        if n > self.n_batch:
+            raise DataError(f"the image gives {n} embeddings, more than n_batch={self.n_batch}; open the backend "
+                            "with a larger n_batch")
+        batch = llama_cpp.llama_batch_init(n, self.n_embd, 1)
+        own_pos = batch.pos
+        try:
+            batch.n_tokens = n
+            flat = np.ascontiguousarray(emb, dtype=np.float32)
+            ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+            if mrope:  # M-RoPE (Qwen2.5-VL): temporal, row, column and an unused section, as mtmd's helper lays out
+                nx = mtmd_cpp.mtmd_image_tokens_get_nx(mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk))
+                pos = (llama_cpp.llama_pos * (4 * n))()
+                for i in range(n):
+                    y, x = divmod(i, nx)
+                    pos[i], pos[n + i], pos[2 * n + i], pos[3 * n + i] = pos0, pos0 + y, pos0 + x, 0
+                batch.pos = ctypes.cast(pos, type(own_pos))
+            else:
+                for i in range(n):
+                    batch.pos[i] = pos0 + i
+            for i in range(n):
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == n - 1
+            non_causal = mtmd_cpp.mtmd_decode_use_non_causal(self._mtmd, chunk)
+            if non_causal:  # image tokens attend to each other both ways (Gemma 3)
+                llama_cpp.llama_set_causal_attn(self._ctx.ctx, False)
+            try:
+                rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            finally:
+                if non_causal:
+                    llama_cpp.llama_set_causal_attn(self._ctx.ctx, True)
+            if rc != 0:
+                raise DataError(f"llama_decode of the image embeddings returned {rc}")
+            return self._last_logits(), n_pos
+        finally:
+            batch.pos = own_pos  # llama_batch_free frees the array it allocated, not ours
+            llama_cpp.llama_batch_free(batch)
+
+    def _prefill(self, tokens: list[int], image: Image.Image | None, logits: str) -> tuple[list[np.ndarray], int]:
+        """Clear the cache and decode the prompt (image placeholder expanded); return logits rows and n_past."""
+        from llama_cpp import mtmd_cpp
+
+        if len(tokens) == 0:
+            raise DataError("no tokens to decode")
+        self._ctx.kv_cache_clear()
+        if image is None:
+            if len(tokens) >= self.n_ctx:
+                raise DataError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+            return self._decode_tokens(tokens, 0, logits), len(tokens)
+        if not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
+        where = [i for i, t in enumerate(tokens) if t == self.image_token_id]
+        if len(where) != 1:
+            raise DataError(f"the prompt holds the image placeholder {self.arch.image_placeholder!r} {len(where)} "
+                            "times; it must hold it exactly once (render it with image=True)")
+        k = where[0]
+        pre, post = tokens[:k], tokens[k + 1:]
+        wrap = self.arch.gguf.image_wrap if self.arch.gguf else ("", "")
+        before = self._model.tokenize(wrap[0].encode(), False, True) if wrap[0] else []
+        after = self._model.tokenize(wrap[1].encode(), False, True) if wrap[1] else []
+        chunks, chunk = self._image_chunk(image)
+        try:
+            rows = self._decode_tokens(pre + before, 0, "all" if logits == "all" else "none")[: len(pre)]
+            pos = len(pre) + len(before)
+            emb = self._encode(chunk)
+            last, n_pos = self._decode_image(chunk, emb, pos)
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+        pos += n_pos
+        if after:
+            last = self._decode_tokens(after, pos, "last")[-1]
+            pos += len(after)
+        if pos + len(post) >= self.n_ctx:
+            raise DataError(f"the prompt with its image does not fit the context of {self.n_ctx} tokens")
+        rest = self._decode_tokens(post, pos, logits) if post else []
+        if logits == "all":
+            return [*rows, last, *rest], pos + len(post)
+        return ([rest[-1]] if rest else [last]), pos + len(post)
+
+    # ------------------------------------------------------------------ numbers
+    def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
+        import numpy as np
+
+        with self._lock:
+            rows, _ = self._prefill(list(tokens), image, "all")
+        return np.stack(rows).astype(np.float32)
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        from llama_cpp import mtmd_cpp
+
+        if not self.is_vision:
+            raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
+        with self._lock:
+            chunks, chunk = self._image_chunk(image)
+            try:
+                return self._encode(chunk)
+            finally:
+                mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+                 ) -> Iterator[str]:
+        """Stream the answer piece by piece: greedy at temperature 0, else temperature + top-p with ``seed``."""
+        params = params or GenParams()
+        tokens = self.tokenize(prompt)
+        with self._lock:
+            yield from self._stream(tokens, image, params)
+
+    def _sampler(self, params: GenParams):
+        from llama_cpp import _internals
+
+        s = _internals.LlamaSampler()
+        if params.temperature <= 0:
+            s.add_greedy()
+            return s
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        s.add_temp(params.temperature)  # temperature, then top-p, as transformers orders them
+        if params.top_p < 1.0:
+            s.add_top_p(params.top_p, 1)
+        s.add_dist(seed & 0xFFFFFFFF)
+        return s
+
+    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
+        import llama_cpp
+
+        self.last_finish_reason = None
+        if params.max_tokens <= 0:
+            self.last_finish_reason = "length"
+            return
+        _, n_past = self._prefill(tokens, image, "last")
+        sampler = self._sampler(params)
+        out: list[int] = []
+        sent, reason, hit = "", "length", False
+        try:
+            for _ in range(params.max_tokens):
+                if n_past >= self.n_ctx:
+                    break
+                t = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
+                if llama_cpp.llama_vocab_is_eog(self._model.vocab, t):
+                    reason = "stop"
+                    break
+                out.append(t)
+                text = self._detok(out)
+                if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
+                    piece, hit = _cut_at_stop(text, sent, params.stop)
+                    if piece:
+                        sent += piece
+                        yield piece
+                    if hit:
+                        reason = "stop"
+                        break
+                self._decode_tokens([t], n_past, "last")
+                n_past += 1
+            if not hit:
+                text = self._detok(out).rstrip("\ufffd")
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield text[len(sent):]
+            self.last_finish_reason = reason
+        finally:
+            sampler.close()
+
+    def _detok(self, ids: list[int]) -> str:
+        return self._model.detokenize(ids, special=False).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        from llama_cpp import mtmd_cpp
+
+        with self._lock:
+            if self._mtmd:
+                mtmd_cpp.mtmd_free(self._mtmd)
+                self._mtmd = None
+            for obj in ("_batch", "_ctx", "_model"):
+                o = getattr(self, obj, None)
+                if o is not None:
+                    o.close()
+                    setattr(self, obj, None)
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
+    """What of ``text`` may be yielded after ``sent``: up to a stop string (and True), or up to where a stop
+    string might be starting (held back until the next token decides)."""
+    stops = [s for s in stops if s]
+    for s in stops:
+        i = text.find(s, max(0, len(sent) - len(s) + 1))
+        if i >= 0:
+            return (text[len(sent):i] if i > len(sent) else ""), True
+    end = len(text)
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                end = min(end, len(text) - n)
+                break
+    return (text[len(sent):end] if end > len(sent) else ""), False

@@ -1,0 +1,735 @@
+"""`edgemed export gguf`: a merged model folder -> GGUF files for llama.cpp (text model + mmproj for images).
+
+The text model is written by gguf-py's ``GGUFWriter`` one tensor at a time (tensor infos first, then each
+tensor read from safetensors, converted and written), so peak memory stays near the largest tensor. f32, f16,
+bf16 and q8_0 are written directly; k-quants and q4_0 come from llama.cpp's own quantizer
+(``llama_model_quantize``) run on one f16 intermediate shared by all of them. Image models also get
+``mmproj-<type>.gguf``, the CLIP-style file llama.cpp's multimodal library (mtmd) loads beside the text model.
+
+What differs between families (checkpoint key layout, extra tensor names, Q/K permutation, Gemma's norm
+offset, extra metadata) is data in ``edgemed.archs`` (:class:`edgemed.archs.base.GGUFSpec`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgemed.archs import arch_for_dir
+from edgemed.archs.base import ArchSpec, GGUFSpec
+from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, sha256_file, tree_sha256, write_manifest
+from edgemed.errors import ArtifactError, ExportError
+
+DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
+LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
+QUANTS = DIRECT + tuple(LLAMA_QUANTS)
+MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+
+# Files the runtime needs to render prompts exactly as PyTorch did (copied beside the GGUF files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "processor_config.json", "preprocessor_config.json", "generation_config.json", "config.json")
+
+# llama.cpp pre-tokenizer names for the byte-level BPE pre-tokenizers transformers writes in tokenizer.json,
+# keyed by a signature of that JSON (see _pre_signature). convert_hf_to_gguf hashes a tokenization instead; a
+# signature also recognises the small tokenizers tests train, whose hash no table holds.
+LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+            r"\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE = {
+    "bytelevel+re": "gpt-2",  # GPT-2 regex (SmolLM2 as transformers saves it, the tiny test tokenizers)
+    "digits1|bytelevel+re": "smollm",  # SmolLM2's hub tokenizer: digits split one by one, then GPT-2
+    f"split:{LLAMA3_RE}|bytelevel": "llama-bpe",  # Llama 3.x
+    f"split:{QWEN2_RE}|bytelevel": "qwen2",  # Qwen2, Qwen2.5(-VL)
+}
+
+log = logging.getLogger(__name__)
+
+
+def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
+                mmproj_quant: str = "f16") -> Path:
+    """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
+
+    Args:
+        model_dir: merged transformers model folder (a kind "model" edgemed folder, or any folder with
+            config.json and safetensors weights).
+        quants: one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.
+        out: output folder; written under a temporary name and renamed when complete.
+        overwrite: replace an existing ``out``.
+        mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
+
+    Returns:
+        The output folder.
+    """
+    model_dir = Path(model_dir)
+    quants = _check_quants(quants, mmproj_quant)
+    spec = arch_for_dir(model_dir)
+    if spec.gguf_arch is None or spec.gguf is None:
+        why = spec.no_gguf_reason or f"llama.cpp has no support for {spec.family}"
+        raise ExportError(f"{model_dir}: {why}; use `edgemed export onnx {model_dir} --out DIR` instead")
+    source = _source_manifest(model_dir)
+    config = _load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    _refuse_quantized(model_dir, config, ckpt)
+    text_plan = plan_tensors(spec, config, ckpt, "text")
+    vision_plan = plan_tensors(spec, config, ckpt, "vision") if spec.is_vision else []
+    provenance = _provenance(model_dir, source)
+
+    files: dict[str, str] = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        direct = [q for q in quants if q in DIRECT]
+        llama = [q for q in quants if q in LLAMA_QUANTS]
+        intermediate = None
+        if llama and "f16" not in direct:
+            intermediate = tmp / ".intermediate-f16.gguf"
+        for q in direct + (["f16"] if intermediate else []):
+            path = intermediate if (intermediate and q == "f16" and "f16" not in direct) else tmp / f"model-{q}.gguf"
+            write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, path, provenance)
+            if path != intermediate:
+                files[q] = path.name
+        for q in llama:
+            src = intermediate or tmp / "model-f16.gguf"
+            dst = tmp / f"model-{q}.gguf"
+            llama_quantize(src, dst, q)
+            files[q] = dst.name
+        if intermediate:
+            intermediate.unlink()
+        mmproj = None
+        if spec.is_vision:
+            mmproj = f"mmproj-{mmproj_quant}.gguf"
+            write_mmproj_gguf(spec, config, model_dir, ckpt, vision_plan, mmproj_quant, tmp / mmproj, provenance)
+        copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+        for name in copied:
+            shutil.copy2(model_dir / name, tmp / name)
+        write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
+                       mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
+                       image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(config),
+                       name=provenance["name"], base_model=provenance["base_model"],
+                       parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
+                               "manifest": provenance["manifest"]})
+    return Path(out)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
+    if not quants:
+        raise ExportError(f"no --quant given; choose one or more of {', '.join(QUANTS)}")
+    seen: list[str] = []
+    for q in quants:
+        q = q.lower()
+        if q not in QUANTS:
+            raise ExportError(f"unknown quant {q!r} for --quant; choose one of {', '.join(QUANTS)}")
+        if q not in seen:
+            seen.append(q)
+    if mmproj_quant not in MMPROJ_QUANTS:
+        raise ExportError(f"unknown quant {mmproj_quant!r} for --mmproj-quant; choose one of "
+                          f"{', '.join(MMPROJ_QUANTS)}")
+    return seen
+
+
+def _source_manifest(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the folder is damaged, make it again") from e
+    kind = manifest.get("kind")
+    if kind == "run":
+        raise ExportError(f"{model_dir}: is a training run folder (adapters only); run `edgemed merge {model_dir} "
+                          "--out MODEL_DIR` and export MODEL_DIR")
+    if kind != "model":
+        raise ExportError(f"{model_dir}: is a {kind!r} folder; export takes a merged model folder (kind 'model')")
+    return manifest
+
+
+def _load_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def _refuse_quantized(model_dir: Path, config: Any, ckpt: Checkpoint) -> None:
+    qc = getattr(config, "quantization_config", None)
+    method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
+    packed = next((k for k in ckpt.keys if k.endswith((".absmax", ".quant_map", ".SCB", ".quant_state"))
+                   or ".quant_state." in k), None)
+    if qc or packed:
+        what = f"quantization_config {method or qc!r}" if qc else f"packed tensor {packed!r}"
+        raise ExportError(f"{model_dir}: is a quantised checkpoint ({what}); GGUF export needs 16/32-bit weights: "
+                          "run `edgemed merge RUN_DIR --out MODEL_DIR` (it merges into full-precision weights) "
+                          "and export MODEL_DIR")
+
+
+def _provenance(model_dir: Path, source: dict[str, Any] | None) -> dict[str, Any]:
+    name = (source or {}).get("name") or model_dir.name
+    base = (source or {}).get("base_model")
+    if isinstance(base, dict):
+        base = base.get("name") or base.get("path")
+    if not base and source and isinstance(source.get("parent"), dict):
+        base = source["parent"].get("name") or source["parent"].get("path")
+    return {
+        "name": str(name),
+        "base_model": str(base) if base else None,
+        "tree_sha256": tree_sha256(model_dir),
+        "manifest": ({"sha256": sha256_file(model_dir / MANIFEST), "kind": source.get("kind"),
+                      "files": source.get("files", {})} if source else "no manifest"),
+    }
+
+
+def _image_token_id(config: Any) -> int | None:
+    for attr in ("image_token_index", "image_token_id"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+class Checkpoint:
+    """Lazy view of a folder's safetensors weights: names and shapes now, one tensor at a time on demand."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{folder}: no *.safetensors weights; export needs a merged model folder "
+                              "(`edgemed merge` writes one)")
+        self.folder = folder
+        self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in files:
+            with safe_open(folder / f, framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    self.where[k] = f
+                    self.shapes[k] = tuple(sl.get_shape())
+                    self.dtypes[k] = sl.get_dtype()
+        self.keys = list(self.where)
+
+    def get(self, key: str):
+        """One tensor as float32 numpy (bf16 goes through torch, which numpy cannot read)."""
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.where[key], framework="pt") as st:
+            t = st.get_tensor(key)
+        return t.float().numpy()
+
+
+# ---------------------------------------------------------------- tensor plans
+
+
+@dataclass
+class Entry:
+    """One GGUF tensor: where it comes from, its GGUF name and shape, and how its values change."""
+
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    transform: Callable[[Any], Any] | None = None
+
+
+def _rewrite(g: GGUFSpec, key: str) -> tuple[str, str] | None:
+    for prefix, part, new in g.key_prefixes:
+        if key.startswith(prefix):
+            return part, new + key[len(prefix):]
+    return None
+
+
+def _permute(n_head: int) -> Callable[[Any], Any]:
+    """HF's rotate-half Q/K rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf's LlamaModel.permute)."""
+
+    def f(w):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    return f
+
+
+def _chain(*fns: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    fns = tuple(f for f in fns if f)
+    if not fns:
+        return None
+
+    def f(x):
+        for fn in fns:
+            x = fn(x)
+        return x
+
+    return f
+
+
+def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> list[Entry]:
+    """Map every checkpoint tensor of ``which`` ("text", or "vision" for vision tower + projector) to GGUF.
+
+    Stops at the first tensor that no rule maps, naming it.
+    """
+    import gguf
+
+    g = spec.gguf
+    assert g is not None
+    text_cfg = spec.text_config(config)
+    if which == "text":
+        arch = _model_arch(spec.gguf_arch)
+        tmap = gguf.get_tensor_name_map(arch, text_cfg.num_hidden_layers)
+        parts = ("text",)
+    else:
+        vcfg = config.vision_config
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vcfg.num_hidden_layers)
+        parts = ("vision", "projector")
+    n_head = text_cfg.num_attention_heads
+    n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_head
+    tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    entries: list[Entry] = []
+    for key in ckpt.keys:
+        rewritten = _rewrite(g, key)
+        if rewritten is None:
+            raise ExportError(f"cannot map tensor {key!r} of {ckpt.folder} to GGUF: no {spec.name} rule covers it; "
+                              "is this a model of that architecture?")
+        part, name = rewritten
+        if part == "skip" or part not in parts or any(re.fullmatch(p, name) for p in g.skip):
+            continue
+        if which == "text" and tied and name.startswith("lm_head."):
+            continue  # llama.cpp uses token_embd when output.weight is absent
+        stem, suffix = (name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, ""))
+        new = g.tensor_names.get(stem)
+        if new is not None:
+            new = f"{new}.{suffix}" if suffix else new
+        else:
+            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            file = "text model" if which == "text" else "mmproj"
+            raise ExportError(f"cannot map tensor {key!r} (as {name!r}) to a GGUF {file} tensor name; add it to "
+                              f"the {spec.name} entry's GGUFSpec.tensor_names")
+        transform = None
+        if g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", new):
+            transform = _permute(n_head)
+        elif g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", new):
+            transform = _permute(n_kv)
+        if any(re.fullmatch(p, new) for p in g.norm_plus_one):
+            transform = _chain(transform, lambda w: w + 1.0)
+        for pattern, fn in g.transforms:
+            if re.fullmatch(pattern, new):
+                transform = _chain(transform, fn)
+        entries.append(Entry(key, new, ckpt.shapes[key], transform))
+    if not entries:
+        raise ExportError(f"{ckpt.folder}: no {which} tensors found for {spec.name}")
+    names = [e.name for e in entries]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ExportError(f"two checkpoint tensors map to GGUF {dup!r}: "
+                          f"{[e.key for e in entries if e.name == dup]}; the checkpoint holds duplicates")
+    return entries
+
+
+def _model_arch(name: str | None):
+    import gguf
+
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise ExportError(f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''} does not know llama.cpp "
+                      f"architecture {name!r}; upgrade the gguf package")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], quant: str, mmproj: bool = False):
+    """The GGML type one tensor is stored as (1-D tensors and norms f32, as convert_hf_to_gguf does)."""
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return T.F32
+    if mmproj and re.search(r"(patch_embd|position_embd|class_embd)", name):
+        return T.F32  # the projector's embeddings stay f32 (as convert_hf_to_gguf keeps them)
+    if quant == "f32":
+        return T.F32
+    if quant == "bf16":
+        return T.BF16
+    if quant == "q8_0":
+        return T.Q8_0 if shape[-1] % 32 == 0 else T.F16  # q8_0 blocks are 32 wide; convert_hf_to_gguf falls back too
+    return T.F16
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    import math
+
+    import gguf
+
+    return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype)) if qtype not in (
+        gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else math.prod(shape) * (
+        4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
+
+
+def _convert(data, qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    if qtype == T.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == T.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def _file_type(quant: str) -> int:
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[quant]
+
+
+def _add_kv(w, kv: dict[str, Any]) -> None:
+    """Typed metadata: ints as uint32 (int32 if negative), floats as float32, lists by their first item."""
+    for key, val in kv.items():
+        if val is None:
+            continue
+        if isinstance(val, bool):
+            w.add_bool(key, val)
+        elif isinstance(val, int):
+            (w.add_uint32 if val >= 0 else w.add_int32)(key, val)
+        elif isinstance(val, float):
+            w.add_float32(key, val)
+        elif isinstance(val, str):
+            w.add_string(key, val)
+        elif isinstance(val, (list, tuple)):
+            w.add_array(key, list(val))
+        else:
+            raise TypeError(f"metadata {key}: cannot store {type(val).__name__}")
+
+
+def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: str, mmproj: bool,
+           kv: Callable[[Any], None], desc: str) -> None:
+    """Write one GGUF file lazily: tensor infos first, then each tensor read, converted and written in turn."""
+    import gguf
+    import numpy as np
+    from tqdm import tqdm
+
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        try:
+            kv(w)
+            types = [_tensor_type(e.name, e.shape, quant, mmproj) for e in plan]
+            for e, t in zip(plan, types, strict=True):
+                w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), _nbytes(e.shape, t), raw_dtype=t)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for e, t in tqdm(list(zip(plan, types, strict=True)), desc=desc, unit="tensor", leave=False):
+                data = ckpt.get(e.key)
+                if e.transform:
+                    data = e.transform(data)
+                w.write_tensor_data(_convert(data, t))
+                del data
+        finally:
+            w.close()
+
+
+def _general_kv(w, provenance: dict[str, Any], file_type: int, kind: str) -> None:
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL if kind == "model" else gguf.GGUFType.MMPROJ)
+    w.add_name(provenance["name"])
+    if provenance["base_model"]:
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, provenance["base_model"])
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string("edgemed.source.tree_sha256", provenance["tree_sha256"])
+    w.add_string("edgemed.source.manifest", json.dumps(provenance["manifest"], sort_keys=True))
+
+
+def text_kv(spec: ArchSpec, config: Any) -> dict[str, Any]:
+    """Hyper-parameters of the text model under llama.cpp's key names (the arch adds or overrides via text_kv)."""
+    from gguf import Keys
+
+    c = spec.text_config(config)
+    arch = spec.gguf_arch
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv: dict[str, Any] = {
+        Keys.LLM.VOCAB_SIZE: c.vocab_size,
+        Keys.LLM.CONTEXT_LENGTH: c.max_position_embeddings,
+        Keys.LLM.EMBEDDING_LENGTH: c.hidden_size,
+        Keys.LLM.BLOCK_COUNT: c.num_hidden_layers,
+        Keys.LLM.FEED_FORWARD_LENGTH: c.intermediate_size,
+        Keys.Attention.HEAD_COUNT: heads,
+        Keys.Attention.HEAD_COUNT_KV: getattr(c, "num_key_value_heads", None) or heads,
+        Keys.Attention.LAYERNORM_RMS_EPS: float(c.rms_norm_eps),
+        Keys.Rope.DIMENSION_COUNT: head_dim,
+        Keys.Attention.KEY_LENGTH: head_dim,
+        Keys.Attention.VALUE_LENGTH: head_dim,
+    }
+    rope = getattr(c, "rope_parameters", None) or {}
+    if "rope_theta" in rope or hasattr(c, "rope_theta"):
+        rtype = rope.get("rope_type", "default")
+        kv[Keys.Rope.FREQ_BASE] = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+        if rtype == "linear":
+            kv[Keys.Rope.SCALING_TYPE] = "linear"
+            kv[Keys.Rope.SCALING_FACTOR] = float(rope["factor"])
+        elif rtype != "default":
+            raise ExportError(f"rope type {rtype!r} of {spec.name} is not supported by `export gguf` yet; "
+                              "supported: default, linear")
+    kv = {k.format(arch=arch): v for k, v in kv.items()}
+    if spec.gguf and spec.gguf.text_kv:
+        kv.update({k.format(arch=arch): v for k, v in spec.gguf.text_kv(c).items()})
+    return kv
+
+
+def write_text_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry], quant: str,
+                    path: Path, provenance: dict[str, Any]) -> Path:
+    """Write the text model at ``quant`` (f32, f16, bf16 or q8_0) to ``path``."""
+    n_vocab = next(e.shape[0] for e in plan if e.name == "token_embd.weight")
+    kv = text_kv(spec, config)
+
+    def meta(w):
+        _general_kv(w, provenance, _file_type(quant), "model")
+        _add_kv(w, kv)
+        add_tokenizer(w, model_dir, n_vocab)
+
+    _write(path, spec.gguf_arch, plan, ckpt, quant, False, meta, f"model-{quant}")
+    return path
+
+
+def mmproj_kv(spec: ArchSpec, config: Any, model_dir: Path) -> dict[str, Any]:
+    """The clip.* metadata llama.cpp's mtmd reads (tools/mtmd/clip.cpp load_hparams)."""
+    from gguf import Keys
+
+    v = config.vision_config
+    proc = _processor_config(model_dir)
+    act = str(getattr(v, "hidden_act", "quick_gelu"))
+    kv: dict[str, Any] = {
+        Keys.Clip.HAS_VISION_ENCODER: True,
+        Keys.Clip.PROJECTOR_TYPE: spec.gguf_projector,
+        Keys.ClipVision.IMAGE_SIZE: v.image_size,
+        Keys.ClipVision.PATCH_SIZE: v.patch_size,
+        Keys.ClipVision.EMBEDDING_LENGTH: v.hidden_size,
+        Keys.ClipVision.FEED_FORWARD_LENGTH: v.intermediate_size,
+        Keys.ClipVision.BLOCK_COUNT: v.num_hidden_layers,
+        Keys.ClipVision.Attention.HEAD_COUNT: v.num_attention_heads,
+        Keys.ClipVision.Attention.LAYERNORM_EPS: float(v.layer_norm_eps),
+        Keys.ClipVision.PROJECTION_DIM: spec.text_config(config).hidden_size,
+        Keys.ClipVision.IMAGE_MEAN: [float(x) for x in proc.get("image_mean", [0.5, 0.5, 0.5])],
+        Keys.ClipVision.IMAGE_STD: [float(x) for x in proc.get("image_std", [0.5, 0.5, 0.5])],
+        Keys.ClipVision.USE_GELU: act.startswith("gelu"),  # clip.cpp: gelu if set, else quick_gelu
+    }
+    if spec.gguf and spec.gguf.mmproj_kv:
+        kv.update(spec.gguf.mmproj_kv(config, proc))
+    return kv
+
+
+def _processor_config(model_dir: Path) -> dict[str, Any]:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        p = model_dir / name
+        if p.is_file():
+            data = json.loads(p.read_text())
+            return data.get("image_processor", data)
+    return {}
+
+
+def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry],
+                      quant: str, path: Path, provenance: dict[str, Any]) -> Path:
+    """Write the vision tower and projector as llama.cpp's mmproj file."""
+    import gguf
+
+    kv = mmproj_kv(spec, config, model_dir)
+
+    def meta(w):
+        _general_kv(w, provenance, _file_type(quant), "mmproj")
+        _add_kv(w, kv)
+
+    _write(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], plan, ckpt, quant, True, meta, "mmproj")
+    return path
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, n_threads: int = 0) -> Path:
+    """Quantize an f16 GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    from llama_cpp import _logger
+
+    _logger.set_verbose(False)  # llama.cpp logs every tensor it quantizes
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(gguf.LlamaFileType, LLAMA_QUANTS[quant]))
+    params.nthread = n_threads
+    with atomic_file(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (llama_model_quantize returned "
+                              f"{rc}); the f16 file is in {src.parent}")
+    return dst
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _pre_signature(pre: dict[str, Any] | None) -> str:
+    if not pre:
+        return "none"
+    items = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for p in items:
+        t = p.get("type")
+        if t == "ByteLevel":
+            sig.append("bytelevel+re" if p.get("use_regex", True) else "bytelevel")
+        elif t == "Digits":
+            sig.append("digits1" if p.get("individual_digits") else "digits")
+        elif t == "Split":
+            pat = p.get("pattern", {})
+            sig.append("split:" + (pat.get("Regex") or pat.get("String") or ""))
+        else:
+            sig.append(str(t))
+    return "|".join(sig)
+
+
+def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
+    """Vocabulary, merges, special tokens and chat template, as llama.cpp's tokenizer reads them."""
+
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        raise ExportError(f"{model_dir}: no tokenizer.json; the model folder must hold its tokenizer "
+                          "(save it with tokenizer.save_pretrained)")
+    tj = json.loads(tj_path.read_text())
+    model = tj.get("model", {})
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get(
+            "type") == "ByteLevel":
+        tokens, types = _bpe_tokens(model_dir, n_vocab)
+        sig = _pre_signature(tj.get("pre_tokenizer"))
+        pre = BPE_PRE.get(sig)
+        if pre is None:
+            raise ExportError(f"{tj_path}: pre-tokenizer {sig!r} has no llama.cpp equivalent known to edgemed; "
+                              f"known: {', '.join(BPE_PRE)}")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        _special_vocab(model_dir, True, len(tokens)).add_to_gguf(w, quiet=True)
+    elif model.get("byte_fallback") or (model_dir / "tokenizer.model").is_file():
+        tokens, scores, types = _spm_tokens(model_dir, n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(False)
+        _special_vocab(model_dir, False, len(tokens)).add_to_gguf(w, quiet=True)
+    else:
+        raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported for GGUF; supported: "
+                          "byte-level BPE (GPT-2 style) and SentencePiece with byte fallback")
+    template = _chat_template(model_dir)
+    if template:
+        w.add_chat_template(template)  # the exact template the model was fine-tuned with
+
+
+def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
+    """gguf-py's merges and special-token ids; the chat template is added separately (chat_template.jinja)."""
+    import gguf
+
+    sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
+    sv.chat_template = None
+    return sv
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "tokenizer_config.json", "processor_config.json"):
+        p = model_dir / name
+        if p.is_file():
+            t = json.loads(p.read_text()).get("chat_template")
+            if isinstance(t, str):
+                return t
+    return None
+
+
+def _hf_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _bpe_tokens(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Token texts and types by id, padded to the embedding rows (convert_hf_to_gguf's get_vocab_base)."""
+    import gguf
+
+    tok = _hf_tokenizer(model_dir)
+    vocab = tok.get_vocab()
+    if len(vocab) > n_vocab:
+        raise ExportError(f"{model_dir}: the tokenizer has {len(vocab)} tokens but the embedding only {n_vocab} rows; "
+                          "resize the model's embeddings to the tokenizer before export")
+    reverse = {i: t for t, i in vocab.items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")  # embedding rows beyond the tokenizer (vocab padding)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        text = reverse[i]
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(text)
+    return tokens, [int(t) for t in types]
+
+
+def _spm_tokens(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """SentencePiece pieces, scores and types (convert_hf_to_gguf's _create_vocab_sentencepiece)."""
+    import gguf
+
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        raise ExportError(f"{model_dir}: SentencePiece-style tokenizer without tokenizer.model; llama.cpp needs the "
+                          "SentencePiece model file beside tokenizer.json")
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(path))
+    size = sp.vocab_size()
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-1000.0] * n_vocab
+    types = [int(gguf.TokenType.UNUSED)] * n_vocab
+    for i in range(min(size, n_vocab)):
+        piece = sp.id_to_piece(i)
+        tokens[i] = piece.encode("utf-8")
+        scores[i] = sp.get_score(i)
+        t = gguf.TokenType.NORMAL
+        if sp.is_unknown(i):
+            t = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            t = gguf.TokenType.CONTROL
+        elif sp.is_unused(i):
+            t = gguf.TokenType.UNUSED
+        elif sp.is_byte(i):
+            t = gguf.TokenType.BYTE
+        types[i] = int(t)
+    tok = _hf_tokenizer(model_dir)
+    for i, added in tok.added_tokens_decoder.items():
+        if i >= n_vocab:
+            raise ExportError(f"{model_dir}: added token {added.content!r} id {i} is beyond the {n_vocab} "
+                              "embedding rows; resize the model's embeddings to the tokenizer before export")
+        tokens[i] = added.content.encode("utf-8")
+        scores[i] = -1000.0
+        if types[i] in (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)):
+            continue
+        types[i] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    return tokens, scores, types
