@@ -1,0 +1,490 @@
+"""`export gguf` on tiny models of every llama.cpp-supported architecture and on the embedded default models.
+
+llama.cpp (through llama-cpp-python) opens every exported file; its logits, tokens and image embeddings are
+compared with PyTorch's, transformers' own GGUF reader reads the text file back, and every bad input must give
+its one-line error and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GGUF_ARCHS, REGISTRY, VISION_ARCHS
+
+from edgemed.artifacts import read_manifest, tree_sha256
+from edgemed.errors import EdgemedError, ExportError
+
+QUESTION = "Is there a lesion in the left lung? Café naïve Ødem, 12 mg/kg x3; résumé 2024."
+GGUF_VISION = [a for a in GGUF_ARCHS if a in VISION_ARCHS]
+F32_REL = 1e-3  # max |llama.cpp - PyTorch| / max |PyTorch| over all rows, f32 weights and f32 KV cache
+
+
+def picture(seed: int, size: int) -> object:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rng = np.random.RandomState(seed)
+    smooth = np.stack([np.sin((3 + seed) * xx), np.cos(2 * yy + seed), xx * yy], -1) * 100 + 128
+    return Image.fromarray(np.clip(smooth + rng.randn(size, size, 3) * 20, 0, 255).astype("uint8"))
+
+
+def image_size(torch_backend) -> int:
+    ip = torch_backend.processor.image_processor
+    size = getattr(ip, "crop_size", None) or ip.size
+    return int(size.get("height") or size.get("shortest_edge") or size.get("longest_edge"))
+
+
+def prompts(backend) -> list[str]:
+    """Rendered chat prompts (system turn, special tokens), raw text with accents and digits, eos text inline."""
+    tok = backend.tokenizer
+    return [
+        backend.render(QUESTION),
+        backend.render("Describe the image. 0 1 2 3 10 100 1000", system="You are a careful radiologist."),
+        f"Magnetic resonance imaging: hyperintense lesion {tok.eos_token} 98 abstracts, Ärzte",
+    ]
+
+
+def export(model_dir: Path, out: Path, quants: list[str], **kw) -> Path:
+    from edgemed.export.gguf import export_gguf
+
+    return export_gguf(model_dir, quants, out, **kw)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    """``exported(arch)`` -> export folder with f32 and f16 text files (and the f16 mmproj), made once."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = export(tiny_model(arch), tmp_path_factory.mktemp("gguf") / arch, ["f32", "f16"])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def torch_backend(tiny_model):
+    from edgemed.backends.pytorch import TorchBackend
+
+    cache: dict[str, TorchBackend] = {}
+
+    def get(arch: str) -> TorchBackend:
+        if arch not in cache:
+            cache[arch] = TorchBackend(tiny_model(arch), device="cpu")
+        return cache[arch]
+
+    yield get
+    for b in cache.values():
+        b.close()
+
+
+def llama_backend(folder: Path, quant: str):
+    from edgemed.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(folder, quant=quant, n_threads=2, n_ctx=512)
+
+
+def worst(got: np.ndarray, want: np.ndarray) -> str:
+    i, j = np.unravel_index(np.abs(got - want).argmax(), got.shape)
+    return f"worst at row {i} token {j}: llama.cpp {got[i, j]:.5f} vs PyTorch {want[i, j]:.5f}"
+
+
+# ---------------------------------------------------------------- text parity
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_f32_logits_match_pytorch(arch, exported, torch_backend):
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f32")
+    try:
+        for text in prompts(ref):
+            tokens = ref.tokenize(text)
+            got, want = b.logits(tokens), ref.logits(tokens)
+            assert got.shape == want.shape == (len(tokens), want.shape[1])
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel <= F32_REL, f"{arch} f32 relative error {rel:.2e} on {text!r}; {worst(got, want)}"
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_f16_top1_identical_on_every_position(arch, exported, torch_backend):
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f16")
+    try:
+        for text in prompts(ref):
+            tokens = ref.tokenize(text)
+            got, want = b.logits(tokens), ref.logits(tokens)
+            bad = np.flatnonzero(got.argmax(-1) != want.argmax(-1))
+            assert bad.size == 0, f"{arch} f16 top-1 differs at positions {bad.tolist()} of {text!r}"
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_llama_cpp_tokenizes_like_transformers_with_one_bos(arch, exported, torch_backend):
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f16")
+    try:
+        texts = prompts(ref)
+        if ref.is_vision:
+            texts.append(ref.render(QUESTION, image=True))
+        for text in texts:
+            want = ref.tokenize(text)
+            assert b.tokenize(text) == want, f"{arch}: tokens differ on {text!r}"
+        bos = ref.tokenizer.bos_token_id
+        if ref.tokenizer("", add_special_tokens=True).input_ids:  # the model adds BOS: exactly one, first
+            for text in texts:
+                got = b.tokenize(text)
+                assert got[0] == bos and got.count(bos) == 1, f"{arch}: BOS count {got.count(bos)} in {text!r}"
+        else:  # no BOS added beyond what the text itself holds
+            assert b.tokenize("hello")[:1] != [bos]
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_file_carries_template_tokenizer_and_provenance(arch, exported, tiny_model):
+    from gguf import GGUFReader
+
+    folder = exported(arch)
+    manifest = read_manifest(folder, ("gguf",))
+    r = GGUFReader(folder / manifest["models"]["f16"])
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")
+              or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id")}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model(arch))
+    tmpl = (tiny_model(arch) / "chat_template.jinja")
+    want_template = tmpl.read_text() if tmpl.is_file() else tok.chat_template
+    assert fields["tokenizer.chat_template"] == want_template
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == REGISTRY[arch].text_config(
+        _config(tiny_model(arch))).vocab_size
+    assert fields["edgemed.source.tree_sha256"] == tree_sha256(tiny_model(arch))
+    assert json.loads(fields["edgemed.source.manifest"]) == "no manifest"
+    assert manifest["parent"]["tree_sha256"] == tree_sha256(tiny_model(arch))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model(arch) / name).is_file():
+            assert (folder / name).read_bytes() == (tiny_model(arch) / name).read_bytes()
+    assert not list(folder.glob(".*")), "temporary files left in the export"
+
+
+def _config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+# transformers' GGUF loader: an independent reader of the text file (for the architectures it supports)
+TRANSFORMERS_GGUF = {"llama", "qwen2", "gemma3"}
+
+
+@pytest.mark.parametrize("arch", [a for a in GGUF_ARCHS if REGISTRY[a].gguf_arch in TRANSFORMERS_GGUF])
+def test_transformers_reads_the_text_file_back_to_the_same_tensors(arch, exported, torch_backend):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = exported(arch)
+    try:
+        back = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model-f32.gguf", dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError) as e:  # pragma: no cover - says which arch is unsupported
+        pytest.skip(f"transformers cannot read {REGISTRY[arch].gguf_arch} GGUF: {e}")
+    ref = torch_backend(arch).model
+    spec = REGISTRY[arch]
+    decoder = ref.get_submodule(spec.decoder)
+    want = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    got = back.state_dict()
+    compared = 0
+    for name, w in want.items():
+        assert name in got, f"{name} missing after reading the GGUF back"
+        np.testing.assert_allclose(got[name].float().numpy(), w.float().numpy(), rtol=0, atol=1e-6, err_msg=name)
+        compared += 1
+    assert compared >= 3 * _config(exported(arch)).get_text_config().num_hidden_layers
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("arch", GGUF_VISION)
+def test_image_embeddings_match_pytorch(arch, exported, torch_backend):
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f16")
+    try:
+        img = picture(0, image_size(ref))
+        got, want = b.image_embeddings(img), ref.image_embeddings(img)
+        got, want = _aligned(arch, got, want, ref, img)
+        cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cos.min() >= 0.999, f"{arch}: image embedding cosine {cos.min():.5f} at row {cos.argmin()}"
+    finally:
+        b.close()
+
+
+def _aligned(arch: str, got: np.ndarray, want: np.ndarray, ref, img) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that llama.cpp and PyTorch both compute.
+
+    llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp, as shipped in llama-cpp-python 0.3.36) appends CLS
+    after the patches and then keeps sequence rows 1..n: it drops patch 0 and passes CLS as the last image token.
+    The export places every position embedding so each token is computed exactly as in PyTorch; the rows are
+    then PyTorch's patches 1..n-1 followed by CLS.
+    """
+    if arch != "llava":
+        return got, want
+    import torch
+
+    m = ref.model
+    pv = ref.processor.image_processor(img.convert("RGB"), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hs = m.model.vision_tower(pv, output_hidden_states=True).hidden_states[m.config.vision_feature_layer]
+        full = m.model.multi_modal_projector(hs)[0].numpy()  # CLS row first, then every patch
+    assert np.allclose(full[1:], want, atol=1e-5)
+    assert got.shape == want.shape
+    return got, np.concatenate([full[2:], full[:1]])
+
+
+@pytest.mark.parametrize("arch", GGUF_VISION)
+def test_image_logits_rows_line_up_with_tokens(arch, exported, torch_backend):
+    """The placeholder is expanded into the mmproj's embeddings at its position and the rows line up: the text
+    before it equals text-only logits, and the rows after equal a PyTorch decoder fed the same embeddings."""
+    import torch
+
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f32")
+    try:
+        img = picture(1, image_size(ref))
+        tokens = ref.tokenize(ref.render(QUESTION, image=True))
+        k = tokens.index(ref.image_token_id)
+        got = b.logits(tokens, img)
+        assert got.shape == (len(tokens), b.n_vocab)
+        np.testing.assert_allclose(got[:k], b.logits(tokens[:k]), atol=1e-4)
+        if arch != "llava":  # the splice below is LLaVA's (plain replacement, causal attention)
+            return
+        emb = torch.from_numpy(b.image_embeddings(img))
+        table = ref.model.get_input_embeddings()
+        ids = torch.tensor(tokens)
+        seq = torch.cat([table(ids[:k]), emb, table(ids[k + 1:])])[None]
+        with torch.no_grad():
+            out = ref.model(inputs_embeds=seq).logits[0].numpy()
+        n = emb.shape[0]
+        want = np.concatenate([out[:k], out[k + n - 1:k + n], out[k + n:]])
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= F32_REL, f"{arch}: image-prompt logits relative error {rel:.2e}; {worst(got, want)}"
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_VISION)
+def test_image_question_is_answered_through_mtmd(arch, exported, torch_backend):
+    from edgemed.backends.base import GenParams
+
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f16")
+    try:
+        img = picture(2, image_size(ref))
+        prompt = b.render(QUESTION, image=True)
+        a1 = "".join(b.generate(prompt, img, GenParams(max_tokens=8)))
+        a2 = "".join(b.generate(prompt, img, GenParams(max_tokens=8)))
+        assert a1 == a2 and b.last_finish_reason in ("stop", "length")
+        other = "".join(b.generate(prompt, picture(7, image_size(ref)).transpose(0), GenParams(max_tokens=8)))
+        tokens = b.tokenize(prompt)
+        l1, l2 = b.logits(tokens, img)[-1], b.logits(tokens, picture(7, image_size(ref)).transpose(0))[-1]
+        assert not np.allclose(l1, l2), "the image changes nothing: it never reached the decoder"
+        assert isinstance(other, str)
+    finally:
+        b.close()
+
+
+# ---------------------------------------------------------------- quantization and files
+
+
+def test_several_quants_share_one_f16_intermediate(tiny_model, tmp_path, torch_backend):
+    out = export(tiny_model("llama"), tmp_path / "q", ["q4_k_m", "q8_0", "q6_k"])
+    manifest = read_manifest(out, ("gguf",))
+    assert manifest["quants"] == ["q4_k_m", "q8_0", "q6_k"]
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["model-q4_k_m.gguf", "model-q6_k.gguf", "model-q8_0.gguf"]
+    assert not list(out.glob(".*")), "the f16 intermediate was left behind"
+    ref = torch_backend("llama")
+    tokens = ref.tokenize(ref.render(QUESTION))
+    want = ref.logits(tokens)
+    for q in ("q8_0", "q6_k", "q4_k_m"):
+        b = llama_backend(out, q)
+        got = b.logits(tokens)
+        b.close()
+        assert np.isfinite(got).all()
+        agree = (got.argmax(-1) == want.argmax(-1)).mean()
+        assert agree >= 0.5, f"{q}: top-1 agreement {agree:.2f}"  # tiny random model; the real bound is parity's
+
+
+def test_quantized_types_are_in_the_files(tiny_model, tmp_path):
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    out = export(tiny_model("llama"), tmp_path / "q", ["q8_0", "bf16", "q4_0"])
+    types = {q: {t.tensor_type for t in GGUFReader(out / f"model-{q}.gguf").tensors} for q in ("q8_0", "bf16", "q4_0")}
+    assert T.Q8_0 in types["q8_0"] and T.BF16 in types["bf16"] and T.Q4_0 in types["q4_0"]
+    assert T.F32 in types["q8_0"]  # norms stay f32
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _no_leftovers(parent: Path, name: str) -> None:
+    assert not (parent / name).exists(), "an output was written"
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}")], "temporary files were left"
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+def test_unknown_quant(tiny_model, tmp_path):
+    with pytest.raises(ExportError) as e:
+        export(tiny_model("llama"), tmp_path / "o", ["q3_x"])
+    assert "q3_x" in _one_line(e) and "q4_k_m" in str(e.value)
+    with pytest.raises(ExportError, match="mmproj"):
+        export(tiny_model("llava"), tmp_path / "o", ["f16"], mmproj_quant="q4_k_m")
+    _no_leftovers(tmp_path, "o")
+
+
+@pytest.mark.skipif("mllama" not in REGISTRY, reason="no mllama entry in the registry")
+def test_mllama_points_to_onnx(tiny_model, tmp_path):
+    with pytest.raises(ExportError) as e:
+        export(tiny_model("mllama"), tmp_path / "o", ["f16"])
+    assert "export onnx" in _one_line(e)
+    _no_leftovers(tmp_path, "o")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bitsandbytes_checkpoint_points_to_merge(tiny_model, tmp_path):
+    folder = _copy(tiny_model("llama"), tmp_path / "bnb")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError) as e:
+        export(folder, tmp_path / "o", ["f16"])
+    assert "edgemed merge" in _one_line(e)
+    _no_leftovers(tmp_path, "o")
+
+
+def test_first_unmappable_tensor_is_named(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tiny_model("llama"), tmp_path / "odd")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.mystery_proj.weight"] = tensors["model.norm.weight"].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError) as e:
+        export(folder, tmp_path / "o", ["f32", "q4_k_m"])
+    assert "model.layers.0.self_attn.mystery_proj.weight" in _one_line(e)
+    _no_leftovers(tmp_path, "o")
+
+
+def test_existing_output_is_kept_without_overwrite(tiny_model, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    with pytest.raises(EdgemedError, match="already exists"):
+        export(tiny_model("llama"), tmp_path / "o", ["f16"])
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_run_folder_and_missing_weights_are_refused(tiny_model, tmp_path):
+    folder = _copy(tiny_model("llama"), tmp_path / "run")
+    (folder / "manifest.json").write_text(json.dumps({"kind": "run"}))
+    with pytest.raises(ExportError, match="edgemed merge") as e:
+        export(folder, tmp_path / "o", ["f16"])
+    _one_line(e)
+    folder = _copy(tiny_model("llama"), tmp_path / "empty")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match="safetensors") as e:
+        export(folder, tmp_path / "o", ["f16"])
+    _one_line(e)
+    _no_leftovers(tmp_path, "o")
+
+
+def test_cli_prints_one_line_error(tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--quant", "q3_x", "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "unknown quant 'q3_x'" in r.output
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--quant", "f16", "--quant", "q8_0",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.gguf")) == ["model-f16.gguf", "model-q8_0.gguf"]
+
+
+# ---------------------------------------------------------------- the embedded default models (real weights)
+
+
+@pytest.fixture(scope="module")
+def embedded_export(embedded_text, tmp_path_factory):
+    return export(embedded_text, tmp_path_factory.mktemp("emb") / "gguf", ["f32", "f16"])
+
+
+@pytest.mark.slow
+def test_embedded_text_model_matches_pytorch(embedded_text, embedded_export):
+    from edgemed.backends.pytorch import TorchBackend
+
+    ref = TorchBackend(embedded_text, device="cpu")
+    b32, b16 = llama_backend(embedded_export, "f32"), llama_backend(embedded_export, "f16")
+    try:
+        texts = prompts(ref)
+        for text in texts:
+            tokens = ref.tokenize(text)
+            assert b16.tokenize(text) == tokens, f"tokens differ on {text!r}"
+            want = ref.logits(tokens)
+            got = b32.logits(tokens)
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel <= F32_REL, f"f32 relative error {rel:.2e} on {text!r}; {worst(got, want)}"
+            bad = np.flatnonzero(b16.logits(tokens).argmax(-1) != want.argmax(-1))
+            assert bad.size == 0, f"f16 top-1 differs at {bad.tolist()} of {text!r}"
+        assert b16.tokenize(texts[0]).count(ref.tokenizer.bos_token_id) == texts[0].count(ref.tokenizer.bos_token)
+    finally:
+        b32.close()
+        b16.close()
+        ref.close()
+
+
+@pytest.mark.slow
+def test_embedded_text_file_reads_back_in_transformers(embedded_text, embedded_export):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(embedded_export, gguf_file="model-f32.gguf", dtype=torch.float32)
+    got = back.state_dict()
+    with safe_open(embedded_text / "model.safetensors", framework="pt") as st:
+        for name in st.keys():
+            np.testing.assert_array_equal(got[name].numpy(), st.get_tensor(name).numpy(), err_msg=name)
+
+
+@pytest.mark.slow
+def test_embedded_image_model_answers_through_mtmd(embedded_image, tmp_path):
+    from edgemed.backends.base import GenParams
+    from edgemed.backends.pytorch import TorchBackend
+
+    out = export(embedded_image, tmp_path / "img", ["f16"])
+    ref = TorchBackend(embedded_image, device="cpu")
+    b = llama_backend(out, "f16")
+    try:
+        img = picture(3, image_size(ref))
+        got, want = _aligned("llava", b.image_embeddings(img), ref.image_embeddings(img), ref, img)
+        cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cos.min() >= 0.999, f"image embedding cosine {cos.min():.5f} at row {cos.argmin()}"
+        answer = "".join(b.generate(b.render("What organ is shown?", image=True), img, GenParams(max_tokens=12)))
+        assert answer.strip(), "no answer"
+    finally:
+        b.close()
+        ref.close()
