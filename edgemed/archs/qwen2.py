@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from edgemed.archs._tiny import bpe_tokenizer, perturb_constant_params, save_folder, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -65,6 +65,10 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     return save_folder(out, model, tok)
 
 
+# checkpoint keys: model.* and lm_head.* as Qwen2ForCausalLM saves them; llama.cpp's qwen2 uses NEOX (rotate-half)
+# RoPE like transformers, so Q/K rows stay as they are
+GGUF = GGUFSpec(key_prefixes=(("model.", "text", "model."), ("lm_head.", "text", "lm_head.")))
+
 SPEC = ArchSpec(
     name="qwen2",
     family="Qwen2 text decoder (Qwen2.5-Instruct)",
@@ -73,6 +77,7 @@ SPEC = ArchSpec(
     real_model_ids=("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
     decoder="model",
     gguf_arch="qwen2",
+    gguf=GGUF,
     build_tiny=build_tiny,
     notes=(
         "q_proj, k_proj and v_proj have biases (o_proj and the MLP do not)",
