@@ -163,7 +163,7 @@ def _refuse_quantized(model_dir: Path, config: Any, ckpt: Checkpoint) -> None:
     qc = getattr(config, "quantization_config", None)
     method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
     packed = next((k for k in ckpt.keys if k.endswith((".absmax", ".quant_map", ".SCB", ".quant_state"))
-                   or ".quant_state." in k), None)
+                   or ".quant_state." in k or ckpt.dtypes[k] in ("U8", "I8")), None)
     if qc or packed:
         what = f"quantization_config {method or qc!r}" if qc else f"packed tensor {packed!r}"
         raise ExportError(f"{model_dir}: is a quantised checkpoint ({what}); GGUF export needs 16/32-bit weights: "
@@ -195,41 +195,63 @@ def _image_token_id(config: Any) -> int | None:
     return None
 
 
+# safetensors dtype -> numpy dtype read from disk (BF16 is widened by hand below)
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "uint16", "I8": "int8", "U8": "uint8",
+              "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
 class Checkpoint:
-    """Lazy view of a folder's safetensors weights: names and shapes now, one tensor at a time on demand."""
+    """Lazy view of a folder's safetensors weights: names and shapes now, one tensor at a time on demand.
+
+    Tensors are read with plain file reads at the offsets the safetensors header gives, not through
+    ``safe_open``: its memory map keeps every page it has read resident, so peak RSS would grow to the size of
+    the whole checkpoint instead of the largest tensor.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
         if not files:
             raise ExportError(f"{folder}: no *.safetensors weights; export needs a merged model folder "
                               "(`edgemed merge` writes one)")
         self.folder = folder
-        self.where: dict[str, str] = {}
+        self.where: dict[str, tuple[str, int, int]] = {}  # key -> (file, absolute offset, nbytes)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for f in files:
-            with safe_open(folder / f, framework="pt") as st:
-                for k in st.keys():
-                    sl = st.get_slice(k)
-                    self.where[k] = f
-                    self.shapes[k] = tuple(sl.get_shape())
-                    self.dtypes[k] = sl.get_dtype()
+            with open(folder / f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.where[k] = (f, 8 + n + start, end - start)
+                self.shapes[k] = tuple(info["shape"])
+                self.dtypes[k] = info["dtype"]
         self.keys = list(self.where)
 
     def get(self, key: str):
-        """One tensor as float32 numpy (bf16 goes through torch, which numpy cannot read)."""
-        from safetensors import safe_open
+        """One tensor as float32 numpy."""
+        import numpy as np
 
-        with safe_open(self.folder / self.where[key], framework="pt") as st:
-            t = st.get_tensor(key)
-        return t.float().numpy()
+        f, offset, nbytes = self.where[key]
+        dtype = self.dtypes[key]
+        if dtype not in _ST_DTYPES:
+            raise ExportError(f"tensor {key!r} has dtype {dtype}, which GGUF export cannot read")
+        raw = np.empty(self.shapes[key], dtype=_ST_DTYPES[dtype])
+        with open(self.folder / f, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(raw.reshape(-1)).cast("B")) != nbytes:
+                raise ExportError(f"{self.folder / f}: truncated at tensor {key!r}; the checkpoint is damaged")
+        if dtype == "F32":
+            return raw
+        if dtype == "BF16":  # bf16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
 
 
 # ---------------------------------------------------------------- tensor plans

@@ -1,0 +1,127 @@
+"""Benchmark `edgemed export gguf` on one model: export time, peak RSS, size and bits per weight per quant, and
+llama.cpp decode speed next to PyTorch fp32 decode speed on the same prompt, in the same run.
+
+    python tools/bench_export.py                       # embedded SmolLM2-135M, f16 q8_0 q4_k_m, 2 threads
+    python tools/bench_export.py --quants f16,q4_k_m --tokens 128 --threads 2
+
+Each export runs in a fresh process so that its peak RSS is its own. Decode speed is greedy, one token at a
+time with the KV cache, timed after the prompt has been processed (prefill excluded), for both runtimes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "Describe the findings of a normal chest radiograph in a few sentences."
+
+_EXPORT_CHILD = """
+import json, resource, sys, time
+from edgemed.export.gguf import export_gguf
+t = time.perf_counter()
+export_gguf(sys.argv[1], sys.argv[2].split(","), sys.argv[3], overwrite=True)
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def export_one(model: Path, quant: str, out: Path) -> dict:
+    """Export one quant in a child process; its wall time and peak resident memory."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run([sys.executable, "-c", _EXPORT_CHILD, str(model), quant, str(out)], env=env,
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"export {quant} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def n_params(gguf_file: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(gguf_file).tensors)
+
+
+def llama_decode_tps(folder: Path, quant: str, prompt: str, n: int, threads: int) -> float:
+    """Greedy tokens per second of llama.cpp decoding ``n`` tokens after the prompt."""
+    from edgemed.backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend(folder, quant=quant, n_threads=threads, n_ctx=1024)
+    try:
+        tokens = b.tokenize(b.render(prompt))
+        rows, pos = b._prefill(tokens, None, "last")
+        t = int(rows[-1].argmax())
+        start = time.perf_counter()
+        for _ in range(n):  # EOS is not special here: the speed of n decode steps is what is measured
+            t = int(b._decode_tokens([t], pos, "last")[-1].argmax())
+            pos += 1
+        return n / (time.perf_counter() - start)
+    finally:
+        b.close()
+
+
+def torch_decode_tps(model_dir: Path, prompt: str, n: int, threads: int) -> float:
+    """Greedy tokens per second of the PyTorch fp32 model decoding ``n`` tokens with its KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        past, t = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(n):
+            out = model(t, past_key_values=past, use_cache=True)
+            past, t = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded:smollm2-135m", help="model folder or embedded:NAME")
+    ap.add_argument("--quants", default="f16,q8_0,q4_k_m", help="comma-separated quants to export and time")
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps to time")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--out", type=Path, help="keep the exports here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from edgemed.embedded import resolve
+
+    model = resolve(args.model)
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-export-")
+    root = args.out or Path(tmp.name)
+    print(f"model {model}  threads {args.threads}  decode steps {args.tokens}", flush=True)
+    torch_tps = torch_decode_tps(model, args.prompt, args.tokens, args.threads)
+    rows = []
+    for q in quants:
+        out = root / q
+        e = export_one(model, q, out)
+        f = out / f"model-{q}.gguf"
+        size = f.stat().st_size
+        tps = llama_decode_tps(out, q, args.prompt, args.tokens, args.threads)
+        rows.append((q, e["seconds"], e["peak_rss_mb"], size / 2**20, size * 8 / n_params(f), tps))
+        print(f"  done {q}", flush=True)
+    head = f"{'quant':<8} {'export s':>9} {'peak RSS MB':>12} {'size MB':>9} {'bits/w':>7} {'llama.cpp tok/s':>16} " \
+           f"{'PyTorch fp32 tok/s':>19} {'speed-up':>9}"
+    print(head)
+    print("-" * len(head))
+    for q, s, rss, mb, bpw, tps in rows:
+        print(f"{q:<8} {s:>9.1f} {rss:>12.0f} {mb:>9.1f} {bpw:>7.2f} {tps:>16.1f} {torch_tps:>19.1f} "
+              f"{tps / torch_tps:>8.1f}x")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
