@@ -19,6 +19,14 @@ from edgemed.artifacts import read_manifest, tree_sha256
 from edgemed.errors import EdgemedError, ExportError
 
 QUESTION = "Is there a lesion in the left lung? Café naïve Ødem, 12 mg/kg x3; résumé 2024."
+
+
+def _params(archs: list[str]) -> list:
+    """Architectures llama.cpp supports; those whose registry entry has no GGUF data yet are expected to fail."""
+    return [pytest.param(a, marks=pytest.mark.xfail(reason=f"{a}: no GGUFSpec in the registry yet", strict=True))
+            if REGISTRY[a].gguf is None else a for a in archs]
+
+
 GGUF_VISION = [a for a in GGUF_ARCHS if a in VISION_ARCHS]
 F32_REL = 1e-3  # max |llama.cpp - PyTorch| / max |PyTorch| over all rows, f32 weights and f32 KV cache
 
@@ -97,7 +105,7 @@ def worst(got: np.ndarray, want: np.ndarray) -> str:
 # ---------------------------------------------------------------- text parity
 
 
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", _params(GGUF_ARCHS))
 def test_f32_logits_match_pytorch(arch, exported, torch_backend):
     ref = torch_backend(arch)
     b = llama_backend(exported(arch), "f32")
@@ -112,7 +120,7 @@ def test_f32_logits_match_pytorch(arch, exported, torch_backend):
         b.close()
 
 
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", _params(GGUF_ARCHS))
 def test_f16_top1_identical_on_every_position(arch, exported, torch_backend):
     ref = torch_backend(arch)
     b = llama_backend(exported(arch), "f16")
@@ -126,7 +134,7 @@ def test_f16_top1_identical_on_every_position(arch, exported, torch_backend):
         b.close()
 
 
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", _params(GGUF_ARCHS))
 def test_llama_cpp_tokenizes_like_transformers_with_one_bos(arch, exported, torch_backend):
     ref = torch_backend(arch)
     b = llama_backend(exported(arch), "f16")
@@ -148,7 +156,7 @@ def test_llama_cpp_tokenizes_like_transformers_with_one_bos(arch, exported, torc
         b.close()
 
 
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", _params(GGUF_ARCHS))
 def test_file_carries_template_tokenizer_and_provenance(arch, exported, tiny_model):
     from gguf import GGUFReader
 
@@ -184,7 +192,7 @@ def _config(folder: Path):
 TRANSFORMERS_GGUF = {"llama", "qwen2", "gemma3"}
 
 
-@pytest.mark.parametrize("arch", [a for a in GGUF_ARCHS if REGISTRY[a].gguf_arch in TRANSFORMERS_GGUF])
+@pytest.mark.parametrize("arch", _params([a for a in GGUF_ARCHS if REGISTRY[a].gguf_arch in TRANSFORMERS_GGUF]))
 def test_transformers_reads_the_text_file_back_to_the_same_tensors(arch, exported, torch_backend):
     import torch
     from transformers import AutoModelForCausalLM
@@ -210,7 +218,7 @@ def test_transformers_reads_the_text_file_back_to_the_same_tensors(arch, exporte
 # ---------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("arch", GGUF_VISION)
+@pytest.mark.parametrize("arch", _params(GGUF_VISION))
 def test_image_embeddings_match_pytorch(arch, exported, torch_backend):
     ref = torch_backend(arch)
     b = llama_backend(exported(arch), "f16")
@@ -246,7 +254,7 @@ def _aligned(arch: str, got: np.ndarray, want: np.ndarray, ref, img) -> tuple[np
     return got, np.concatenate([full[2:], full[:1]])
 
 
-@pytest.mark.parametrize("arch", GGUF_VISION)
+@pytest.mark.parametrize("arch", _params(GGUF_VISION))
 def test_image_logits_rows_line_up_with_tokens(arch, exported, torch_backend):
     """The placeholder is expanded into the mmproj's embeddings at its position and the rows line up: the text
     before it equals text-only logits, and the rows after equal a PyTorch decoder fed the same embeddings."""
@@ -277,7 +285,7 @@ def test_image_logits_rows_line_up_with_tokens(arch, exported, torch_backend):
         b.close()
 
 
-@pytest.mark.parametrize("arch", GGUF_VISION)
+@pytest.mark.parametrize("arch", _params(GGUF_VISION))
 def test_image_question_is_answered_through_mtmd(arch, exported, torch_backend):
     from edgemed.backends.base import GenParams
 
