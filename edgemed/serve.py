@@ -20,7 +20,6 @@ import base64
 import binascii
 import contextlib
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -50,8 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgemed.serve")
 
-DICOM_MIMES = ("application/dicom", "image/dicom", "application/dicom+octet-stream")
-IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", *DICOM_MIMES)
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", "application/dicom")
 SUFFIX_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".dcm": "application/dicom",
                ".dicom": "application/dicom"}
 
@@ -153,68 +151,10 @@ def _verify(folder: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- images
 def decode_image(data: bytes, mime: str, max_pixels: int) -> Image.Image:
-    """PNG, JPEG or DICOM bytes as an RGB image; the pixel count is checked from the header, before decoding."""
-    try:
-        from edgemed.data import load_image_bytes
-    except ImportError:
-        load_image_bytes = None
-    if load_image_bytes is not None:
-        return load_image_bytes(data, mime, max_pixels=max_pixels)
-    return _decode_image_local(data, mime, max_pixels)
+    """PNG, JPEG or DICOM bytes as an RGB image, windowed as in training; pixel count checked before decoding."""
+    from edgemed.data import load_image_bytes
 
-
-def _too_big(width: int, height: int, max_pixels: int) -> DataError:
-    return DataError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
-                     "pixels; send a smaller image (or raise --max-image-pixels)")
-
-
-def _decode_image_local(data: bytes, mime: str, max_pixels: int) -> Image.Image:
-    """Stand-in for ``edgemed.data.load_image_bytes`` while that module is absent."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if mime in DICOM_MIMES or data[128:132] == b"DICM":
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=mime in DICOM_MIMES)
-            rows, cols = int(head.Rows), int(head.Columns)
-        except (InvalidDicomError, AttributeError, ValueError, TypeError, EOFError) as e:
-            raise DataError(f"the {mime} data is not a readable DICOM image ({e}); send a DICOM file with pixels"
-                            ) from None
-        if rows * cols > max_pixels:
-            raise _too_big(cols, rows, max_pixels)
-        try:
-            from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            arr = ds.pixel_array
-            arr = arr[0] if arr.ndim == 3 and arr.shape[-1] not in (3, 4) else arr
-            if arr.ndim == 2:  # the stored window (VOI LUT), as training windows it
-                arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-                if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-                    arr = 1.0 - arr
-                arr = (arr * 255).round().astype(np.uint8)
-            return Image.fromarray(arr).convert("RGB")
-        except Exception as e:  # pydicom raises many types for damaged pixel data
-            raise DataError(f"the DICOM pixel data cannot be decoded ({e})") from e
-    try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"the {mime} data is not an image ({e}); send PNG, JPEG or DICOM bytes") from e
-    if im.format not in ("PNG", "JPEG"):
-        raise DataError(f"image format {im.format} is not accepted; send PNG, JPEG or DICOM")
-    w, h = im.size
-    if w * h > max_pixels:
-        raise _too_big(w, h, max_pixels)
-    try:
-        im.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"the {im.format} image is damaged or truncated ({e})") from e
-    return im.convert("RGB")
+    return load_image_bytes(data, mime, max_pixels=max_pixels, name="the image_url image")
 
 
 def image_from_url(url: str, config: ServeConfig) -> Image.Image:
@@ -259,7 +199,7 @@ def _image_or_400(data: bytes, mime: str, config: ServeConfig) -> Image.Image:
     try:
         return decode_image(data, mime, config.max_image_pixels)
     except DataError as e:
-        code = "image_too_large" if "pixels" in str(e) and "exceeds" in str(e) else "invalid_image"
+        code = "image_too_large" if "pixels" in str(e) and "limit" in str(e) else "invalid_image"
         raise _Api(413 if code == "image_too_large" else 400, str(e), code) from None
 
 
@@ -869,21 +809,20 @@ def serve(config: ServeConfig) -> None:
 
 
 def ask(export_dir: Path | str, question: str, image: Path | str | None = None, system: str | None = None,
-        max_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]:
+        max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
     """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export."""
+    from edgemed.data import load_image
+
     pil = None
     if image is not None:
-        path = Path(image)
-        if not path.is_file():
-            raise DataError(f"--image {path}: no such file")
-        pil = decode_image(path.read_bytes(), SUFFIX_MIME.get(path.suffix.lower(), "image/png"),
-                           ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
+        pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
     backend = open_export(export_dir, verify=False)
     try:
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
         prompt = backend.render(question, image=pil is not None, system=system)
-        yield from backend.generate(prompt, pil, GenParams(max_tokens=max_tokens, temperature=temperature))
+        yield from backend.generate(prompt, pil, GenParams(max_tokens=max_tokens, temperature=temperature,
+                                                                   seed=seed))
     finally:
         backend.close()
 
