@@ -1,0 +1,342 @@
+"""The parity checker fails every export broken on purpose, naming the cause, and passes a clean one.
+
+PyTorch candidates (a model folder compared as f32) test the checker itself on every architecture; GGUF cases
+go through llama.cpp with the files `export gguf` writes. Broken on purpose: one tensor perturbed, a wrong chat
+template, a doubled BOS, a projector from another seed, a merge that lost the adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import ARCHS, VISION_ARCHS, write_vqa
+
+from edgemed.archs import REGISTRY
+from edgemed.artifacts import write_manifest
+from edgemed.cli import main
+from edgemed.errors import ArtifactError, DataError, ParityError
+from edgemed.parity import THRESHOLDS, compare_logits, read_probes, run_parity, thresholds_for
+
+N_PROBES = 4
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """A copy of a model folder with an edgemed "model" manifest (what `edgemed merge` writes)."""
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink(missing_ok=True)
+    write_manifest(dst, "model", parent={"kind": "model", "path": str(src)})
+    return dst
+
+
+def edit_tensors(folder: Path, fn) -> list[str]:
+    """Apply ``fn(name, tensor) -> tensor or None`` to every tensor of a model folder; returns the names changed."""
+    from safetensors.torch import load_file, save_file
+
+    changed = []
+    for f in folder.glob("*.safetensors"):
+        sd = load_file(f)
+        for k in list(sd):
+            new = fn(k, sd[k])
+            if new is not None:
+                sd[k] = new
+                changed.append(k)
+        save_file(sd, f, metadata={"format": "pt"})
+    return changed
+
+
+def perturb_one(folder: Path, scale: float = 2.0) -> str:
+    """Add noise (twice the mean magnitude) to one decoder MLP weight, as a mis-written tensor would differ."""
+    import torch
+
+    names = []
+
+    def fn(k, t):
+        if names or not (k.endswith("mlp.down_proj.weight") and ".layers.1." in k):
+            return None
+        names.append(k)
+        g = torch.Generator().manual_seed(7)
+        return t + scale * t.abs().mean() * torch.randn(t.shape, generator=g)
+
+    edit_tensors(folder, fn)
+    assert names, "no decoder MLP weight found to perturb"
+    return names[0]
+
+
+def set_template(folder: Path, template: str) -> None:
+    """Replace the chat template wherever the folder stores it."""
+    (folder / "chat_template.jinja").write_text(template)
+    for name in ("tokenizer_config.json", "processor_config.json", "chat_template.json"):
+        p = folder / name
+        if p.is_file():
+            cfg = json.loads(p.read_text())
+            if "chat_template" in cfg:
+                cfg["chat_template"] = template
+                p.write_text(json.dumps(cfg))
+
+
+def probe_file(tmp_path: Path, image: bool) -> Path:
+    data = write_vqa(tmp_path / "probes", n=N_PROBES, image=image)
+    return data
+
+
+# ---------------------------------------------------------------- units
+def test_compare_logits_numbers():
+    ref = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    same = compare_logits(ref, ref.copy())
+    assert np.allclose(same["kl"], 0) and same["top1"].all() and same["diff"].max() == 0
+    flipped = compare_logits(ref, ref[:, ::-1].copy())
+    p = np.exp(ref[0]) / np.exp(ref[0]).sum()
+    q = p[::-1]
+    assert np.isclose(flipped["kl"][0], (p * np.log(p / q)).sum())
+    assert flipped["top1"].tolist() == [False, True]
+    assert np.isclose(flipped["diff"][0], 3.0)
+
+
+def test_thresholds_cover_every_quant_and_override():
+    for q in ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "onnx-fp32", "onnx-fp16",
+              "onnx-int8", "onnx-int4"):
+        th = THRESHOLDS[q]
+        assert th["kl_mean"] < th["kl_p99"] and 0 < th["top1_min"] <= 1
+    # looser quants never get tighter KL bounds than finer ones
+    order = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+    kls = [THRESHOLDS[q]["kl_mean"] for q in order]
+    assert kls == sorted(kls)
+    th = thresholds_for("q4_k_m", ["kl_mean=0.5", "q8_0.top1_min=0.5", "greedy_match_min=off"])
+    assert th["kl_mean"] == 0.5 and th["greedy_match_min"] is None
+    assert th["top1_min"] == THRESHOLDS["q4_k_m"]["top1_min"]
+    with pytest.raises(ParityError, match="KEY=VALUE"):
+        thresholds_for("f16", ["kl_avg=1"])
+    with pytest.raises(ParityError, match="not a number"):
+        thresholds_for("f16", ["kl_mean=small"])
+
+
+def test_probe_file_errors_name_file_and_line(tmp_path):
+    good = probe_file(tmp_path, image=True)
+    probes = read_probes(good)
+    assert len(probes) == N_PROBES and all(p.image.is_file() for p in probes)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"question": 3}\nnot json\n{"question": "x", "image": "nope.png"}\n')
+    with pytest.raises(DataError) as e:
+        read_probes(bad)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{bad}:2" in msg and f"{bad}:3" in msg and f"{bad}:4" in msg and f"{bad}:1" not in msg
+
+
+# ---------------------------------------------------------------- PyTorch candidates, every architecture
+@pytest.mark.parametrize("arch", ARCHS)
+def test_clean_copy_passes_and_one_perturbed_tensor_fails(arch, tiny_model, tmp_path):
+    ref = tiny_model(arch)
+    probes = probe_file(tmp_path, image=REGISTRY[arch].is_vision)
+    clean = copy_model(ref, tmp_path / "clean")
+    ok = run_parity(clean, reference=ref, probes=probes)
+    assert ok.passed, ok.table()
+    row = ok.rows[0]
+    assert row.metrics["kl_max"] < 1e-6 and row.metrics["top1"] == 1.0
+    assert row.checks["tokens_identical"] and row.checks["template_identical"]
+    if REGISTRY[arch].is_vision and row.metrics["image_cos"] is not None:  # None: cross-attention (Mllama)
+        assert row.metrics["image_cos"] > 0.9999
+
+    name = perturb_one(clean)
+    bad = run_parity(clean, reference=ref, probes=probes, report=tmp_path / "parity.json")
+    assert not bad.passed
+    assert "weights" in bad.rows[0].causes() and set(bad.rows[0].causes()) <= {"weights", "greedy"}, bad.table()
+    assert bad.rows[0].metrics["kl_mean"] > THRESHOLDS["f32"]["kl_mean"]
+    assert any(v.startswith("conversion") and name in v for v in bad.verdict), bad.verdict
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] is False and report["rows"][0]["metrics"]["kl_mean"] == bad.rows[0].metrics["kl_mean"]
+    assert "worst position" in bad.table()
+
+
+@pytest.mark.parametrize("arch", VISION_ARCHS)
+def test_projector_from_another_seed_fails_on_image(arch, tiny_model, tmp_path):
+    ref, other = tiny_model(arch), tiny_model(arch, seed=1)
+    spec = REGISTRY[arch]
+    from safetensors.torch import load_file
+
+    donor = {}
+    for f in other.glob("*.safetensors"):
+        donor.update(load_file(f))
+    cand = copy_model(ref, tmp_path / "cand")
+    proj = [k for k in donor if "projector" in k or "merger" in k or "multi_modal" in k]
+    assert proj, f"no projector tensor found for {arch}"
+    changed = edit_tensors(cand, lambda k, t: donor[k] if k in proj and donor[k].shape == t.shape else None)
+    assert changed
+    res = run_parity(cand, reference=ref, probes=probe_file(tmp_path, image=True))
+    assert not res.passed
+    cos = res.rows[0].metrics["image_cos"]
+    if cos is None:  # a cross-attention family has no image tokens to compare; the logits must show it
+        assert "weights" in res.rows[0].causes(), res.table()
+        return
+    assert "image" in res.rows[0].causes(), res.table()
+    assert cos < THRESHOLDS["f32"]["image_cos_min"]
+    assert spec.is_vision and any("image path" in v for v in res.verdict), res.verdict
+
+
+def test_wrong_chat_template_fails(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    cand = copy_model(ref, tmp_path / "cand")
+    llama3 = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\\n' + message['content'] + "
+              "'<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant:\\n' }}{% endif %}")
+    set_template(cand, llama3)
+    res = run_parity(cand, reference=ref, probes=probe_file(tmp_path, image=False))
+    assert not res.passed
+    assert "template" in res.rows[0].causes() and "bos" not in res.rows[0].causes(), res.table()
+    assert any(v.startswith("tokenizer/template") for v in res.verdict)
+
+
+def test_doubled_bos_fails(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    cand = copy_model(ref, tmp_path / "cand")
+    template = (ref / "chat_template.jinja").read_text()
+    set_template(cand, "{{ bos_token }}" + template)  # the template writes BOS, and so does the first turn
+    res = run_parity(cand, reference=ref, probes=probe_file(tmp_path, image=False))
+    assert not res.passed
+    row = res.rows[0]
+    assert "bos" in row.causes() and row.checks["bos_export"] == 2 and row.checks["bos_reference"] == 1
+    assert any("BOS" in f and "2" in f for f in row.failures)
+
+
+def test_bad_merge_is_localised_with_adapter(tiny_model, tmp_path):
+    from edgemed.merge import merge
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    recipe = Recipe.model_validate({
+        "model": {"path": str(tiny_model("llama"))}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2},
+        "stages": [{"name": "s", "data": {"train": str(data), "validation": str(data)}, "max_steps": 1}]})
+    run = finetune(recipe, tmp_path / "run")
+    merged = merge(run, tmp_path / "merged", check=False)
+    export = copy_model(merged, tmp_path / "export")
+    good = run_parity(export, reference=merged, adapter=run)
+    assert good.passed and good.merge is not None and good.merge.passed, good.table()
+    assert good.probes == 4 + min(12, 32 - 4)  # the 4 validation questions, then general prompts
+    # a merge that lost the adapter: the merged weights replaced by the base's; the export copies it faithfully
+    shutil.copy(tiny_model("llama") / "model.safetensors", merged / "model.safetensors")
+    shutil.copy(merged / "model.safetensors", export / "model.safetensors")
+    bad = run_parity(export, reference=merged, adapter=run)
+    assert bad.rows[0].passed and not bad.passed
+    assert any(v.startswith("merge") for v in bad.verdict), bad.table()
+
+
+def test_default_probes_use_the_validation_split(tiny_model, tmp_path):
+    from edgemed.parity import GENERAL_PROMPTS, default_probes
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    data = write_vqa(tmp_path / "data", n=4, image=True)
+    recipe = Recipe.model_validate({
+        "model": {"path": str(tiny_model("llava"))}, "lora": {"r": 4, "alpha": 8},
+        "optim": {"batch_size": 2},
+        "stages": [{"name": "s", "data": {"train": str(data), "validation": str(data)}, "max_steps": 1}]})
+    run = finetune(recipe, tmp_path / "run")
+    probes = default_probes(run, None, True, max_probes=8)
+    assert len(probes) == 8
+    assert sum(p.image is not None for p in probes) == 4
+    assert [p.question for p in probes[4:]] == list(GENERAL_PROMPTS[:4])
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero exit
+def _cli(args):
+    return CliRunner().invoke(main, ["parity", *map(str, args)])
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    no_manifest = shutil.copytree(ref, tmp_path / "plain")
+    (no_manifest / "manifest.json").unlink(missing_ok=True)
+    r = _cli([no_manifest, "--reference", ref])
+    assert r.exit_code == 2 and "no manifest.json" in r.output and r.output.count("\n") == 1
+
+    cand = copy_model(ref, tmp_path / "cand")
+    r = _cli([cand, "--reference", tiny_model("llava")])
+    assert r.exit_code == 2 and "'llava'" in r.output and "'llama'" in r.output and r.output.count("\n") == 1
+    with pytest.raises(ParityError, match="--reference"):
+        run_parity(cand, reference=tiny_model("llava"))
+
+    bad = tmp_path / "probes.jsonl"
+    bad.write_text('{"question": "fine"}\n{"question": "x", "colour": 1}\n')
+    r = _cli([cand, "--reference", ref, "--probes", bad])
+    assert r.exit_code == 2 and f"{bad}:2" in r.output and r.output.count("\n") == 1
+
+    r = _cli([cand, "--reference", ref, "--threshold", "nonsense"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+    with pytest.raises(ArtifactError, match="no such folder"):
+        run_parity(tmp_path / "missing", reference=ref)
+
+
+def test_cli_exit_codes(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    probes = probe_file(tmp_path, image=False)
+    cand = copy_model(ref, tmp_path / "cand")
+    r = _cli([cand, "--reference", ref, "--probes", probes, "--report", tmp_path / "r.json"])
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    perturb_one(cand)
+    r = _cli([cand, "--reference", ref, "--probes", probes])
+    assert r.exit_code == 1 and "FAIL" in r.output and "weights" in r.output
+    # thresholds are overridable: loose enough, the same export passes
+    r = _cli([cand, "--reference", ref, "--probes", probes, "--threshold", "kl_mean=1", "--threshold", "kl_p99=10",
+              "--threshold", "logit_diff_max=off", "--threshold", "top1_min=0"])
+    assert r.exit_code == 0, r.output
+
+
+# ---------------------------------------------------------------- GGUF through llama.cpp
+needs_gguf = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("edgemed.backends.llamacpp") is None,
+    reason="llama-cpp-python or the llama.cpp backend is not installed")
+
+
+def _export(model: Path, out: Path, quants=("f16",)) -> Path:
+    from edgemed.export.gguf import export_gguf
+
+    return export_gguf(model, list(quants), out)
+
+
+@needs_gguf
+def test_gguf_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    probes = probe_file(tmp_path, image=False)
+    clean = _export(ref, tmp_path / "clean", ("f16", "q8_0"))
+    ok = run_parity(clean, reference=ref, probes=probes)
+    assert ok.passed, ok.table()
+    assert [r.quant for r in ok.rows] == ["f16", "q8_0"]
+    assert all(r.checks["gguf_template_identical"] and r.checks["gguf_bos"] == 1 for r in ok.rows)
+    assert ok.smallest_passing == "q8_0"
+
+    src = copy_model(ref, tmp_path / "src")
+    # random tiny logits are nearly flat, so it takes a grossly wrong tensor to move KL past the f16 bound
+    # that real weights need (test_gguf_real_weights_perturbed_fails shows a small error on real weights)
+    perturb_one(src, scale=10.0)
+    bad_export = _export(src, tmp_path / "bad")
+    bad = run_parity(bad_export, reference=ref, probes=probes)
+    assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
+    assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
+
+
+@needs_gguf
+def test_gguf_wrong_template_and_doubled_bos_fail(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    probes = probe_file(tmp_path, image=False)
+    src = copy_model(ref, tmp_path / "tmpl")
+    set_template(src, (ref / "chat_template.jinja").read_text().replace("'\\n'", "':\\n'"))
+    res = run_parity(_export(src, tmp_path / "tmpl-gguf"), reference=ref, probes=probes)
+    assert not res.passed and "template" in res.rows[0].causes(), res.table()
+    assert res.rows[0].checks["gguf_template_identical"] is False
+
+    src = copy_model(ref, tmp_path / "bos")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = True  # llama.cpp adds BOS, and the ChatML template already opens with it
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    res = run_parity(_export(src, tmp_path / "bos-gguf"), reference=ref, probes=probes)
+    assert not res.passed
+    row = res.rows[0]
+    assert "bos" in row.causes() and row.checks["gguf_bos"] == 2 and row.checks["gguf_add_bos"], res.table()
