@@ -308,7 +308,8 @@ def test_gemma_tiny_config_exercises_what_breaks_exports(arch, loaded):
     # and in the pattern llama.cpp's gemma3 hard-codes (global iff il % 6 == 5), so GGUF exports can match it
     assert text.layer_types == ["full_attention" if i % 6 == 5 else "sliding_attention"
                                 for i in range(text.num_hidden_layers)]
-    assert text.query_pre_attn_scalar != text.head_dim
+    if arch == "gemma3":  # gemma3_text keeps them equal so that llama.cpp can run it (see the GGUF test below)
+        assert text.query_pre_attn_scalar != text.head_dim
     assert text.attn_logit_softcapping is not None
     assert text.rope_parameters["sliding_attention"]["rope_theta"] != text.rope_parameters["full_attention"][
         "rope_theta"]
@@ -435,3 +436,31 @@ def test_qwen2_5_vl_processor_loads_in_a_fresh_process_after_arch_for_dir(tiny_m
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["Qwen2_5_VLImageTextProcessor", "<|image_pad|>"]
+
+
+def test_gemma3_gguf_refuses_what_llama_cpp_hard_codes(loaded):
+    """llama.cpp's gemma3 fixes the layer pattern, the local RoPE base and the attention scale: a config asking
+    for anything else must be refused, not exported into a file that answers differently."""
+    import copy
+
+    from edgemed.errors import ExportError
+
+    _, model = loaded("gemma3_text")
+    kv = REGISTRY["gemma3_text"].gguf.text_kv
+    ok = kv(model.config)
+    assert ok["{arch}.attention.sliding_window"] == model.config.sliding_window
+    assert ok["{arch}.final_logit_softcapping"] == model.config.final_logit_softcapping
+    assert ok["{arch}.rope.freq_base"] == model.config.rope_parameters["full_attention"]["rope_theta"]
+    for change in ({"query_pre_attn_scalar": 24},
+                   {"layer_types": ["sliding_attention", "full_attention"] * 3},
+                   {"rope_parameters": {**model.config.rope_parameters,
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 20_000.0}}}):
+        cfg = copy.deepcopy(model.config)
+        for k, v in change.items():
+            setattr(cfg, k, v)
+        with pytest.raises(ExportError, match=next(iter(change))):
+            kv(cfg)
+    # the image-text tiny model's decoder is one llama.cpp cannot run as it is
+    _, vlm = loaded("gemma3")
+    with pytest.raises(ExportError, match="query_pre_attn_scalar"):
+        kv(vlm.config.text_config)

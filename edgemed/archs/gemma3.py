@@ -37,7 +37,8 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     tok = gemma_tokenizer()
     # Gemma3ForConditionalGeneration does not apply final_logit_softcapping (transformers 5.23), so it is left
     # unset here as in MedGemma 4B; the gemma3_text tiny model exercises it
-    text = tiny_text_config(tok, final_logit_softcapping=None)
+    # query_pre_attn_scalar != head_dim (as in Gemma 3 27B) trips exporters that scale by head_dim
+    text = tiny_text_config(tok, final_logit_softcapping=None, query_pre_attn_scalar=24)
     cfg = Gemma3Config(text_config=text, vision_config=vision_config(IMAGE_SIZE, PATCH_SIZE, 32, 2, 4),
                        mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=tok.convert_tokens_to_ids(tok.boi_token),
                        eoi_token_index=tok.convert_tokens_to_ids(tok.eoi_token),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded, spm_tokenizer
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
 
 GEMMA_SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
@@ -53,11 +53,14 @@ LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
 
 def tiny_text_config(tok, **kw):
     """Gemma3TextConfig that trips naive exporters: sliding and global layers with a window shorter than the
-    test prompts, separate local/global RoPE bases, query_pre_attn_scalar != head_dim, soft-capping set."""
+    test prompts, separate local/global RoPE bases, soft-capping set, 1+w norms.
+
+    query_pre_attn_scalar equals head_dim here, as in Gemma 3 1B/4B, because llama.cpp's gemma3 cannot express
+    anything else (see :func:`gguf_text_kv`); the gemma3 image-text tiny model sets it apart from head_dim."""
     from transformers import Gemma3TextConfig
 
     base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=len(LAYER_TYPES),
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                 sliding_window=8, layer_types=LAYER_TYPES,
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
@@ -103,6 +106,42 @@ NOTES = (
     "the chat template starts with <bos> too: tokenise rendered prompts with add_special_tokens=False",
 )
 
+def gguf_text_kv(c) -> dict:
+    """Gemma 3 keys llama.cpp's gemma3 reads, after checking the config asks nothing llama.cpp hard-codes otherwise.
+
+    llama.cpp's gemma3 fixes the layer pattern (global iff il % 6 == 5), the local RoPE base (10000) and the
+    attention scale (head_dim**-0.5, or (hidden/heads)**-0.5 for 62 layers, the 27B); a model that differs would
+    export without error and answer differently, so it is refused.
+    """
+    from edgemed.errors import ExportError
+
+    want = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(c.num_hidden_layers)]
+    if list(c.layer_types) != want:
+        raise ExportError(f"layer_types {list(c.layer_types)} differ from llama.cpp's fixed Gemma 3 pattern (every "
+                          "6th layer global); this model cannot be exported to GGUF; use `edgemed export onnx`")
+    local = (c.rope_parameters or {}).get("sliding_attention", {}).get("rope_theta", 10_000.0)
+    if local != 10_000.0:
+        raise ExportError(f"rope_parameters: sliding-layer rope_theta {local} differs from llama.cpp's fixed 10000 "
+                          "for Gemma 3; use `edgemed export onnx`")
+    scale = c.hidden_size / c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
+    if c.query_pre_attn_scalar != scale:
+        raise ExportError(f"query_pre_attn_scalar {c.query_pre_attn_scalar} differs from the {scale:g} llama.cpp's "
+                          "gemma3 uses for this model; `export gguf` cannot fold the difference into attn_q_norm yet; "
+                          "use `edgemed export onnx`")
+    full = (c.rope_parameters or {}).get("full_attention", {}).get("rope_theta", 1_000_000.0)
+    return {"{arch}.attention.sliding_window": int(c.sliding_window), "{arch}.rope.freq_base": float(full),
+            "{arch}.final_logit_softcapping": c.final_logit_softcapping}
+
+
+# checkpoint keys: model.* and lm_head.* as Gemma3ForCausalLM saves them; Gemma RMSNorm weights are w with 1 + w
+# applied, llama.cpp multiplies by the stored weight; RoPE is NEOX-style in both (no Q/K permutation)
+GGUF = GGUFSpec(
+    key_prefixes=(("model.", "text", "model."), ("lm_head.", "text", "lm_head.")),
+    norm_plus_one=(r"blk\.\d+\.(attn_norm|post_attention_norm|ffn_norm|post_ffw_norm|attn_q_norm|attn_k_norm)"
+                   r"\.weight", r"output_norm\.weight"),
+    text_kv=gguf_text_kv,
+)
+
 SPEC = ArchSpec(
     name="gemma3_text",
     family="Gemma 3 text decoder (Gemma 3 1B, MedGemma 27B text)",
@@ -113,6 +152,7 @@ SPEC = ArchSpec(
     norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
            "q_norm", "k_norm", "norm"),
     gguf_arch="gemma3",
+    gguf=GGUF,
     build_tiny=build_tiny,
     notes=NOTES,
 )
