@@ -1,0 +1,74 @@
+"""Parity figures and timing on the embedded default model (real SmolLM2-135M-Instruct weights).
+
+Exports the model to GGUF (f16, q8_0, q5_k_m, q4_k_m by default), runs ``edgemed parity`` on each quant over the
+default probe set (32 probes), and prints the table, the wall time of one quant's check and of all of them.
+These figures are what the thresholds in ``edgemed/parity.py`` and ``docs/parity.md`` are derived from.
+
+    .venv/bin/python tools/bench_parity.py [--model smollm2-135m] [--quants f16,q8_0,q5_k_m,q4_k_m]
+        [--work DIR] [--probes 32] [--report parity-bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="embedded model name, or a model folder")
+    ap.add_argument("--quants", default="f16,q8_0,q5_k_m,q4_k_m")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache/edgemed"))
+                    / "bench-parity")
+    ap.add_argument("--probes", type=int, default=32)
+    ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--timing-quant", default="q8_0", help="quant whose check alone is timed (the 2-minute budget)")
+    args = ap.parse_args()
+
+    from edgemed import embedded
+    from edgemed.export.gguf import export_gguf
+    from edgemed.parity import THRESHOLDS, run_parity
+
+    model = Path(args.model) if Path(args.model).is_dir() else embedded.materialize(args.model, quiet=True)
+    quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    out = args.work / f"{model.name}-gguf"
+    t0 = time.time()
+    export_gguf(model, quants, out, overwrite=True)
+    t_export = time.time() - t0
+    print(f"export {','.join(quants)}: {t_export:.1f} s -> {out}")
+
+    # one quant alone: the figure the "135M over 32 probes under 2 minutes" budget is about
+    single = args.work / f"{model.name}-gguf-{args.timing_quant}"
+    export_gguf(model, [args.timing_quant], single, overwrite=True)
+    t0 = time.time()
+    one = run_parity(single, reference=model, max_probes=args.probes)
+    t_one = time.time() - t0
+    print(f"parity of {args.timing_quant} alone over {one.probes} probes ({one.positions} positions): {t_one:.1f} s")
+
+    t0 = time.time()
+    res = run_parity(out, reference=model, max_probes=args.probes, report=args.report)
+    t_all = time.time() - t0
+    print(res.table())
+    print(f"parity of {len(quants)} quants in one pass: {t_all:.1f} s")
+    print("\nmarkdown:")
+    print("| quant | top-1 agreement | KL mean | KL p99 | KL max | max |dlogit| | greedy match | threshold kl_mean |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res.rows:
+        m = r.metrics
+        print(f"| {r.quant} | {m['top1']:.1%} | {m['kl_mean']:.2e} | {m['kl_p99']:.2e} | {m['kl_max']:.2e} | "
+              f"{m['logit_diff_max']:.2f} | {m['greedy_match']:.0%} | {THRESHOLDS[r.quant]['kl_mean']} |")
+    print(json.dumps({"model": str(model), "probes": res.probes, "positions": res.positions,
+                      "seconds_one_quant": round(t_one, 1), "seconds_all": round(t_all, 1),
+                      "rows": {r.quant: {k: r.metrics[k] for k in ("top1", "kl_mean", "kl_p99", "kl_max",
+                                                                    "logit_diff_max", "greedy_match")}
+                               for r in res.rows}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
