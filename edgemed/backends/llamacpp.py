@@ -111,7 +111,7 @@ class LlamaCppBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         self.processor = (AutoProcessor.from_pretrained(self.folder, local_files_only=True) if self.is_vision
                           else self.tokenizer)
-        if self.is_vision and self.image_token_id is None and self.arch.image_placeholder:
+        if self.is_vision and self.arch.image_placeholder:  # the token the rendered prompt holds once per image
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
 
     def _load_mtmd(self, mmproj: Path, n_threads: int):
@@ -142,11 +142,10 @@ class LlamaCppBackend:
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenization: special tokens parsed, BOS added once when the model adds one."""
-        add_bos = self._model.add_bos_token()
-        ids = self._model.tokenize(text.encode("utf-8"), add_bos, True)
+        ids = self._model.tokenize(text.encode("utf-8"), False, True)
         bos = self._model.token_bos()
-        if add_bos and len(ids) > 1 and ids[0] == bos and ids[1] == bos:  # the template wrote BOS itself
-            ids = ids[1:]
+        if self._model.add_bos_token() and ids[:1] != [bos]:  # not when the template wrote BOS itself
+            ids = [bos, *ids]
         return ids
 
     # ------------------------------------------------------------------ decoding

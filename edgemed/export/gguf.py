@@ -110,7 +110,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
             shutil.copy2(model_dir / name, tmp / name)
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
-                       image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(config),
+                       image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
                        name=provenance["name"], base_model=provenance["base_model"],
                        parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
                                "manifest": provenance["manifest"]})
@@ -187,12 +187,11 @@ def _provenance(model_dir: Path, source: dict[str, Any] | None) -> dict[str, Any
     }
 
 
-def _image_token_id(config: Any) -> int | None:
-    for attr in ("image_token_index", "image_token_id"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int):
-            return v
-    return None
+def _image_token_id(model_dir: Path, spec: ArchSpec) -> int | None:
+    """Id of the image placeholder the rendered prompt holds (not the family's expanded image token)."""
+    if not spec.image_placeholder:
+        return None
+    return int(_hf_tokenizer(model_dir).convert_tokens_to_ids(spec.image_placeholder))
 
 
 # safetensors dtype -> numpy dtype read from disk (BF16 is widened by hand below)
