@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS, VISION_ARCHS
 from PIL import Image
 
 from edgemed.backends.base import Backend, GenParams
@@ -35,12 +36,31 @@ def image_backend(tiny_model):
 
 
 def hf(folder):
-    """The same folder loaded by transformers directly: the independent reference."""
-    from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
+    """The same folder loaded by transformers directly: the independent reference (model, processor or tokenizer)."""
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
 
-    if (folder / "processor_config.json").is_file():
-        return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-    return LlamaForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    from edgemed.archs import arch_for_dir
+
+    arch = arch_for_dir(folder)  # also registers what a family needs before loading (Qwen2.5-VL)
+    model = getattr(transformers, arch.model_class).from_pretrained(folder).eval()
+    owner = AutoProcessor.from_pretrained(folder) if arch.is_vision else AutoTokenizer.from_pretrained(folder)
+    return model, owner
+
+
+@pytest.fixture(scope="module")
+def backend_of(tiny_model):
+    """``backend_of(arch)`` -> a TorchBackend on that architecture's tiny model, opened once per module."""
+    opened: dict[str, TorchBackend] = {}
+
+    def get(arch: str) -> TorchBackend:
+        if arch not in opened:
+            opened[arch] = TorchBackend(tiny_model(arch))
+        return opened[arch]
+
+    yield get
+    for b in opened.values():
+        b.close()
 
 
 def test_is_a_backend_and_renders_with_the_models_template(text_backend, image_backend, tiny_model):
@@ -66,37 +86,59 @@ def test_text_model_refuses_an_image(text_backend):
         text_backend.render(QUESTION, image=True)
 
 
-def test_text_logits_equal_transformers(text_backend, tiny_model):
-    model, tok = hf(tiny_model("llama"))
-    tokens = text_backend.tokenize(text_backend.render(QUESTION))
-    got = text_backend.logits(tokens)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_logits_equal_transformers(arch, backend_of, tiny_model):
+    backend = backend_of(arch)
+    model, _ = hf(tiny_model(arch))
+    tokens = backend.tokenize(backend.render(QUESTION))
+    got = backend.logits(tokens)
     with torch.no_grad():
-        want = model(torch.tensor([tokens])).logits[0].numpy()
-    assert got.shape == (len(tokens), model.config.vocab_size) and got.dtype == np.float32
+        want = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    assert got.shape == (len(tokens), want.shape[-1]) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_image_logits_rows_line_up_with_the_unexpanded_tokens(image_backend, tiny_model):
-    model, proc = hf(tiny_model("llava"))
-    prompt = image_backend.render(QUESTION, image=True)
-    tokens = image_backend.tokenize(prompt)
+@pytest.mark.parametrize("arch", VISION_ARCHS)
+def test_image_logits_rows_line_up_with_the_unexpanded_tokens(arch, backend_of, tiny_model):
+    backend = backend_of(arch)
+    model, proc = hf(tiny_model(arch))
+    prompt = backend.render(QUESTION, image=True)
+    tokens = backend.tokenize(prompt)
     img = picture(0)
-    got = image_backend.logits(tokens, img)
+    got = backend.logits(tokens, img)
     enc = proc(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         full = model(**enc).logits[0].numpy()
-    ids = enc["input_ids"][0].tolist()
-    image_id = model.config.image_token_id
-    image_pos = [i for i, t in enumerate(ids) if t == image_id]
-    assert len(image_pos) > 1  # the processor expanded the placeholder
-    rows = [i for i, t in enumerate(ids) if t != image_id]
-    k = tokens.index(image_id)
-    rows.insert(k, image_pos[-1])  # the placeholder's row: the logit after the last image token
-    assert got.shape == (len(tokens), model.config.text_config.vocab_size)
+    k = tokens.index(backend.image_token_id)
+    n_image = full.shape[0] - len(tokens) + 1  # what the placeholder became
+    assert enc["input_ids"][0, :k].tolist() == tokens[:k]
+    assert enc["input_ids"][0, k + n_image:].tolist() == tokens[k + 1:]
+    rows = list(range(k)) + [k + n_image - 1] + list(range(k + n_image, full.shape[0]))
+    assert got.shape == (len(tokens), full.shape[-1])
     np.testing.assert_allclose(got, full[rows], atol=1e-5, rtol=1e-5)
-    other = image_backend.logits(tokens, picture(1))
-    assert np.abs(other[k:] - got[k:]).max() > 1e-3  # the image reaches every row after it
-    np.testing.assert_allclose(other[:k], got[:k], atol=1e-6)  # and none before it (causal)
+    other = backend.logits(tokens, picture(1, (64, 30)))
+    assert np.abs(other[k:] - got[k:]).max() > 1e-4  # the image reaches the rows after it
+
+
+def test_llava_expands_its_placeholder_into_image_tokens(image_backend, tiny_model):
+    _, proc = hf(tiny_model("llava"))
+    prompt = image_backend.render(QUESTION, image=True)
+    enc = proc(text=[prompt], images=[picture(0)], return_tensors="pt", add_special_tokens=False)
+    n = (enc["input_ids"][0] == image_backend.image_token_id).sum().item()
+    assert n == image_backend.image_embeddings(picture(0)).shape[0] == 16  # (32 px / 8 px patches)^2
+    tokens = image_backend.tokenize(prompt)
+    k = tokens.index(image_backend.image_token_id)
+    a, b = image_backend.logits(tokens, picture(0)), image_backend.logits(tokens, picture(1))
+    np.testing.assert_allclose(a[:k], b[:k], atol=1e-6)  # rows before the image do not see it (causal)
+
+
+@pytest.mark.parametrize("arch", VISION_ARCHS)
+def test_every_vision_family_gives_image_embeddings_of_decoder_width(arch, backend_of):
+    backend = backend_of(arch)
+    emb = backend.image_embeddings(picture(6))
+    hidden = backend.arch.text_config(backend.model.config).hidden_size
+    assert emb.ndim == 2 and emb.shape[0] > 0 and emb.shape[1] == hidden
+    assert np.isfinite(emb).all() and np.abs(emb - backend.image_embeddings(picture(7))).max() > 1e-4
 
 
 def test_image_embeddings_are_the_projected_features(image_backend, tiny_model):
@@ -111,24 +153,24 @@ def test_image_embeddings_are_the_projected_features(image_backend, tiny_model):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llava"])
-def test_greedy_answer_equals_transformers_generate(arch, text_backend, image_backend, tiny_model):
-    backend = image_backend if arch == "llava" else text_backend
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_answer_equals_transformers_generate(arch, backend_of, tiny_model):
+    backend = backend_of(arch)
     model, owner = hf(tiny_model(arch))
-    img = picture(3) if arch == "llava" else None
+    img = picture(3) if backend.is_vision else None
     prompt = backend.render(QUESTION, image=img is not None)
     if img is not None:
         enc = owner(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
         tok = owner.tokenizer
     else:
-        enc = owner([prompt], return_tensors="pt", add_special_tokens=False)
+        enc = {"input_ids": torch.tensor([backend.tokenize(prompt)])}
         tok = owner
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=backend.eos_ids,
                              pad_token_id=tok.pad_token_id)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
-    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
-    want = tok.decode(new, skip_special_tokens=True)
+    ends = [i for i, t in enumerate(new) if t in backend.eos_ids]
+    want = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
     assert "".join(backend.generate(prompt, img, GenParams(max_tokens=12))) == want
 
 

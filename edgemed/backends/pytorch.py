@@ -242,8 +242,15 @@ class TorchBackend:
         if not self.is_vision:
             raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
         inputs = self._image_inputs(image)
+        fn = getattr(self.model, "get_image_features", None) or getattr(getattr(self.model, "model", None),
+                                                                        "get_image_features", None)
         with self._lock, torch.inference_mode():
-            feats = self.model.get_image_features(**inputs)
+            if fn is not None:
+                feats = fn(**_accepted(fn, inputs))
+            else:  # cross-attention families (mllama): the projected vision states the decoder attends to
+                vision = self.model.get_submodule(self.arch.vision)
+                out = vision(**_accepted(vision.forward, inputs))
+                feats = self.model.get_submodule(self.arch.projector)(out[0])
         if hasattr(feats, "pooler_output"):
             feats = feats.pooler_output
         if isinstance(feats, list | tuple):
@@ -316,7 +323,7 @@ class TorchBackend:
                 if hit:
                     reason, done = "stop", True
             if not hit:  # flush what a possible stop-string start held back
-                text = self._decode(ids).rstrip("\ufffd")
+                text = self._decode(ids)  # as transformers decodes it, a split last character too
                 if len(text) > len(sent) and text.startswith(sent):
                     rest = text[len(sent):]
                     sent += rest
@@ -339,6 +346,16 @@ class TorchBackend:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+
+def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``kwargs`` that ``fn`` names as parameters (all of them if it takes ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
