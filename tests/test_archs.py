@@ -308,8 +308,6 @@ def test_gemma_tiny_config_exercises_what_breaks_exports(arch, loaded):
     # and in the pattern llama.cpp's gemma3 hard-codes (global iff il % 6 == 5), so GGUF exports can match it
     assert text.layer_types == ["full_attention" if i % 6 == 5 else "sliding_attention"
                                 for i in range(text.num_hidden_layers)]
-    if arch == "gemma3":  # gemma3_text keeps them equal so that llama.cpp can run it (see the GGUF test below)
-        assert text.query_pre_attn_scalar != text.head_dim
     assert text.attn_logit_softcapping is not None
     assert text.rope_parameters["sliding_attention"]["rope_theta"] != text.rope_parameters["full_attention"][
         "rope_theta"]
@@ -460,7 +458,12 @@ def test_gemma3_gguf_refuses_what_llama_cpp_hard_codes(loaded):
             setattr(cfg, k, v)
         with pytest.raises(ExportError, match=next(iter(change))):
             kv(cfg)
-    # the image-text tiny model's decoder is one llama.cpp cannot run as it is
+    # the image-text model's decoder is checked the same way, and never carries the soft-capping it ignores
     _, vlm = loaded("gemma3")
+    vlm_kv = REGISTRY["gemma3"].gguf.text_kv
+    text = copy.deepcopy(vlm.config.text_config)
+    text.final_logit_softcapping = 30.0
+    assert "{arch}.final_logit_softcapping" not in vlm_kv(text)
+    text.query_pre_attn_scalar = 24
     with pytest.raises(ExportError, match="query_pre_attn_scalar"):
-        kv(vlm.config.text_config)
+        vlm_kv(text)

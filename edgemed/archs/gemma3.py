@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
+from edgemed.archs.gemma3_text import GGUF as TEXT_GGUF
 from edgemed.archs.gemma3_text import NOTES as TEXT_NOTES
-from edgemed.archs.gemma3_text import gemma_tokenizer, tiny_text_config
+from edgemed.archs.gemma3_text import gemma_tokenizer, gguf_text_kv, tiny_text_config
 
 IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE = 32, 8, 4  # 4x4 patches average-pooled 2x2 into 4 soft tokens
 
@@ -37,8 +38,7 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     tok = gemma_tokenizer()
     # Gemma3ForConditionalGeneration does not apply final_logit_softcapping (transformers 5.23), so it is left
     # unset here as in MedGemma 4B; the gemma3_text tiny model exercises it
-    # query_pre_attn_scalar != head_dim (as in Gemma 3 27B) trips exporters that scale by head_dim
-    text = tiny_text_config(tok, final_logit_softcapping=None, query_pre_attn_scalar=24)
+    text = tiny_text_config(tok, final_logit_softcapping=None)
     cfg = Gemma3Config(text_config=text, vision_config=vision_config(IMAGE_SIZE, PATCH_SIZE, 32, 2, 4),
                        mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=tok.convert_tokens_to_ids(tok.boi_token),
                        eoi_token_index=tok.convert_tokens_to_ids(tok.eoi_token),
@@ -50,6 +50,50 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     save_spm_model(out, tok)
     return out
 
+
+def gguf_vlm_text_kv(c) -> dict:
+    """The decoder's keys as for gemma3_text, without final_logit_softcapping, which the image-text model does
+    not apply in transformers but llama.cpp would apply if the file carried it."""
+    kv = gguf_text_kv(c)
+    kv.pop("{arch}.final_logit_softcapping", None)
+    return kv
+
+
+def gguf_mmproj_kv(config, processor_config: dict) -> dict:
+    """clip.cpp's gemma3 projector average-pools with a kernel of clip.vision.projector.scale_factor (default 4)."""
+    from edgemed.errors import ExportError
+
+    v = config.vision_config
+    side = v.image_size // v.patch_size
+    tokens_side = round(config.mm_tokens_per_image ** 0.5)
+    if tokens_side ** 2 != config.mm_tokens_per_image or side % tokens_side:
+        raise ExportError(f"mm_tokens_per_image {config.mm_tokens_per_image} is not a square that divides the "
+                          f"{side}x{side} patch grid; llama.cpp's gemma3 projector cannot pool to it")
+    return {"clip.vision.projector.scale_factor": side // tokens_side}
+
+
+# checkpoint keys: transformers 5 saves Gemma 3 with the hub names (language_model.model.*, vision_tower.*,
+# multi_modal_projector.*); hub checkpoints have vision_tower.vision_model.*; newer tools write module names
+GGUF = GGUFSpec(
+    key_prefixes=(
+        ("language_model.model.", "text", "model."),
+        ("language_model.lm_head.", "text", "lm_head."),
+        ("model.language_model.", "text", "model."),
+        ("lm_head.", "text", "lm_head."),
+        ("vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+        ("model.vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+        ("vision_tower.", "vision", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision", "vision_tower.vision_model."),
+        ("multi_modal_projector.", "projector", "multi_modal_projector."),
+        ("model.multi_modal_projector.", "projector", "multi_modal_projector."),
+    ),
+    # a bare parameter, stored [vision hidden, text hidden] as clip.cpp expects (it transposes in its graph)
+    tensor_names={"multi_modal_projector.mm_input_projection_weight": "mm.input_projection.weight"},
+    norm_plus_one=TEXT_GGUF.norm_plus_one + (r"mm\.soft_emb_norm\.weight",),  # Gemma RMSNorm in the projector
+    text_kv=gguf_vlm_text_kv,
+    mmproj_kv=gguf_mmproj_kv,
+    image_wrap=("\n\n<start_of_image>", "<end_of_image>\n\n"),  # what HF's processor puts around the soft tokens
+)
 
 SPEC = ArchSpec(
     name="gemma3",
@@ -67,6 +111,7 @@ SPEC = ArchSpec(
     image_placeholder="<start_of_image>",
     gguf_arch="gemma3",
     gguf_projector="gemma3",
+    gguf=GGUF,
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     notes=TEXT_NOTES + (

@@ -55,8 +55,8 @@ def tiny_text_config(tok, **kw):
     """Gemma3TextConfig that trips naive exporters: sliding and global layers with a window shorter than the
     test prompts, separate local/global RoPE bases, soft-capping set, 1+w norms.
 
-    query_pre_attn_scalar equals head_dim here, as in Gemma 3 1B/4B, because llama.cpp's gemma3 cannot express
-    anything else (see :func:`gguf_text_kv`); the gemma3 image-text tiny model sets it apart from head_dim."""
+    query_pre_attn_scalar equals head_dim here, as in Gemma 3 1B/4B and MedGemma 4B, because llama.cpp's gemma3
+    cannot express anything else (:func:`gguf_text_kv` refuses it; tests/test_archs.py checks the refusal)."""
     from transformers import Gemma3TextConfig
 
     base = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=len(LAYER_TYPES),
