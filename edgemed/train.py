@@ -32,6 +32,7 @@ from edgemed.recipe import Recipe, Stage, dump_recipe
 
 IGNORE = -100
 CHECKPOINTS = "checkpoints"
+SCHEDULER = "scheduler.pt"
 
 
 # ----------------------------------------------------------------------------- examples
@@ -398,6 +399,26 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
     """Fine-tune as ``recipe`` says and write the run folder ``out``; returns its path."""
     out = Path(out).absolute()
     work = out.parent / f"{out.name}.partial"
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch only rank 0 owns folders
+    if main:
+        _check_output(out, work, resume, overwrite)
+    base, stages = _resolve_paths(recipe)
+    device, use_4bit = _device_and_method(recipe, strict)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        _train(recipe, base, stages, work, device, use_4bit, resume)
+    except BaseException:
+        if main and not (work / CHECKPOINTS).is_dir():
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no folder behind
+        raise
+    if main:
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    return out
+
+
+def _check_output(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     if work.exists() and not resume:
@@ -407,19 +428,6 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
         shutil.rmtree(work)
     if resume and not (work / CHECKPOINTS).is_dir():
         raise ArtifactError(f"--resume: no checkpoint under {work}; start without --resume")
-    base, stages = _resolve_paths(recipe)
-    device, use_4bit = _device_and_method(recipe, strict)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        _train(recipe, base, stages, work, device, use_4bit, resume)
-    except BaseException:
-        if not (work / CHECKPOINTS).is_dir():
-            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no folder behind
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    return out
 
 
 def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list[Any]]], work: Path,
@@ -466,15 +474,19 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
         if not params:
             raise RecipeError(f"stage {stage.name}: nothing trains in this stage ({stage.train})")
         world = accel.num_processes
-        per_epoch = math.ceil(len(make_batches(train_ex, recipe.optim.batch_size, 0, 0)) / world)
+        # every process takes the same number of batches per epoch, or DDP's all-reduce would wait forever
+        per_epoch = max(1, len(make_batches(train_ex, recipe.optim.batch_size, 0, 0)) // world)
         steps = stage.max_steps or max(1, math.ceil(stage.epochs * per_epoch / recipe.optim.grad_accum))
         lr = stage.lr or recipe.optim.lr
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.optim.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, int(recipe.optim.warmup_ratio * steps), steps)
-        model, opt, sched = accel.prepare(accel.unwrap_model(model) if si else model, opt, sched)
+        # the scheduler stays unwrapped: accelerate's wrapper steps it once per process, which under DDP would
+        # run the cosine schedule num_processes times too fast; it is stepped below on real optimizer steps
+        model, opt = accel.prepare(accel.unwrap_model(model) if si else model, opt)
         start_step = state["step"] if si == state["stage"] else 0
         if resume and si == state["stage"] and start_step:
             accel.load_state(str(_latest(ckpt_root)))
+            sched.load_state_dict(torch.load(_latest(ckpt_root) / SCHEDULER, weights_only=True))
         model.train()
         bar = tqdm(total=steps, initial=start_step, desc=f"{stage.name}", disable=not main, dynamic_ncols=True)
         step = start_step
@@ -482,7 +494,7 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
         t0, tok0 = time.time(), 0
         while step < steps:
             epoch, offset = divmod(micro, per_epoch)
-            batches = make_batches(train_ex, recipe.optim.batch_size, recipe.seed, epoch)
+            batches = make_batches(train_ex, recipe.optim.batch_size, recipe.seed, epoch) * world
             mine = batches[accel.process_index::world][:per_epoch]
             for bi in range(offset, len(mine)):
                 batch = collate([train_ex[i] for i in mine[bi]], pad_id)
@@ -493,7 +505,8 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
                     if accel.sync_gradients:
                         accel.clip_grad_norm_(params, recipe.optim.max_grad_norm)
                     opt.step()
-                    sched.step()
+                    if accel.sync_gradients:
+                        sched.step()
                     opt.zero_grad()
                 micro += 1
                 tok0 += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
@@ -513,13 +526,13 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
                     with open(work / "train_log.jsonl", "a") as f:
                         f.write(json.dumps(entry) + "\n")
                 if step % recipe.save_every == 0 and step < steps:
-                    _checkpoint(accel, ckpt_root, state)
+                    _checkpoint(accel, ckpt_root, state, sched)
                 if step >= steps:
                     break
         bar.close()
         state.update(stage=si + 1, step=0)
         if si + 1 < len(stages):
-            _checkpoint(accel, ckpt_root, state)
+            _checkpoint(accel, ckpt_root, state, None)
     accel.wait_for_everyone()
     if main:
         final = accel.unwrap_model(model)
@@ -542,8 +555,10 @@ def _latest(root: Path) -> Path:
     return ckpts[-1]
 
 
-def _checkpoint(accel: Any, root: Path, state: dict[str, Any]) -> None:
-    """Save optimizer, scheduler, RNG and model state; keep the last two checkpoints."""
+def _checkpoint(accel: Any, root: Path, state: dict[str, Any], sched: Any | None) -> None:
+    """Save model, optimizer, RNG (accelerate) and scheduler state; keep the last two checkpoints."""
+    import torch
+
     path = root / f"step-{state['global_step']}"
     tmp = root / f".step-{state['global_step']}.partial"
     if accel.is_main_process:
@@ -552,6 +567,8 @@ def _checkpoint(accel: Any, root: Path, state: dict[str, Any]) -> None:
     accel.save_state(str(tmp))
     if accel.is_main_process:
         (tmp / "state.json").write_text(json.dumps(state))
+        if sched is not None:
+            torch.save(sched.state_dict(), tmp / SCHEDULER)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
