@@ -170,7 +170,8 @@ def test_greedy_answer_equals_transformers_generate(arch, backend_of, tiny_model
                              pad_token_id=tok.pad_token_id)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     ends = [i for i, t in enumerate(new) if t in backend.eos_ids]
-    want = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
+    # an unfinished last character (byte-fallback tokens) is dropped, as the llama.cpp and ONNX runtimes do
+    want = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True).rstrip("\ufffd")
     assert "".join(backend.generate(prompt, img, GenParams(max_tokens=12))) == want
 
 

@@ -323,7 +323,7 @@ class TorchBackend:
                 if hit:
                     reason, done = "stop", True
             if not hit:  # flush what a possible stop-string start held back
-                text = self._decode(ids)  # as transformers decodes it, a split last character too
+                text = self._decode(ids).rstrip("\ufffd")  # unfinished last character dropped, as all runtimes do
                 if len(text) > len(sent) and text.startswith(sent):
                     rest = text[len(sent):]
                     sent += rest
