@@ -19,7 +19,7 @@ from edgemed.archs import REGISTRY  # noqa: E402
 ARCHS = sorted(REGISTRY)
 VISION_ARCHS = [n for n in ARCHS if REGISTRY[n].is_vision]
 TEXT_ARCHS = [n for n in ARCHS if not REGISTRY[n].is_vision]
-GGUF_ARCHS = [n for n in ARCHS if REGISTRY[n].gguf_arch]
+GGUF_ARCHS = [n for n in ARCHS if REGISTRY[n].gguf_arch and REGISTRY[n].gguf]  # what `export gguf` can write
 
 
 @pytest.fixture(scope="session")

@@ -279,6 +279,7 @@ def test_norms_named_in_the_spec_exist(arch, loaded):
 def test_spec_declares_gguf_support_or_why_not(arch):
     spec = REGISTRY[arch]
     assert spec.gguf_arch or "onnx" in spec.no_gguf_reason
+    assert spec.gguf or spec.no_gguf_reason  # `export gguf` says why it cannot write this family
     if spec.is_vision and spec.gguf_arch:
         assert spec.gguf_projector
     assert spec.notes or arch in ("llama", "llava")

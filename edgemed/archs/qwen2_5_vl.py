@@ -122,6 +122,9 @@ SPEC = ArchSpec(
     image_placeholder="<|image_pad|>",
     gguf_arch="qwen2vl",
     gguf_projector="qwen2.5vl_merger",
+    no_gguf_reason=("llama.cpp runs Qwen2.5-VL (qwen2vl decoder, qwen2.5vl_merger projector), but edgemed's GGUF "
+                    "writer cannot yet split the fused vision qkv and the Conv3d patch embedding into the tensors "
+                    "clip.cpp reads"),
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     prepare=prepare,
