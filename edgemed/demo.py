@@ -1,0 +1,261 @@
+"""`edgemed demo`: the whole pipeline on the embedded default image model and the bundled synthetic data.
+
+Materialise the model, generate the data, measure held-out accuracy before fine-tuning, fine-tune (LoRA on CPU,
+QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int4), run parity and evaluation on every
+export, turn each export into a verified bundle, and write a report with plots. Offline throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemed.errors import ArtifactError
+
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+ONNX_QUANT = "int4"
+SPEED_PROMPT = "List the main causes of chest pain in adults and explain how each is diagnosed."
+
+
+@dataclass
+class Row:
+    """One line of the summary: a model or an export file."""
+
+    name: str
+    backend: str
+    path: Path
+    quant: str | None = None
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    size_mb: float | None = None
+    decode_tok_s: float | None = None
+
+
+class Steps:
+    """Numbered progress lines with the time each step took."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.total = total
+        self.n = 0
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, title: str):
+        self.n += 1
+        self.console.print(f"[bold cyan][{self.n}/{self.total}][/] {title}")
+        t0 = time.time()
+        yield
+        self.times[title] = time.time() - t0
+        self.console.print(f"      done in {self.times[title]:.0f} s")
+
+
+def recipe_path() -> Path:
+    return Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def _size_mb(*files: Path) -> float:
+    return round(sum(f.stat().st_size for f in files if f.is_file()) / 1e6, 1)
+
+
+def decode_speed(backend: Any, max_tokens: int = 48) -> float:
+    """Decode tokens/s of a backend on a fixed text prompt (after a short warm-up)."""
+    from edgemed.backends.base import GenParams
+
+    prompt = backend.render(SPEED_PROMPT)
+    "".join(backend.generate(prompt, params=GenParams(max_tokens=4)))
+    t0 = time.perf_counter()
+    text = "".join(backend.generate(prompt, params=GenParams(max_tokens=max_tokens)))
+    dt = time.perf_counter() - t0
+    n = max(1, len(backend.tokenize(text)) - 1)
+    return round(n / dt, 1)
+
+
+def measure(row: Row, records: list[Any]) -> None:
+    """Accuracy and decode speed of one model or export file."""
+    from edgemed.evaluate import evaluate
+    from edgemed.parity import open_model
+
+    kw = {"quant": row.quant} if row.backend == "llamacpp" else {}
+    backend = open_model(row.path, **kw)
+    try:
+        res = evaluate(backend, records)
+        o = res["overall"]
+        row.accuracy = {"overall": o["score"], "closed": o["closed"]["accuracy"], "open": o["open"]["exact"],
+                        "n": o["n"]}
+        row.decode_tok_s = decode_speed(backend)
+    finally:
+        backend.close()
+
+
+def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False, steps: int | None = None,
+             test_images: int = 24, onnx: bool = True) -> Path:
+    """Run the whole pipeline into ``out`` and return the report path."""
+    import shutil
+
+    from edgemed import embedded
+    from edgemed.data import generate_demo_set, read_dataset
+    from edgemed.export.gguf import export_gguf
+    from edgemed.merge import merge
+    from edgemed.parity import run_parity
+    from edgemed.recipe import load_recipe
+    from edgemed.train import finetune
+
+    out = Path(out).absolute()
+    if out.exists():
+        if not overwrite:
+            raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    s = Steps(9 if onnx else 8)
+    t_start = time.time()
+    rows: list[Row] = []
+    with s.step("embedded default image model (SmolLM2-135M decoder + random vision tower)"):
+        base = embedded.materialize(embedded.IMAGE)
+    with s.step("synthetic phantom-radiograph VQA set"):
+        data = generate_demo_set(out / "data", n_val=16, n_test=test_images)
+        test = read_dataset(data["test"])
+    with s.step(f"held-out accuracy before fine-tuning ({len(test)} questions, PyTorch)"):
+        before = Row("base (before fine-tuning)", "pytorch", base)
+        measure(before, test)
+        rows.append(before)
+    overrides = [f"stages.0.data.train={data['train']}", f"stages.0.data.validation={data['validation']}"]
+    if steps:
+        overrides.append(f"stages.0.max_steps={steps}")
+    recipe = load_recipe(recipe_path(), overrides)
+    with s.step("fine-tune: projector + LoRA on the decoder, vision tower frozen"):
+        run = finetune(recipe, out / "run")
+    with s.step("merge the adapter into the fp32 weights"):
+        model = merge(run, out / "model")
+        tuned = Row("fine-tuned (merged, PyTorch fp32)", "pytorch", model, size_mb=_size_mb(
+            *model.glob("*.safetensors")))
+        measure(tuned, test)
+        rows.append(tuned)
+    with s.step(f"export GGUF ({', '.join(GGUF_QUANTS)}) and parity"):
+        gguf = export_gguf(model, list(GGUF_QUANTS), out / "gguf")
+        gguf_parity = run_parity(gguf, reference=model, adapter=run, report=out / "parity-gguf.json", max_probes=16)
+        s.console.print(gguf_parity.table())
+    if onnx:
+        with s.step(f"export ONNX ({ONNX_QUANT}) and parity"):
+            from edgemed.export.onnx import export_onnx
+
+            onnx_dir = export_onnx(model, ONNX_QUANT, out / f"onnx-{ONNX_QUANT}")
+            onnx_parity = run_parity(onnx_dir, reference=model, report=out / "parity-onnx.json", max_probes=16)
+            s.console.print(onnx_parity.table())
+    with s.step("accuracy and decode speed of every export"):
+        mmproj = sorted(gguf.glob("mmproj*.gguf"))
+        for q in GGUF_QUANTS:
+            row = Row(f"GGUF {q} (llama.cpp)", "llamacpp", gguf, quant=q,
+                      size_mb=_size_mb(gguf / f"model-{q}.gguf", *mmproj))
+            row.parity = _parity_row(gguf_parity, q)
+            measure(row, test)
+            rows.append(row)
+        if onnx:
+            row = Row(f"ONNX {ONNX_QUANT} (onnxruntime)", "onnx", onnx_dir, quant=ONNX_QUANT,
+                      size_mb=_size_mb(*[p for p in onnx_dir.rglob("*") if p.suffix in (".onnx", ".data")]))
+            row.parity = _parity_row(onnx_parity, ONNX_QUANT)
+            measure(row, test)
+            rows.append(row)
+    with s.step("bundles (sealed manifests, model cards) and report"):
+        _finalize(gguf, out / "parity-gguf.json", rows, "llamacpp")
+        if onnx:
+            _finalize(onnx_dir, out / "parity-onnx.json", rows, "onnx")
+        report = write_report(out, rows, run, time.time() - t_start)
+    s.console.print(summary_table(rows))
+    s.console.print(f"\nreport: {report}\ntotal: {time.time() - t_start:.0f} s\n"
+                    f"next:   edgemed serve {gguf}   (OpenAI-compatible API on http://127.0.0.1:8080/v1)\n"
+                    f"        edgemed ask {gguf} \"Is there a lesion?\" --image {test[0].image}")
+    return report
+
+
+def _parity_row(result: Any, quant: str) -> dict[str, Any]:
+    for r in result.rows:
+        if r.quant == quant:
+            return {"passed": r.passed, "top1": r.metrics.get("top1"), "kl_mean": r.metrics.get("kl_mean"),
+                    "image_cos": r.metrics.get("image_cos")}
+    return {}
+
+
+def _finalize(folder: Path, parity_json: Path, rows: list[Row], backend: str) -> None:
+    from edgemed.bundle import finalize
+
+    ev = {r.name: r.accuracy for r in rows if r.backend in (backend, "pytorch")}
+    (folder.parent / f"eval-{folder.name}.json").write_text(json.dumps(ev, indent=2))
+    mine = [r for r in rows if r.path == folder]
+    finalize(folder, {"parity.json": parity_json, "eval.json": folder.parent / f"eval-{folder.name}.json"},
+             summary={r.name: f"accuracy {_pct(r.accuracy.get('overall'))}, parity "
+                      f"{'pass' if r.parity.get('passed') else 'FAIL'}" for r in mine})
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def summary_table(rows: list[Row]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="edgemed demo: held-out accuracy, parity and speed")
+    cols = ("model / export", "accuracy", "closed", "open", "top-1", "KL mean", "parity", "size MB", "decode tok/s")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "model / export" else "right")
+    for r in rows:
+        p = r.parity
+        t.add_row(r.name, _pct(r.accuracy.get("overall")), _pct(r.accuracy.get("closed")),
+                  _pct(r.accuracy.get("open")), _pct(p.get("top1")) if p else "-", _num(p.get("kl_mean"), ".4f"),
+                  ("pass" if p.get("passed") else "FAIL") if p else "-", _num(r.size_mb, ".1f"),
+                  _num(r.decode_tok_s, ".1f"))
+    return t
+
+
+def write_report(out: Path, rows: list[Row], run: Path, seconds: float) -> Path:
+    """Markdown report with the loss curve, accuracy per format and size against accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "loss.png").write_bytes((run / "loss.png").read_bytes())
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.barh([r.name for r in rows][::-1], [100 * (r.accuracy.get("overall") or 0) for r in rows][::-1])
+    ax.set_xlabel("held-out accuracy (%)")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for r in rows:
+        if r.size_mb:
+            ax.scatter(r.size_mb, 100 * (r.accuracy.get("overall") or 0))
+            ax.annotate(r.quant or "fp32", (r.size_mb, 100 * (r.accuracy.get("overall") or 0)))
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(out / "size_vs_accuracy.png")
+    plt.close(fig)
+    lines = ["# edgemed demo report", "", f"Total time: {seconds:.0f} s.", "",
+             "| model / export | accuracy | closed | open | top-1 | KL mean | parity | size MB | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r.parity
+        lines.append(f"| {r.name} | {_pct(r.accuracy.get('overall'))} | {_pct(r.accuracy.get('closed'))} | "
+                     f"{_pct(r.accuracy.get('open'))} | {_pct(p.get('top1')) if p else '-'} | "
+                     f"{_num(p.get('kl_mean'), '.4f')} | {('pass' if p.get('passed') else 'FAIL') if p else '-'} | "
+                     f"{_num(r.size_mb, '.1f')} | {_num(r.decode_tok_s, '.1f')} |")
+    lines += ["", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![size](size_vs_accuracy.png)", "",
+              "Accuracy: closed questions (yes/no) scored as accuracy, open questions as exact match, over the "
+              "held-out test split. Parity: teacher-forced comparison with the merged PyTorch model "
+              "(see the parity-*.json reports)."]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps([{**r.__dict__, "path": str(r.path)} for r in rows], indent=2))
+    return report
