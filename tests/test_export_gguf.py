@@ -337,6 +337,42 @@ def test_quantized_types_are_in_the_files(tiny_model, tmp_path):
     assert T.F32 in types["q8_0"]  # norms stay f32
 
 
+def test_a_split_rule_turns_one_fused_tensor_into_several(tiny_model, tmp_path, monkeypatch, torch_backend):
+    """GGUFSpec.splits: a checkpoint with fused q/k/v exports to the same file as the unfused one."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import edgemed.archs as archs
+
+    folder = _copy(tiny_model("llama"), tmp_path / "fused")
+    t = load_file(folder / "model.safetensors")
+    for i in range(_config(folder).num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        t[p + "qkv_proj.weight"] = torch.cat([t.pop(p + f"{x}_proj.weight") for x in "qkv"])
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = _config(folder)
+    q, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+
+    def unfuse(name, w):
+        stem = name.replace("qkv_proj", "{}_proj")
+        return [(stem.format("q"), w[:q]), (stem.format("k"), w[q:q + kv]), (stem.format("v"), w[q + kv:])]
+
+    spec = archs.REGISTRY["llama"]
+    fused = dataclasses.replace(spec, gguf=dataclasses.replace(spec.gguf, splits=((r".*\.qkv_proj\.weight", unfuse),)))
+    monkeypatch.setitem(archs.REGISTRY, "llama", fused)
+    out = export(folder, tmp_path / "o", ["f32"])
+    ref = torch_backend("llama")
+    b = llama_backend(out, "f32")
+    try:
+        tokens = ref.tokenize(ref.render(QUESTION))
+        got, want = b.logits(tokens), ref.logits(tokens)
+        assert np.abs(got - want).max() / np.abs(want).max() <= F32_REL
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

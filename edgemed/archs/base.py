@@ -31,6 +31,9 @@ class GGUFSpec:
     permute_qk: bool = False  # HF rotate-half Q/K rows -> llama.cpp's interleaved rope (Llama)
     norm_plus_one: tuple[str, ...] = ()  # GGUF names (regex) whose weights are stored as w - 1 in HF (Gemma)
     transforms: tuple[tuple[str, Callable[[Any], Any]], ...] = ()  # (GGUF name regex, numpy array -> array)
+    # (rewritten-name regex, fn(name, array) -> [(rewritten name, array part), ...]): one checkpoint tensor becomes
+    # several (fused qkv, a Conv3d patch embedding split per frame); the parts are then named as any other
+    splits: tuple[tuple[str, Callable[[str, Any], list[tuple[str, Any]]]], ...] = ()
     text_kv: Callable[[Any], dict[str, Any]] | None = None  # extra text-model keys ("{arch}" is filled in)
     mmproj_kv: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None  # (config, processor cfg) -> keys
     image_wrap: tuple[str, str] = ("", "")  # text llama.cpp's mtmd puts around an image (HF renders it too)

@@ -327,27 +327,24 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
             continue
         if which == "text" and tied and name.startswith("lm_head."):
             continue  # llama.cpp uses token_embd when output.weight is absent
-        stem, suffix = (name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, ""))
-        new = g.tensor_names.get(stem)
-        if new is not None:
-            new = f"{new}.{suffix}" if suffix else new
-        else:
-            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            file = "text model" if which == "text" else "mmproj"
-            raise ExportError(f"cannot map tensor {key!r} (as {name!r}) to a GGUF {file} tensor name; add it to "
-                              f"the {spec.name} entry's GGUFSpec.tensor_names")
-        transform = None
-        if g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", new):
-            transform = _permute(n_head)
-        elif g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", new):
-            transform = _permute(n_kv)
-        if any(re.fullmatch(p, new) for p in g.norm_plus_one):
-            transform = _chain(transform, lambda w: w + 1.0)
-        for pattern, fn in g.transforms:
-            if re.fullmatch(pattern, new):
-                transform = _chain(transform, fn)
-        entries.append(Entry(key, new, ckpt.shapes[key], transform))
+        for sub, pick in _split(g, name, ckpt.shapes[key]):
+            new = _gguf_name(g, tmap, sub)
+            if new is None:
+                file = "text model" if which == "text" else "mmproj"
+                raise ExportError(f"cannot map tensor {key!r} (as {sub!r}) to a GGUF {file} tensor name; add it to "
+                                  f"the {spec.name} entry's GGUFSpec.tensor_names")
+            transform = pick
+            if g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", new):
+                transform = _chain(transform, _permute(n_head))
+            elif g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", new):
+                transform = _chain(transform, _permute(n_kv))
+            if any(re.fullmatch(p, new) for p in g.norm_plus_one):
+                transform = _chain(transform, lambda w: w + 1.0)
+            for pattern, fn in g.transforms:
+                if re.fullmatch(pattern, new):
+                    transform = _chain(transform, fn)
+            shape = ckpt.shapes[key] if pick is None else tuple(pick(_shape_only(ckpt.shapes[key])).shape)
+            entries.append(Entry(key, new, shape, transform))
     if not entries:
         raise ExportError(f"{ckpt.folder}: no {which} tensors found for {spec.name}")
     names = [e.name for e in entries]
@@ -356,6 +353,30 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
         raise ExportError(f"two checkpoint tensors map to GGUF {dup!r}: "
                           f"{[e.key for e in entries if e.name == dup]}; the checkpoint holds duplicates")
     return entries
+
+
+def _gguf_name(g: GGUFSpec, tmap, name: str) -> str | None:
+    stem, suffix = (name.rsplit(".", 1) if name.endswith((".weight", ".bias")) else (name, ""))
+    new = g.tensor_names.get(stem)
+    if new is not None:
+        return f"{new}.{suffix}" if suffix else new
+    return tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+
+
+def _shape_only(shape: tuple[int, ...]):
+    """An array of ``shape`` that takes no memory: enough to learn the shapes a split produces."""
+    import numpy as np
+
+    return np.broadcast_to(np.float32(0), shape)
+
+
+def _split(g: GGUFSpec, name: str, shape: tuple[int, ...]) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """``(name, picker)`` for each GGUF tensor one checkpoint tensor becomes (fused q/k/v, a 3-D conv's slices)."""
+    for pattern, fn in g.splits:
+        if re.fullmatch(pattern, name):
+            names = [n for n, _ in fn(name, _shape_only(shape))]
+            return [(n, (lambda w, i=i, fn=fn: fn(name, w)[i][1])) for i, n in enumerate(names)]
+    return [(name, None)]
 
 
 def _model_arch(name: str | None):
