@@ -104,7 +104,8 @@ def gpu_bench(name: str, cfg: dict, seq: int = 1024, steps: int = 5) -> list[dic
         if mode == "edgemed-qlora":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"))
+        targets = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, 1000, (1, seq), device="cuda")
         try:
