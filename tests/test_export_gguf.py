@@ -373,6 +373,31 @@ def test_a_split_rule_turns_one_fused_tensor_into_several(tiny_model, tmp_path, 
         b.close()
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},  # Llama 3.1/3.2: short window so every frequency regime is hit
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+])
+def test_scaled_rope_matches_pytorch(rope, tiny_model, tmp_path):
+    from edgemed.backends.pytorch import TorchBackend
+
+    folder = _copy(tiny_model("llama"), tmp_path / "rope")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"] = rope
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = export(folder, tmp_path / "o", ["f32"])
+    ref = TorchBackend(folder, device="cpu")
+    b = llama_backend(out, "f32")
+    try:
+        tokens = ref.tokenize(" ".join(prompts(ref)))  # ~100 positions, past the original window
+        got, want = b.logits(tokens), ref.logits(tokens)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= F32_REL, f"{rope['rope_type']} rope: relative error {rel:.2e}; {worst(got, want)}"
+    finally:
+        b.close()
+        ref.close()
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

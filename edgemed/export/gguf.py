@@ -264,6 +264,7 @@ class Entry:
     name: str
     shape: tuple[int, ...]
     transform: Callable[[Any], Any] | None = None
+    make: Callable[[], Any] | None = None  # a tensor computed from the config instead of read (rope_freqs)
 
 
 def _rewrite(g: GGUFSpec, key: str) -> tuple[str, str] | None:
@@ -345,6 +346,8 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
                     transform = _chain(transform, fn)
             shape = ckpt.shapes[key] if pick is None else tuple(pick(_shape_only(ckpt.shapes[key])).shape)
             entries.append(Entry(key, new, shape, transform))
+    if which == "text" and (freqs := _llama3_rope_factors(text_cfg)) is not None:
+        entries.append(Entry("", "rope_freqs.weight", freqs.shape, make=lambda: freqs))
     if not entries:
         raise ExportError(f"{ckpt.folder}: no {which} tensors found for {spec.name}")
     names = [e.name for e in entries]
@@ -353,6 +356,32 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
         raise ExportError(f"two checkpoint tensors map to GGUF {dup!r}: "
                           f"{[e.key for e in entries if e.name == dup]}; the checkpoint holds duplicates")
     return entries
+
+
+def _llama3_rope_factors(c: Any):
+    """Llama 3.1+ frequency-dependent RoPE scaling as llama.cpp's rope_freqs tensor (convert_hf_to_gguf's formula)."""
+    import math
+
+    import numpy as np
+
+    rope = getattr(c, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old = float(rope["original_max_position_embeddings"])
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _gguf_name(g: GGUFSpec, tmap, name: str) -> str | None:
@@ -474,7 +503,7 @@ def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: st
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for e, t in tqdm(list(zip(plan, types, strict=True)), desc=desc, unit="tensor", leave=False):
-                data = ckpt.get(e.key)
+                data = e.make() if e.make else ckpt.get(e.key)
                 if e.transform:
                     data = e.transform(data)
                 w.write_tensor_data(_convert(data, t))
@@ -525,9 +554,9 @@ def text_kv(spec: ArchSpec, config: Any) -> dict[str, Any]:
         if rtype == "linear":
             kv[Keys.Rope.SCALING_TYPE] = "linear"
             kv[Keys.Rope.SCALING_FACTOR] = float(rope["factor"])
-        elif rtype != "default":
+        elif rtype not in ("default", "llama3"):  # llama3: the rope_freqs tensor carries it
             raise ExportError(f"rope type {rtype!r} of {spec.name} is not supported by `export gguf` yet; "
-                              "supported: default, linear")
+                              "supported: default, linear, llama3")
     kv = {k.format(arch=arch): v for k, v in kv.items()}
     if spec.gguf and spec.gguf.text_kv:
         kv.update({k.format(arch=arch): v for k, v in spec.gguf.text_kv(c).items()})
