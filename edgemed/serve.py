@@ -576,11 +576,12 @@ async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
     """A whole (non-streamed) answer, once a slot is held."""
     pieces, reason, usage = [], "stop", {}
     try:
-        async for kind, value in _generate(state, prompt, ticket, deadline):
-            if kind == "piece":
-                pieces.append(value)
-            else:
-                reason, usage = value
+        async with contextlib.aclosing(_generate(state, prompt, ticket, deadline)) as gen:
+            async for kind, value in gen:
+                if kind == "piece":
+                    pieces.append(value)
+                else:
+                    reason, usage = value
     except TimeoutError:
         raise _Api(504, f"the answer took longer than {state.config.request_timeout:g} s; ask for fewer tokens "
                    "or try again later", "timeout") from None
@@ -607,21 +608,23 @@ async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket
     last_check = time.monotonic()
     try:
         yield _chunk(state, rid, {"role": "assistant", "content": ""}, None)
-        async for kind, value in _generate(state, prompt, ticket, deadline):
-            if kind == "end":
-                reason, usage = value
-                yield _chunk(state, rid, {}, _finish(reason))
-                if prompt.include_usage:
-                    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": state.model_id, "choices": [], "usage": usage}
-                    yield f"data: {json.dumps(body)}\n\n"
-                break
-            yield _chunk(state, rid, {"content": value}, None)
-            if time.monotonic() - last_check > 0.1:  # a cheap poll, at most ten times a second
-                last_check = time.monotonic()
-                if await request.is_disconnected():
-                    state.metrics.counts["cancelled"] += 1
-                    return
+        # aclosing: however this generator ends, the inner one's cleanup (stop the model) runs at once
+        async with contextlib.aclosing(_generate(state, prompt, ticket, deadline)) as gen:
+            async for kind, value in gen:
+                if kind == "end":
+                    reason, usage = value
+                    yield _chunk(state, rid, {}, _finish(reason))
+                    if prompt.include_usage:
+                        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                "model": state.model_id, "choices": [], "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    break
+                yield _chunk(state, rid, {"content": value}, None)
+                if time.monotonic() - last_check > 0.1:  # a cheap poll, at most ten times a second
+                    last_check = time.monotonic()
+                    if await request.is_disconnected():
+                        state.metrics.counts["cancelled"] += 1
+                        return
         yield "data: [DONE]\n\n"
         state.metrics.counts["completed"] += 1
         state.metrics.latencies.append(time.monotonic() - arrived)

@@ -489,6 +489,29 @@ def test_a_folder_that_is_no_model_is_refused(tmp_path):
         open_export(tmp_path)
 
 
+def test_gguf_export_served_through_llama_cpp_equals_its_backend(tiny_model, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from edgemed.export.gguf import export_gguf
+    from edgemed.serve import open_export
+
+    out = export_gguf(tiny_model("llava"), ["f32"], tmp_path / "gguf")
+    backend = open_export(out, n_threads=2)  # verified, then the runtime its manifest names
+    try:
+        assert backend.name == "llamacpp" and backend.is_vision
+        with serving(backend) as server:
+            client = server.client()
+            r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
+                                               max_tokens=10, temperature=1.0, seed=4)
+            assert r.choices[0].message.content == direct(backend, max_tokens=10, temperature=1.0, seed=4)
+            img = picture(8)
+            stream = client.chat.completions.create(model="m", messages=image_message(data_url(png_bytes(img))),
+                                                    max_tokens=10, temperature=1.0, seed=4, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == direct(backend, image=img, max_tokens=10, temperature=1.0, seed=4)
+    finally:
+        backend.close()
+
+
 # ---------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_embedded_image_model_served_equals_its_backend(embedded_image):
