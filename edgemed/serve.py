@@ -183,13 +183,14 @@ def image_from_url(url: str, config: ServeConfig) -> Image.Image:
         raise _Api(403, "local image paths are not allowed on this server (start it with --allow-dir FOLDER); "
                    "send the image as a base64 data: URL", "path_not_allowed")
     try:
-        real = path.resolve(strict=True)
+        real = path.resolve()  # links followed: a link inside an allowed folder cannot point out of it
     except (OSError, RuntimeError):
-        raise _Api(404, f"image file {path} does not exist", "image_not_found") from None
-    if not any(real.is_relative_to(Path(d).resolve()) for d in config.allow_dirs):
+        raise _Api(400, f"image path {path} cannot be resolved", "invalid_image_url") from None
+    # checked before existence, so that nothing can be learnt about files outside the allowed folders
+    if not path.is_absolute() or not any(real.is_relative_to(Path(d).resolve()) for d in config.allow_dirs):
         raise _Api(403, f"image file {path} is outside the allowed folders", "path_not_allowed")
     if not real.is_file():
-        raise _Api(400, f"{path} is not a file", "invalid_image_url")
+        raise _Api(404, f"image file {path} does not exist", "image_not_found")
     if real.stat().st_size > config.max_body_bytes:
         raise _Api(413, f"image file {path} is larger than {config.max_body_bytes} bytes", "image_too_large")
     return _image_or_400(real.read_bytes(), SUFFIX_MIME.get(real.suffix.lower(), "image/png"), config)

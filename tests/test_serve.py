@@ -219,8 +219,19 @@ def test_local_image_path_only_under_an_allowed_folder(image_server, image_backe
 
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="m", messages=image_message(outside.as_uri()), max_tokens=8)
+    link = image_server.allowed / "link.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside)  # a link inside the allowed folder that leads out of it
+    for refused in (link, tmp_path / "absent.png"):  # outside: 403 whether or not the file exists
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="m", messages=image_message(refused.as_uri()), max_tokens=8)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="m", messages=image_message(str(image_server.allowed / "absent.png")),
+                                       max_tokens=8)
+    # the URL is never fetched: nothing is contacted (example.invalid cannot resolve in any case)
     with pytest.raises(openai.BadRequestError, match="offline"):
-        client.chat.completions.create(model="m", messages=image_message("https://example.org/x.png"), max_tokens=8)
+        client.chat.completions.create(model="m", messages=image_message("https://example.invalid/x.png"),
+                                       max_tokens=8)
 
 
 def test_ask_streams_what_the_backend_answers(tiny_model, image_backend, tmp_path):
