@@ -122,6 +122,34 @@ def direct(backend, question: str = QUESTION, image: Image.Image | None = None, 
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def loopback_only():
+    """Every connection this module's process opens must go to loopback: a reach for a hub or a URL fails it."""
+    import ipaddress
+
+    attempts: list = []
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if isinstance(host, str):
+            try:
+                ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                ok = False
+            if not ok:
+                attempts.append(address)
+                raise OSError(f"test: connection to {address} refused (loopback only)")
+        return real(self, address)
+
+    socket.socket.connect = guarded
+    try:
+        yield attempts
+    finally:
+        socket.socket.connect = real
+    assert not attempts, f"the server or client tried to connect beyond loopback: {attempts}"
+
+
 @pytest.fixture(scope="module")
 def text_backend(tiny_model):
     b = TorchBackend(tiny_model("llama"))
