@@ -292,21 +292,27 @@ def _text_of(content: str | list[_Part] | None, images: list[str]) -> str:
 
 
 def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Prompt:
-    """The rendered prompt, image and decoding settings of one request (one user turn, optional system)."""
-    system_parts, users, images = [], [], []
+    """The rendered prompt, image and decoding settings of one request.
+
+    One user message (and an optional system message) is rendered by ``backend.render``, exactly as a direct
+    call renders it. A conversation with history is rendered with the model's own chat template, with the image
+    in the user turn that carried it.
+    """
+    system_parts, turns, images = [], [], []  # turns: (role, text, carries the image)
     for m in req.messages:
+        found: list[str] = []
+        text = _text_of(m.content, found)
         if m.role in ("system", "developer"):
-            found: list[str] = []
-            system_parts.append(_text_of(m.content, found))
-            if found:
-                raise _Api(400, "images belong in a user message, not a system message", "invalid_content")
-        elif m.role == "user":
-            users.append(_text_of(m.content, images))
+            if turns:
+                raise _Api(400, "a system message must come before the conversation", "invalid_conversation")
+            system_parts.append(text)
         else:
-            raise _Api(400, "conversation history (assistant messages) is not supported: send an optional system "
-                       "message and one user message", "unsupported_conversation")
-    if len(users) != 1:
-        raise _Api(400, f"send exactly one user message (got {len(users)})", "unsupported_conversation")
+            turns.append((m.role, text, bool(found)))
+        if found and m.role != "user":
+            raise _Api(400, f"images belong in a user message, not a {m.role} message", "invalid_content")
+        images += found
+    if not turns or turns[-1][0] != "user":
+        raise _Api(400, "the last message must be the user's question", "invalid_conversation")
     if len(images) > 1:
         raise _Api(400, f"one image per request is supported (got {len(images)})", "too_many_images")
     if images and not backend.is_vision:
@@ -321,13 +327,38 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Pr
     image = image_from_url(images[0], config) if images else None
     system = "\n".join(p for p in system_parts if p) or None
     try:
-        text = backend.render(users[0], image=image is not None, system=system)
+        if len(turns) == 1:
+            text = backend.render(turns[0][1], image=image is not None, system=system)
+        else:
+            text = _render_history(backend, system, turns)
     except EdgemedError as e:
         raise _Api(400, str(e), "invalid_prompt") from None
     params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                        stop=stop)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _Prompt(text, image, params, req.stream, include_usage)
+
+
+def _render_history(backend: Backend, system: str | None, turns: list[tuple[str, str, bool]]) -> str:
+    """A whole conversation through the chat template of the processor or tokenizer the backend renders with."""
+    from edgemed import prompting
+
+    owner = getattr(backend, "processor", None)
+    if owner is None or not hasattr(owner, "apply_chat_template"):
+        raise _Api(400, f"the {getattr(backend, 'name', '?')} runtime answers single questions only; send an "
+                   "optional system message and one user message", "unsupported_conversation")
+    typed = backend.is_vision  # image models' templates take typed content, text models' plain strings
+
+    def content(text: str, image: bool = False) -> Any:
+        return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}] if typed else text
+
+    msgs = [{"role": "system", "content": content(system)}] if system else []
+    msgs += [{"role": role, "content": content(text, image)} for role, text, image in turns]
+    try:
+        return prompting.render(owner, msgs)
+    except Exception as e:  # the template's own refusal (e.g. roles must alternate), from jinja
+        raise _Api(400, f"the model's chat template refused this conversation: {e}", "invalid_conversation"
+                   ) from None
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -220,6 +220,23 @@ def test_streamed_answer_arrives_in_pieces_and_equals_the_backend(image_server, 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_conversation_with_history_is_rendered_with_the_models_template(text_server, text_backend):
+    from edgemed import prompting
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is there a lesion?"},
+            {"role": "assistant", "content": "Yes, in the left lung."}, {"role": "user", "content": QUESTION}]
+    prompt = prompting.render(text_backend.processor, msgs)
+    assert "Yes, in the left lung." in prompt and prompt.endswith(text_backend.render(QUESTION)[-30:])
+    seed = next(s for s in range(50) if "".join(text_backend.generate(prompt, None, GenParams(
+        max_tokens=10, temperature=0.3, seed=s))) != direct(text_backend, max_tokens=10, temperature=0.3, seed=s))
+    r = text_server.client().chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0.3,
+                                                     seed=seed)
+    assert r.choices[0].message.content == "".join(text_backend.generate(prompt, None, GenParams(
+        max_tokens=10, temperature=0.3, seed=seed)))
+    r = post(text_server, chat_body(msgs[:3]))  # ends with the assistant: nothing to answer
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_conversation"
+
+
 def test_models_health_and_metrics(text_server):
     models = text_server.client().models.list()
     assert [m.id for m in models.data] == [text_server.app.state.edgemed.model_id]
