@@ -218,6 +218,40 @@ def test_a_prompt_without_its_placeholder_is_refused_with_an_image(image_backend
         image_backend.logits(tokens, picture(0))
 
 
+def test_a_run_folder_answers_as_its_adapter_model(tiny_model, tmp_path):
+    from conftest import write_vqa
+
+    from edgemed.modeling import load_base, load_run
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    data = write_vqa(tmp_path / "data", n=4, image=True)
+    recipe = Recipe.model_validate({
+        "model": {"path": str(tiny_model("llava"))}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2},
+        "stages": [{"name": "s", "data": {"train": str(data)}, "max_steps": 1,
+                    "train": {"vision": "lora", "projector": "train", "decoder": "lora"}}]})
+    run = finetune(recipe, tmp_path / "run")
+    backend = TorchBackend(run)
+    try:
+        prompt = backend.render(QUESTION, image=True)
+        tokens = backend.tokenize(prompt)
+        img = picture(0)
+        got = backend.logits(tokens, img)
+        ref = load_run(run)
+        enc = ref.processor(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            want = ref.model(**enc).logits[0].numpy()
+            base = load_base(tiny_model("llava")).model(**enc).logits[0].numpy()
+        k = tokens.index(backend.image_token_id)
+        np.testing.assert_allclose(got[:k], want[:k], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got[k + 1:], want[-(len(tokens) - k - 1):], atol=1e-5, rtol=1e-5)
+        assert np.abs(want - base).max() > 1e-3  # the adapter changes the answer: this compared something
+        assert backend.image_embeddings(img).shape == (16, 64)
+    finally:
+        backend.close()
+
+
 @pytest.mark.slow
 def test_embedded_text_model_answers_and_ends_its_turn(embedded_text):
     b = TorchBackend(embedded_text)

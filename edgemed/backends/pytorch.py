@@ -248,9 +248,10 @@ class TorchBackend:
             if fn is not None:
                 feats = fn(**_accepted(fn, inputs))
             else:  # cross-attention families (mllama): the projected vision states the decoder attends to
-                vision = self.model.get_submodule(self.arch.vision)
+                root = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PEFT
+                vision = root.get_submodule(self.arch.vision)
                 out = vision(**_accepted(vision.forward, inputs))
-                feats = self.model.get_submodule(self.arch.projector)(out[0])
+                feats = root.get_submodule(self.arch.projector)(out[0])
         if hasattr(feats, "pooler_output"):
             feats = feats.pooler_output
         if isinstance(feats, list | tuple):
