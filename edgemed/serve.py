@@ -455,6 +455,7 @@ class _State:
             slots = 1
         self.gate = _Gate(slots, config.max_queue)
         self.metrics = _Metrics()
+        self.closing = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="edgemed-serve")
         self.model_id = _model_id(config.export_dir)
         self.created = int(time.time())
@@ -500,7 +501,7 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
                 for piece in it:
                     pieces.append(piece)
                     post(("piece", piece))
-                    if stop.is_set():
+                    if stop.is_set() or state.closing.is_set():
                         break
                 else:
                     reason = getattr(state.backend, "last_finish_reason", None) or "stop"
@@ -707,6 +708,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        state.closing.set()  # running generations stop within one token instead of finishing their answers
         state.pool.shutdown(wait=True, cancel_futures=True)
         if state.owns_backend:
             state.backend.close()
