@@ -42,6 +42,8 @@ def picture(seed: int, size: int) -> object:
 
 def image_size(torch_backend) -> int:
     ip = torch_backend.processor.image_processor
+    if hasattr(ip, "merge_size"):  # Qwen2-VL processors give a pixel budget, not an edge
+        return int(round(ip.size["longest_edge"] ** 0.5))
     size = getattr(ip, "crop_size", None) or ip.size
     return int(size.get("height") or size.get("shortest_edge") or size.get("longest_edge"))
 
@@ -97,6 +99,18 @@ def llama_backend(folder: Path, quant: str):
     return LlamaCppBackend(folder, quant=quant, n_threads=2, n_ctx=512)
 
 
+def top1_mismatches(got: np.ndarray, want: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """Positions where llama.cpp's top token is not PyTorch's.
+
+    f16 weights move logits by about 1e-3 of their scale, so where PyTorch's best two tokens are closer than that
+    (near-ties, which random tiny models have) either counts as its top token. Such positions must stay rare.
+    """
+    near = want >= want.max(-1, keepdims=True) - tol * np.abs(want).max()
+    ambiguous = (near.sum(-1) > 1).mean()
+    assert ambiguous <= 0.1, f"{ambiguous:.0%} of positions are near-ties: the comparison would say little"
+    return np.flatnonzero(~near[np.arange(len(got)), got.argmax(-1)])
+
+
 def worst(got: np.ndarray, want: np.ndarray) -> str:
     i, j = np.unravel_index(np.abs(got - want).argmax(), got.shape)
     return f"worst at row {i} token {j}: llama.cpp {got[i, j]:.5f} vs PyTorch {want[i, j]:.5f}"
@@ -128,7 +142,7 @@ def test_f16_top1_identical_on_every_position(arch, exported, torch_backend):
         for text in prompts(ref):
             tokens = ref.tokenize(text)
             got, want = b.logits(tokens), ref.logits(tokens)
-            bad = np.flatnonzero(got.argmax(-1) != want.argmax(-1))
+            bad = top1_mismatches(got, want)
             assert bad.size == 0, f"{arch} f16 top-1 differs at positions {bad.tolist()} of {text!r}"
     finally:
         b.close()
@@ -517,7 +531,7 @@ def test_embedded_text_model_matches_pytorch(embedded_text, embedded_export):
             got = b32.logits(tokens)
             rel = np.abs(got - want).max() / np.abs(want).max()
             assert rel <= F32_REL, f"f32 relative error {rel:.2e} on {text!r}; {worst(got, want)}"
-            bad = np.flatnonzero(b16.logits(tokens).argmax(-1) != want.argmax(-1))
+            bad = top1_mismatches(b16.logits(tokens), want)
             assert bad.size == 0, f"f16 top-1 differs at {bad.tolist()} of {text!r}"
         assert b16.tokenize(texts[0]).count(ref.tokenizer.bos_token_id) == texts[0].count(ref.tokenizer.bos_token)
     finally:

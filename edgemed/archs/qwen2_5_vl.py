@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec
 from edgemed.archs.qwen2 import QWEN_SPECIAL, qwen_tokenizer, tiny_text_config
 
 VL_SPECIAL = QWEN_SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -108,6 +108,64 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     return save_folder(out, model, tok, processor(tok))
 
 
+def gguf_split_qkv(name: str, w):
+    """The vision blocks' fused qkv -> the separate q, k, v clip.cpp reads (convert_hf_to_gguf does the same)."""
+    c = w.shape[0] // 3
+    return [(name.replace(".qkv.", f".{x}."), w[i * c:(i + 1) * c]) for i, x in enumerate("qkv")]
+
+
+def gguf_split_conv3d(name: str, w):
+    """Conv3d over 2 frames -> two Conv2d kernels (v.patch_embd.weight, v.patch_embd.weight.1) clip.cpp adds."""
+    return [("visual.patch_embed.proj.weight", w[:, :, 0]), ("visual.patch_embed.frame1", w[:, :, 1])]
+
+
+def gguf_text_kv(c) -> dict:
+    """llama.cpp's qwen2vl reads the M-RoPE sections as four numbers (the fourth unused)."""
+    sections = list(c.rope_parameters["mrope_section"])
+    return {"{arch}.rope.dimension_sections": sections + [0] * (4 - len(sections))}
+
+
+def gguf_mmproj_kv(config, processor_config: dict) -> dict:
+    """Window attention every n_wa_pattern-th block full (clip.cpp's rule), SwiGLU (silu), the processor's pixel
+    budget so clip.cpp resizes images as the HF processor does."""
+    from edgemed.errors import ExportError
+
+    v = config.vision_config
+    full = list(v.fullatt_block_indexes)
+    n_wa = full[0] + 1
+    if full != list(range(n_wa - 1, v.depth, n_wa)):
+        raise ExportError(f"fullatt_block_indexes {full} are not every {n_wa}th block, the only pattern llama.cpp's "
+                          "qwen2.5vl_merger runs; use `edgemed export onnx`")
+    size = processor_config.get("size", {})
+    lo = size.get("shortest_edge", processor_config.get("min_pixels"))
+    hi = size.get("longest_edge", processor_config.get("max_pixels"))
+    return {"clip.use_gelu": False, "clip.use_silu": True, "clip.vision.n_wa_pattern": n_wa,
+            "clip.vision.window_size": int(v.window_size), "clip.vision.attention.layer_norm_epsilon": 1e-6,
+            "clip.vision.image_size": min(560, int(hi ** 0.5)),  # warm-up size only (convert_hf_to_gguf: 560)
+            "clip.vision.image_min_pixels": int(lo), "clip.vision.image_max_pixels": int(hi)}
+
+
+# checkpoint keys: transformers 5 saves the hub names (model.layers.*, model.embed_tokens, visual.*, lm_head);
+# newer tools write module names (model.language_model.*, model.visual.*). The merger is the projector.
+GGUF = GGUFSpec(
+    key_prefixes=(
+        ("model.language_model.", "text", "model."),
+        ("model.layers.", "text", "model.layers."),
+        ("model.embed_tokens.", "text", "model.embed_tokens."),
+        ("model.norm.", "text", "model.norm."),
+        ("lm_head.", "text", "lm_head."),
+        ("model.visual.merger.", "projector", "visual.merger."),
+        ("visual.merger.", "projector", "visual.merger."),
+        ("model.visual.", "vision", "visual."),
+        ("visual.", "vision", "visual."),
+    ),
+    tensor_names={"visual.merger.mlp.2": "mm.2", "visual.patch_embed.frame1": "v.patch_embd.weight.1"},
+    splits=((r"visual\.blocks\.\d+\.attn\.qkv\.(weight|bias)", gguf_split_qkv),
+            (r"visual\.patch_embed\.proj\.weight", gguf_split_conv3d)),
+    text_kv=gguf_text_kv,
+    mmproj_kv=gguf_mmproj_kv,
+)
+
 SPEC = ArchSpec(
     name="qwen2_5_vl",
     family="Qwen2.5-VL",
@@ -122,9 +180,7 @@ SPEC = ArchSpec(
     image_placeholder="<|image_pad|>",
     gguf_arch="qwen2vl",
     gguf_projector="qwen2.5vl_merger",
-    no_gguf_reason=("llama.cpp runs Qwen2.5-VL (qwen2vl decoder, qwen2.5vl_merger projector), but edgemed's GGUF "
-                    "writer cannot yet split the fused vision qkv and the Conv3d patch embedding into the tensors "
-                    "clip.cpp reads"),
+    gguf=GGUF,
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     prepare=prepare,

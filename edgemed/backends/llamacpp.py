@@ -226,19 +226,18 @@ class LlamaCppBackend:
         if n > self.n_batch:
             raise DataError(f"the image gives {n} embeddings, more than n_batch={self.n_batch}; open the backend "
                             "with a larger n_batch")
-        batch = llama_cpp.llama_batch_init(n, self.n_embd, 1)
-        own_pos = batch.pos
+        # M-RoPE (Qwen2.5-VL) takes 4 positions per embedding: allocate room for them in the batch itself
+        batch = llama_cpp.llama_batch_init(4 * n if mrope else n, self.n_embd, 1)
         try:
             batch.n_tokens = n
             flat = np.ascontiguousarray(emb, dtype=np.float32)
             ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
-            if mrope:  # M-RoPE (Qwen2.5-VL): temporal, row, column and an unused section, as mtmd's helper lays out
+            if mrope:  # temporal, row, column and an unused section, laid out as mtmd's helper does
                 nx = mtmd_cpp.mtmd_image_tokens_get_nx(mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk))
-                pos = (llama_cpp.llama_pos * (4 * n))()
                 for i in range(n):
                     y, x = divmod(i, nx)
-                    pos[i], pos[n + i], pos[2 * n + i], pos[3 * n + i] = pos0, pos0 + y, pos0 + x, 0
-                batch.pos = ctypes.cast(pos, type(own_pos))
+                    batch.pos[i], batch.pos[n + i], batch.pos[2 * n + i], batch.pos[3 * n + i] = (
+                        pos0, pos0 + y, pos0 + x, 0)
             else:
                 for i in range(n):
                     batch.pos[i] = pos0 + i
@@ -258,7 +257,6 @@ class LlamaCppBackend:
                 raise DataError(f"llama_decode of the image embeddings returned {rc}")
             return self._last_logits(), n_pos
         finally:
-            batch.pos = own_pos  # llama_batch_free frees the array it allocated, not ours
             llama_cpp.llama_batch_free(batch)
 
     def _prefill(self, tokens: list[int], image: Image.Image | None, logits: str) -> tuple[list[np.ndarray], int]:

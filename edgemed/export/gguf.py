@@ -312,7 +312,8 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
         parts = ("text",)
     else:
         vcfg = config.vision_config
-        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vcfg.num_hidden_layers)
+        # extra block ids cover numbered projector layers (mm.0 .. mm.N), as convert_hf_to_gguf does
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, _vision_layers(vcfg) + 8)
         parts = ("vision", "projector")
     n_head = text_cfg.num_attention_heads
     n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_head
@@ -588,13 +589,13 @@ def mmproj_kv(spec: ArchSpec, config: Any, model_dir: Path) -> dict[str, Any]:
     kv: dict[str, Any] = {
         Keys.Clip.HAS_VISION_ENCODER: True,
         Keys.Clip.PROJECTOR_TYPE: spec.gguf_projector,
-        Keys.ClipVision.IMAGE_SIZE: v.image_size,
+        Keys.ClipVision.IMAGE_SIZE: getattr(v, "image_size", None),  # families without one give it in mmproj_kv
         Keys.ClipVision.PATCH_SIZE: v.patch_size,
         Keys.ClipVision.EMBEDDING_LENGTH: v.hidden_size,
         Keys.ClipVision.FEED_FORWARD_LENGTH: v.intermediate_size,
-        Keys.ClipVision.BLOCK_COUNT: v.num_hidden_layers,
-        Keys.ClipVision.Attention.HEAD_COUNT: v.num_attention_heads,
-        Keys.ClipVision.Attention.LAYERNORM_EPS: float(v.layer_norm_eps),
+        Keys.ClipVision.BLOCK_COUNT: _vision_layers(v),
+        Keys.ClipVision.Attention.HEAD_COUNT: getattr(v, "num_attention_heads", None) or v.num_heads,
+        Keys.ClipVision.Attention.LAYERNORM_EPS: float(getattr(v, "layer_norm_eps", 1e-6)),
         Keys.ClipVision.PROJECTION_DIM: spec.text_config(config).hidden_size,
         Keys.ClipVision.IMAGE_MEAN: [float(x) for x in proc.get("image_mean", [0.5, 0.5, 0.5])],
         Keys.ClipVision.IMAGE_STD: [float(x) for x in proc.get("image_std", [0.5, 0.5, 0.5])],
@@ -603,6 +604,10 @@ def mmproj_kv(spec: ArchSpec, config: Any, model_dir: Path) -> dict[str, Any]:
     if spec.gguf and spec.gguf.mmproj_kv:
         kv.update(spec.gguf.mmproj_kv(config, proc))
     return kv
+
+
+def _vision_layers(v: Any) -> int:
+    return getattr(v, "num_hidden_layers", None) or v.depth  # Qwen2.5-VL's vision config says depth
 
 
 def _processor_config(model_dir: Path) -> dict[str, Any]:
