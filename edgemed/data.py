@@ -109,6 +109,8 @@ class _Problems:
         if not self.items:
             return
         n = len(self.items)
+        if n == 1:  # one problem: one line, naming file and line
+            raise DataError(self.items[0])
         head = f"{self.path}: {n} problem{'s' if n != 1 else ''} in {total} {unit}; fix them and run again"
         lines = [head, *(f"  {p}" for p in self.items[:MAX_LISTED])]
         if n > MAX_LISTED:

@@ -74,7 +74,8 @@ def encode_vqa(loaded: Loaded, recipe: Recipe, record: Any) -> Example:
     prompt, answer = prompting.prompt_and_answer(
         loaded.processor, question_text(recipe, record), record.answer, image=has_image,
         system=system_prompt(recipe, record), typed=loaded.arch.is_vision)
-    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    # the rendered template already holds BOS where the model wants one (Gemma, Llama 3): add no specials
+    kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}
     if has_image:
         kwargs["images"] = [load_image(record.image)]
     if loaded.arch.is_vision:
@@ -404,9 +405,10 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
         _check_output(out, work, resume, overwrite)
     base, stages = _resolve_paths(recipe)
     device, use_4bit = _device_and_method(recipe, strict)
+    encoded = encode_stages(recipe, base, stages)  # every record checked (images decoded) before weights load
     work.mkdir(parents=True, exist_ok=True)
     try:
-        _train(recipe, base, stages, work, device, use_4bit, resume)
+        _train(recipe, base, encoded, work, device, use_4bit, resume)
     except BaseException:
         if main and not (work / CHECKPOINTS).is_dir():
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no folder behind
@@ -430,10 +432,29 @@ def _check_output(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
         raise ArtifactError(f"--resume: no checkpoint under {work}; start without --resume")
 
 
-def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list[Any]]], work: Path,
+def encode_stages(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list[Any]]]
+                  ) -> list[tuple[Stage, list[Example], list[Example]]]:
+    """Tokenise every stage's records with the base model's processor (no weights needed)."""
+    from edgemed.archs import arch_for_dir
+    from edgemed.modeling import load_processor
+
+    arch = arch_for_dir(base)
+    proc, tok = load_processor(base, arch)
+    shell = Loaded(model=None, processor=proc, tokenizer=tok, arch=arch, base_dir=base)
+    out = []
+    for stage, train, val in stages:
+        train_ex = encode(shell, recipe, train)
+        if not train_ex:
+            raise RecipeError(f"stage {stage.name}: no training examples in {stage.data.train}")
+        out.append((stage, train_ex, encode(shell, recipe, val)))
+    return out
+
+
+def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Example], list[Example]]], work: Path,
            device: str, use_4bit: bool, resume: bool) -> None:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -449,6 +470,8 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
     frozen_before = param_hashes(model, arch, all_names, prefix)
     report = trainable_report(model, arch, all_names, prefix)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # accelerate keeps its settings process-wide; one process may run several fine-tunes (the demo, tests)
+    AcceleratorState._reset_state(reset_partial_state=False)
     accel = Accelerator(gradient_accumulation_steps=recipe.optim.grad_accum, kwargs_handlers=[ddp],
                         cpu=device == "cpu", mixed_precision=mixed_precision(recipe, device, use_4bit))
     main = accel.is_main_process
@@ -462,13 +485,9 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Any], list
     else:
         log = []
     started = time.time()
-    for si, (stage, train_records, val_records) in enumerate(stages):
+    for si, (stage, train_ex, val_ex) in enumerate(stages):
         if si < state["stage"]:
             continue
-        train_ex = encode(loaded, recipe, train_records)
-        val_ex = encode(loaded, recipe, val_records)
-        if not train_ex:
-            raise RecipeError(f"stage {stage.name}: no training examples in {stage.data.train}")
         names = stage_names[si]
         params = _set_trainable(accel.unwrap_model(model) if si else model, names)
         if not params:

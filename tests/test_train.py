@@ -43,6 +43,7 @@ def test_strategy_trains_two_steps(arch, strategy, tiny_model, tmp_path):
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["global_step"] for e in log] == [1, 2] and all(e["loss"] > 0 for e in log)
     assert "val_accuracy" in log[-1]
+    assert _leading_bos(spec, tiny_model(arch)) <= 1, "training example starts with a doubled BOS"
     rep = json.loads((run / "trainable.json").read_text())
     parts = rep["per_part"]
     assert rep["trainable"] > 0 and 0 < rep["percent"] < 100
@@ -144,3 +145,20 @@ def test_resume_reaches_same_result(tiny_model, tmp_path):
 def _steps(recipe: Recipe, n: int) -> Recipe:
     recipe.stages[0].max_steps = n
     return recipe
+
+
+def _leading_bos(spec, model_dir) -> int:
+    """BOS tokens at the start of one encoded training example: the template's own, never one more."""
+    from edgemed.modeling import load_processor
+    from edgemed.train import Loaded, encode_vqa
+
+    proc, tok = load_processor(model_dir, spec)
+    shell = Loaded(model=None, processor=proc, tokenizer=tok, arch=spec, base_dir=model_dir)
+    rec = type("R", (), {"question": "Which side?", "answer": "left", "image": None, "system": None, "task": None,
+                         "source": "t:1"})()
+    ids = encode_vqa(shell, Recipe.model_validate({"model": {"path": "x"}, "stages": [
+        {"name": "s", "data": {"train": "t"}}]}), rec).inputs["input_ids"][0].tolist()
+    n = 0
+    while n < len(ids) and ids[n] == tok.bos_token_id:
+        n += 1
+    return n

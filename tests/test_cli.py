@@ -1,0 +1,130 @@
+"""Bad inputs through the command line: a one-line error naming the file, line or key and what to do, a non-zero
+exit, and no output folder left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import write_vqa
+from PIL import Image
+
+from edgemed.cli import main
+
+
+def finetune(tmp_path, model, train, extra=None):
+    doc = {"model": {"path": str(model)}, "stages": [{"name": "s", "data": {"train": str(train)}, "max_steps": 1}]}
+    doc.update(extra or {})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["finetune", str(recipe), "--out", str(out)])
+    assert r.exit_code != 0, r.output
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    msg = r.output.strip()
+    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def vqa_with(tmp_path, image_name, write=None):
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    if write:
+        write(folder / image_name)
+    p = folder / "train.jsonl"
+    p.write_text(json.dumps({"image": image_name, "question": "q?", "answer": "yes"}) + "\n")
+    return p
+
+
+def test_unknown_recipe_key(tiny_model, tmp_path):
+    data = write_vqa(tmp_path / "d", n=2, image=False)
+    msg = finetune(tmp_path, tiny_model("llama"), data, {"optim": {"learning_rate": 1e-3}})
+    assert "optim.learning_rate: unknown key" in msg and "recipe.yaml" in msg
+
+
+def test_missing_image(tiny_model, tmp_path):
+    msg = finetune(tmp_path, tiny_model("llava"), vqa_with(tmp_path, "nope.png"))
+    assert "train.jsonl:1" in msg and "nope.png" in msg
+
+
+def test_corrupt_png(tiny_model, tmp_path):
+    def write(p):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(p)
+        p.write_bytes(p.read_bytes()[:60])
+
+    msg = finetune(tmp_path, tiny_model("llava"), vqa_with(tmp_path, "bad.png", write))
+    assert "bad.png" in msg
+
+
+def test_dicom_without_pixels(tiny_model, tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def write(p):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(p), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.PatientID = "x"
+        ds.save_as(p, enforce_file_format=True)
+
+    msg = finetune(tmp_path, tiny_model("llava"), vqa_with(tmp_path, "scan.dcm", write))
+    assert "scan.dcm" in msg and "pixel" in msg.lower()
+
+
+def test_jsonl_line_not_json(tiny_model, tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"question": "q", "answer": "yes", "image": null}\nnot json\n')
+    msg = finetune(tmp_path, tiny_model("llama"), p)
+    assert "t.jsonl:2" in msg and "JSON" in msg
+
+
+def test_unsupported_architecture(tiny_model, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_model("llama"), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "falcon"
+    (model / "config.json").write_text(json.dumps(cfg))
+    msg = finetune(tmp_path, model, write_vqa(tmp_path / "d", n=2, image=False))
+    assert "falcon" in msg and "llava" in msg and "supported" in msg
+
+
+def test_adapter_trained_on_another_base(tiny_model, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_model("llama"), tmp_path / "base")
+    data = write_vqa(tmp_path / "d", n=2, image=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(base)}, "optim": {"batch_size": 2},
+                                      "stages": [{"name": "s", "data": {"train": str(data)}, "max_steps": 1}]}))
+    assert CliRunner().invoke(main, ["finetune", str(recipe), "--out", str(tmp_path / "run")]).exit_code == 0
+    shutil.copy(tiny_model("llama", seed=3) / "model.safetensors", base / "model.safetensors")
+    r = CliRunner().invoke(main, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    assert r.exit_code != 0 and "trained on" in r.output and "\n" not in r.output.strip()
+    assert not (tmp_path / "merged").exists()
+
+
+def test_help_is_fast():
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "edgemed.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "finetune" in r.stdout
+    # heavy libraries are imported inside commands, never at start-up
+    r = subprocess.run([sys.executable, "-c", "import edgemed.cli, sys; print(sorted(m for m in ('torch', "
+                        "'transformers', 'llama_cpp', 'onnxruntime') if m in sys.modules))"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "[]"
+    assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.slow
+def test_models_embedded_command(embedded_image):
+    r = CliRunner().invoke(main, ["models", "embedded", "--name", "smollm2-135m-llava"])
+    assert r.exit_code == 0 and str(embedded_image) in r.output
