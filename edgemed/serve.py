@@ -477,7 +477,10 @@ def _model_id(folder: Path | str) -> str:
 # ---------------------------------------------------------------------------------------------- generation
 async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: float
                     ) -> AsyncIterator[tuple[str, Any]]:
-    """Run the backend in the pool; yield ("piece", text) ... then ("end", (finish_reason, usage)).
+    """Run the backend in the pool; yield ("piece", text) ... then ("end", (finish_reason, usage, text)).
+
+    Pieces are posted to the event loop only for a streamed answer: a whole answer wakes the loop once, which
+    keeps the server's cost per token near nothing.
 
     The worker thread gives the slot back when the backend has really finished, so a cancelled request never
     lets a second generation start while the first still holds the model. Leaving early (timeout, disconnect,
@@ -500,7 +503,8 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
             try:
                 for piece in it:
                     pieces.append(piece)
-                    post(("piece", piece))
+                    if prompt.stream:
+                        post(("piece", piece))
                     if stop.is_set() or state.closing.is_set():
                         break
                 else:
@@ -513,7 +517,7 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             state.metrics.gen_seconds += time.perf_counter() - t0
             state.metrics.tokens += usage["completion_tokens"]
-            post(("end", (reason, usage)))
+            post(("end", (reason, usage, "".join(pieces))))
         except BaseException as e:  # handed to the request, which answers 500
             post(("error", e))
         finally:
@@ -607,14 +611,12 @@ async def _admit(state: _State, ticket: _Ticket, deadline: float) -> None:
 async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: float, arrived: float
                     ) -> dict[str, Any]:
     """A whole (non-streamed) answer, once a slot is held."""
-    pieces, reason, usage = [], "stop", {}
+    text, reason, usage = "", "stop", {}
     try:
         async with contextlib.aclosing(_generate(state, prompt, ticket, deadline)) as gen:
             async for kind, value in gen:
-                if kind == "piece":
-                    pieces.append(value)
-                else:
-                    reason, usage = value
+                if kind == "end":
+                    reason, usage, text = value
     except TimeoutError:
         raise _Api(504, f"the answer took longer than {state.config.request_timeout:g} s; ask for fewer tokens "
                    "or try again later", "timeout") from None
@@ -628,7 +630,7 @@ async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": state.model_id, "system_fingerprint": f"edgemed-{getattr(state.backend, 'name', '?')}",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                      "finish_reason": _finish(reason)}],
         "usage": usage,
     }
@@ -645,7 +647,7 @@ async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket
         async with contextlib.aclosing(_generate(state, prompt, ticket, deadline)) as gen:
             async for kind, value in gen:
                 if kind == "end":
-                    reason, usage = value
+                    reason, usage, _ = value
                     yield _chunk(state, rid, {}, _finish(reason))
                     if prompt.include_usage:
                         body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),

@@ -111,7 +111,7 @@ def main() -> None:
         return time.perf_counter() - t0, r.usage.completion_tokens, r.choices[0].message.content
 
     print(f"model {folder} ({backend.name}, {'image' if img is not None else 'text'} questions, "
-          f"max_tokens {args.max_tokens}, torch threads {_threads()})")
+          f"max_tokens {args.max_tokens}, threads {args.threads or f'default (torch {_threads()})'})")
     client = openai.OpenAI(base_url=base, api_key="bench", max_retries=0, timeout=600)
     direct(QUESTIONS[0])  # warm-up: first-call allocations and caches
     served(client, QUESTIONS[0])
