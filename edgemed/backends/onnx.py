@@ -215,13 +215,28 @@ class OnnxBackend:
             out[n] = np.zeros((1, int(d["num_kv_heads"]), 0, int(d["head_dim"])), dtype)
         return out
 
-    def _forward(self, ids: list[int], feats: np.ndarray | None, past: dict[str, np.ndarray], start: int
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _cross_inputs(self, n: int, feats: np.ndarray | None, image_inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Vision states and cross-attention mask for a cross-attention decoder's prompt of ``n`` tokens.
+
+        Without an image: one tile of zero states and a zero mask, with which every cross-attention layer adds
+        exactly zero (the graph's docstring in ``edgemed.export.onnx`` says why).
+        """
+        import numpy as np
+
+        if feats is None:
+            per_tile = int(self._dec["cross_attention"]["n_vision_per_tile"])
+            return {"cross_attention_states": np.zeros((1, per_tile, int(self._dec["hidden_size"])), np.float32),
+                    "cross_attention_mask": np.zeros((1, n, 1, 1), np.float32)}
+        return {"cross_attention_states": feats.reshape(1, -1, feats.shape[-1]).astype(np.float32),
+                "cross_attention_mask": np.asarray(image_inputs["cross_attention_mask"], np.float32)}
+
+    def _forward(self, ids: list[int], feats: np.ndarray | None, past: dict[str, np.ndarray], start: int,
+                 cross: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run the decoder over ``ids`` after ``start`` cached positions; (logits [len(ids), vocab], new cache)."""
         import numpy as np
 
         n = len(ids)
-        feed: dict[str, Any] = {}
+        feed: dict[str, Any] = dict(cross or {})
         if "input_ids" in self._dec_inputs:
             feed["input_ids"] = np.asarray([ids], np.int64)
         else:
@@ -236,18 +251,26 @@ class OnnxBackend:
                     if n.startswith("present.")}
         return out["logits"][0].astype(np.float32), new_past
 
-    def _prefill(self, tokens: list[int], image: Image.Image | None) -> tuple[np.ndarray, dict, list[int], int]:
+    def _prefill(self, tokens: list[int], image: Image.Image | None
+                 ) -> tuple[np.ndarray, dict, list[int], int, dict[str, np.ndarray] | None]:
+        """Run the prompt; (logits, KV cache, row of each token, positions used, cross inputs for later steps)."""
         ids, image_inputs, rows = self._expand(tokens, image)
         feats = self._image_features(image_inputs) if image_inputs else None
         if len(ids) > self.max_length:
             raise DataError(f"the prompt is {len(ids)} tokens long; this model takes at most {self.max_length}")
-        logits, past = self._forward(ids, feats, self._empty_past(), 0)
-        return logits, past, rows, len(ids)
+        cross = None
+        if "cross_attention_states" in self._dec_inputs:
+            cross = self._cross_inputs(len(ids), feats, image_inputs)
+            feats = None
+        logits, past = self._forward(ids, feats, self._empty_past(), 0, cross)
+        if cross is not None:  # later tokens attend to the image as the prompt's last token does
+            cross = {**cross, "cross_attention_mask": cross["cross_attention_mask"][:, -1:]}
+        return logits, past, rows, len(ids), cross
 
     # ------------------------------------------------------------------ numbers
     def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
         with self._lock:
-            logits, _, rows, _ = self._prefill(list(tokens), image)
+            logits, _, rows, _, _ = self._prefill(list(tokens), image)
         return logits[rows]
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
@@ -280,7 +303,7 @@ class OnnxBackend:
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
             rng = np.random.default_rng(seed)
-        logits, past, _, pos = self._prefill(tokens, image)
+        logits, past, _, pos, cross = self._prefill(tokens, image)
         last = logits[-1]
         ids: list[int] = []
         sent = ""
@@ -302,7 +325,7 @@ class OnnxBackend:
                     break
             if pos + 1 > self.max_length:
                 break
-            step, past = self._forward([t], None, past, pos)
+            step, past = self._forward([t], None, past, pos, cross)
             last, pos = step[-1], pos + 1
         if not hit:  # flush what a possible stop-string start held back
             text = self._decode(ids).rstrip("\ufffd")

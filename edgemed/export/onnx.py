@@ -45,6 +45,7 @@ template files, and a manifest of kind ``onnx`` that also describes the graphs f
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -109,9 +110,9 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         graphs["decoder"] = _export_decoder(model, spec, tokenizer, tmp, work, quant, block_size, accuracy_level,
                                             image_inputs)
         if spec.is_vision:
-            graphs["vision"] = _export_vision(model, image_inputs, tmp / VISION)
-            graphs["embed"] = _export_embed(model, spec, tmp / EMBED, splice=graphs["decoder"]["input"]
-                                            == "inputs_embeds" and not graphs["decoder"].get("cross_attention"))
+            graphs["vision"] = _export_vision(model, spec, image_inputs, tmp / VISION)
+        if graphs["decoder"]["input"] == "inputs_embeds":
+            graphs["embed"] = _export_embed(model, tmp / EMBED)
         _copy_processing_files(model_dir, tmp)
         for g in graphs.values():
             check_graph(tmp / g["file"])
@@ -182,7 +183,7 @@ def _export_decoder(model: Any, spec: ArchSpec, tokenizer: Any, tmp: Path, work:
                     accuracy_level: int, image_inputs: dict[str, Any] | None) -> dict[str, Any]:
     text_cfg = spec.text_config(model.config)
     lm_class = _causal_lm_class(text_cfg)
-    if lm_class in BUILDER_DECODERS:
+    if lm_class in BUILDER_DECODERS and not _takes_cross_attention(model):
         info = _builder_decoder(model, spec, tokenizer, lm_class, tmp / DECODER, work, quant, block_size,
                                 accuracy_level)
     else:
@@ -194,8 +195,74 @@ def _export_decoder(model: Any, spec: ArchSpec, tokenizer: Any, tmp: Path, work:
     return {"file": DECODER, **info}
 
 
+def _takes_cross_attention(model: Any) -> bool:
+    """True for decoders that read image features through cross-attention (Llama 3.2 Vision), not image tokens."""
+    return "cross_attention_states" in inspect.signature(type(model).forward).parameters
+
+
 def _torch_decoder(model: Any, spec: ArchSpec, target: Path, image_inputs: dict[str, Any] | None) -> dict[str, Any]:
-    raise ExportError(f"no ONNX decoder exporter for {spec.name} yet")
+    """The decoder through torch.onnx, for what the builder does not write: cross-attention decoders.
+
+    The graph runs the whole transformers model on token ids with the projected vision states as
+    ``cross_attention_states`` and the processor's ``cross_attention_mask``; the KV cache of the self-attention
+    layers is explicit input and output, and the cross-attention keys/values are recomputed from the states at
+    every step (cheap beside the vision tower, and no second cache to carry). A text-only call passes one tile of
+    zero states and a zero mask: every cross-attention layer then adds exactly zero, as transformers' skip does.
+    """
+    if not _takes_cross_attention(model):
+        raise ExportError(f"{spec.name}: no ONNX exporter for this decoder (onnxruntime-genai's builder does not "
+                          f"write {type(model).__name__}'s decoder and it is not a cross-attention decoder); "
+                          "ONNX export supports the text decoders the builder writes (Llama, Mistral, Qwen2, Gemma 3) "
+                          "and cross-attention decoders (Llama 3.2 Vision); use `edgemed export gguf` if llama.cpp "
+                          "supports it")
+    text_cfg = spec.text_config(model.config)
+    dims = _decoder_dims(text_cfg)
+    layers = model.get_submodule(spec.decoder).layers
+    self_idx = [i for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]
+    vision = _VisionGraph(model, spec, list(image_inputs))
+    with torch.no_grad():
+        states = vision(*(image_inputs[n] for n in vision.names))
+    seq, past_len = 5, 3
+    args = (torch.randint(0, 100, (1, seq)), torch.ones(1, past_len + seq, dtype=torch.int64),
+            torch.arange(past_len, past_len + seq)[None], states[None],
+            torch.ones(1, seq, *image_inputs["cross_attention_mask"].shape[2:], dtype=torch.float32),
+            tuple(torch.randn(1, dims["num_kv_heads"], past_len, dims["head_dim"]) for _ in range(2 * len(self_idx))))
+    d = {n: torch.export.Dim(n) for n in ("sequence", "total_sequence", "past_sequence", "n_vision", "n_images",
+                                           "n_tiles")}
+    dynamic = ({1: d["sequence"]}, {1: d["total_sequence"]}, {1: d["sequence"]}, {1: d["n_vision"]},
+               {1: d["sequence"], 2: d["n_images"], 3: d["n_tiles"]}, tuple({2: d["past_sequence"]} for _ in args[5]))
+    kv = [f"{i}.{k}" for i in self_idx for k in ("key", "value")]
+    _torch_export(_CrossDecoder(model, self_idx, len(layers)), args, target,
+                  ["input_ids", "attention_mask", "position_ids", "cross_attention_states", "cross_attention_mask",
+                   *(f"past_key_values.{n}" for n in kv)], ["logits", *(f"present.{n}" for n in kv)],
+                  dynamic_shapes=dynamic)
+    return {"exporter": f"torch.onnx (dynamo) {_version('torch')} ({type(model).__name__})", "input": "input_ids",
+            "position_ids": True, "cross_attention": {"n_vision_per_tile": int(states.shape[0]) // int(
+                image_inputs["cross_attention_mask"].shape[2] * image_inputs["cross_attention_mask"].shape[3])},
+            **dims}
+
+
+class _CrossDecoder(torch.nn.Module):
+    """Token ids, masks, positions, vision states and the self-attention KV cache in; logits and the cache out."""
+
+    def __init__(self, model: Any, self_idx: list[int], n_layers: int):
+        super().__init__()
+        self.model, self.self_idx, self.n_layers = model, self_idx, n_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, cross_attention_states, cross_attention_mask, past):
+        from transformers.cache_utils import DynamicCache
+
+        data: list[tuple[Any, Any]] = [(None, None)] * self.n_layers
+        for j, i in enumerate(self.self_idx):
+            data[i] = (past[2 * j], past[2 * j + 1])
+        cache = DynamicCache(ddp_cache_data=data)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for i in self.self_idx:
+            present += [cache.layers[i].keys, cache.layers[i].values]
+        return (out.logits, *present)
 
 
 def _causal_lm_class(text_cfg: Any) -> str | None:
@@ -368,11 +435,10 @@ def _convert_fp16(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- vision and embeddings
-def _export_vision(model: Any, image_inputs: dict[str, Any], target: Path) -> dict[str, Any]:
+def _export_vision(model: Any, spec: ArchSpec, image_inputs: dict[str, Any], target: Path) -> dict[str, Any]:
     """Image inputs -> projected image features [n_image_tokens, hidden], as the decoder consumes them."""
-
-    names = list(image_inputs)
-    wrapper = _VisionGraph(model, names)
+    wrapper = _VisionGraph(model, spec, list(image_inputs))
+    names = wrapper.names
     args = tuple(image_inputs[n] for n in names)
     with torch.no_grad():
         feats = wrapper(*args)
@@ -383,49 +449,54 @@ def _export_vision(model: Any, image_inputs: dict[str, Any], target: Path) -> di
 
 
 class _VisionGraph(torch.nn.Module):
-    """The model's own ``get_image_features``, flattened to [n_image_tokens, hidden]."""
+    """The model's own ``get_image_features`` (or, where it has none, its vision tower then projector), flattened
+    to [n_image_tokens, hidden]. Takes the processor outputs the model's function names, in the given order."""
 
-    def __init__(self, model: Any, names: list[str]):
+    def __init__(self, model: Any, spec: ArchSpec, names: list[str]):
         super().__init__()
-        self.model, self.names = model, names
+        self.model = model
+        self.fn = getattr(model, "get_image_features", None) or model.get_submodule(spec.vision)
+        self.projector = None if hasattr(model, "get_image_features") else model.get_submodule(spec.projector)
+        params = inspect.signature(self.fn.forward if isinstance(self.fn, torch.nn.Module) else self.fn).parameters
+        self.names = [n for n in names if n in params]
 
     def forward(self, *args):
-        out = self.model.get_image_features(**dict(zip(self.names, args, strict=True)))
-        if hasattr(out, "pooler_output"):
+        out = self.fn(**dict(zip(self.names, args, strict=True)))
+        if self.projector is not None:
+            out = self.projector(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+        elif hasattr(out, "pooler_output"):
             out = out.pooler_output
         if isinstance(out, list | tuple):
             out = torch.cat([f.reshape(-1, f.shape[-1]) for f in out])
         return out.reshape(-1, out.shape[-1])
 
 
-def _export_embed(model: Any, spec: ArchSpec, target: Path, splice: bool) -> dict[str, Any]:
+def _export_embed(model: Any, target: Path) -> dict[str, Any]:
     """Token ids (+ image features) -> decoder input embeddings, with the family's embedding scale.
 
-    With ``splice`` the image features replace the rows of the image token, in order; a call without an image
-    passes zero feature rows.
+    The image features replace the rows of the image token, in order; a call without an image passes zero
+    feature rows.
     """
 
     emb = model.get_input_embeddings()
     hidden = emb.weight.shape[1]
     image_token_id = _image_token_id(model.config)
-    wrapper = _EmbedGraph(emb, image_token_id if splice else None)
+    wrapper = _EmbedGraph(emb, image_token_id)
     ids = torch.tensor([[1, 2, image_token_id, image_token_id, 3]], dtype=torch.int64)
     feats = torch.randn(2, hidden)
     _torch_export(wrapper, (ids, feats), target, ["input_ids", "image_features"], ["inputs_embeds"],
                   dynamic={"input_ids": {0: "batch", 1: "sequence"}, "image_features": {0: "n_image_tokens"}})
-    return {"file": EMBED, "exporter": f"torch.onnx (dynamo) {_version('torch')}", "splice": splice,
+    return {"file": EMBED, "exporter": f"torch.onnx (dynamo) {_version('torch')}",
             "image_token_id": image_token_id, "hidden_size": int(hidden)}
 
 
 class _EmbedGraph(torch.nn.Module):
-    def __init__(self, emb: Any, image_token_id: int | None):
+    def __init__(self, emb: Any, image_token_id: int):
         super().__init__()
         self.emb, self.image_token_id = emb, image_token_id
 
     def forward(self, input_ids, image_features):
         e = self.emb(input_ids)
-        if self.image_token_id is None:
-            return e + 0 * image_features.sum()  # keeps the input in the graph
         # gather-and-select rather than masked_scatter: exports to plain CumSum/Gather/Where
         flat = (input_ids == self.image_token_id).reshape(-1)
         n = image_features.shape[0]
@@ -446,10 +517,9 @@ def _image_token_id(config: Any) -> int:
 
 
 def _torch_export(module: Any, args: tuple, target: Path, input_names: list[str], output_names: list[str],
-                  dynamic: dict[str, dict[int, str]] | None = None) -> None:
+                  dynamic: dict[str, dict[int, str]] | None = None, dynamic_shapes: Any = None) -> None:
     """torch.onnx.export (dynamo) at opset 23, saved with external data when large."""
-
-    dyn = None
+    dyn = dynamic_shapes
     if dynamic:
         dyn = tuple({ax: torch.export.Dim.AUTO for ax in dynamic.get(n, {})} or None for n in input_names)
     try:
