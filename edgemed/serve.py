@@ -825,6 +825,10 @@ async def _parse(request: Request, state: _State) -> _Prompt:
         req = ChatRequest.model_validate(obj)
     except ValidationError as e:
         raise _Api(400, _validation_message(e), "invalid_request") from None
+    has_image = any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
+                    for m in req.messages)
+    if not has_image:  # rendering text is quick: a hop to another thread would cost more than it saves
+        return build_prompt(req, state.backend, state.config)
     # image decoding is CPU work: off the event loop
     return await asyncio.get_running_loop().run_in_executor(None, build_prompt, req, state.backend, state.config)
 
