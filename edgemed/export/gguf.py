@@ -84,23 +84,20 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
 
     files: dict[str, str] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        direct = [q for q in quants if q in DIRECT]
+        for q in quants:
+            if q in DIRECT:
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance)
+                files[q] = f"model-{q}.gguf"
         llama = [q for q in quants if q in LLAMA_QUANTS]
-        intermediate = None
-        if llama and "f16" not in direct:
-            intermediate = tmp / ".intermediate-f16.gguf"
-        for q in direct + (["f16"] if intermediate else []):
-            path = intermediate if (intermediate and q == "f16" and "f16" not in direct) else tmp / f"model-{q}.gguf"
-            write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, path, provenance)
-            if path != intermediate:
-                files[q] = path.name
-        for q in llama:
-            src = intermediate or tmp / "model-f16.gguf"
-            dst = tmp / f"model-{q}.gguf"
-            llama_quantize(src, dst, q)
-            files[q] = dst.name
-        if intermediate:
-            intermediate.unlink()
+        if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
+            src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
+            if "f16" not in files:
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance)
+            for q in llama:
+                llama_quantize(src, tmp / f"model-{q}.gguf", q)
+                files[q] = f"model-{q}.gguf"
+            if "f16" not in files:
+                src.unlink()
         mmproj = None
         if spec.is_vision:
             mmproj = f"mmproj-{mmproj_quant}.gguf"
