@@ -225,16 +225,21 @@ def verify(bundle: Path) -> None:
 @click.option("--timeout", "request_timeout", type=float, default=120.0, show_default=True)
 @click.option("--allow-dir", type=EXISTING, multiple=True, help="Folders from which file:// images may be read.")
 @click.option("--no-verify", is_flag=True, help="Serve even if the bundle fails verification.")
+@click.option("--max-body-mb", type=float, default=32.0, show_default=True, help="Largest request body accepted.")
+@click.option("--max-image-pixels", type=int, default=50_000_000, show_default=True,
+              help="Largest image (width x height) accepted, checked before decoding.")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
-          max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool) -> None:
+          max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
+          max_body_mb: float, max_image_pixels: int) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
 
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
-                    allow_dirs=list(allow_dir), verify=not no_verify))
+                    allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
+                    max_image_pixels=max_image_pixels))
 
 
 @main.command()
