@@ -29,10 +29,7 @@ QUANT_LIMITS = {"fp16": (0.99, 1e-3), "int8": (0.95, 0.03), "int4": (0.65, 0.5)}
 GAPS = {
     "qwen2_5_vl": "M-RoPE decoder (3-D position ids from the image grid): no ONNX decoder exporter yet",
 }
-IMAGE_GAPS = {
-    **GAPS,
-    "gemma3": "image soft tokens attend bidirectionally in PyTorch; the builder's GroupQueryAttention is causal",
-}
+IMAGE_GAPS = GAPS
 
 
 def _params(archs: list[str], gaps: dict[str, str]) -> list:
@@ -306,6 +303,16 @@ def test_unsupported_architecture_is_refused(tmp_path):
     with pytest.raises(ArchError, match="unsupported architecture model_type='bert'") as e:
         export(src, tmp_path / "out")
     assert "\n" not in str(e.value)
+    assert not _leftovers(tmp_path, "out")
+
+
+def test_decoder_without_an_onnx_exporter_is_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+    import edgemed.export.onnx as mod
+
+    monkeypatch.setattr(mod, "_load", lambda *a: pytest.fail("weights were loaded before the refusal"))
+    with pytest.raises(ExportError, match="no ONNX exporter for the qwen2_5_vl decoder") as e:
+        export(tiny_model("qwen2_5_vl"), tmp_path / "out")
+    assert "\n" not in str(e.value) and "export gguf" in str(e.value)
     assert not _leftovers(tmp_path, "out")
 
 

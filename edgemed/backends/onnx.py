@@ -245,6 +245,8 @@ class OnnxBackend:
             feed["attention_mask"] = np.ones((1, start + n), np.int64)
         if "position_ids" in self._dec_inputs:
             feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        if "token_type_ids" in self._dec_inputs:  # 1 on image tokens: the decoder lets them see their whole image
+            feed["token_type_ids"] = (np.asarray([ids]) == int(self.graphs["embed"]["image_token_id"])).astype(np.int64)
         feed.update(past)
         out = dict(zip(self._dec_outputs, self.sessions["decoder"].run(None, feed), strict=True))
         new_past = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items()
