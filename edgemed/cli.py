@@ -228,10 +228,11 @@ def verify(bundle: Path) -> None:
 @click.option("--max-body-mb", type=float, default=32.0, show_default=True, help="Largest request body accepted.")
 @click.option("--max-image-pixels", type=int, default=50_000_000, show_default=True,
               help="Largest image (width x height) accepted, checked before decoding.")
+@click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
-          max_body_mb: float, max_image_pixels: int) -> None:
+          max_body_mb: float, max_image_pixels: int, threads: int | None) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
@@ -239,7 +240,7 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
-                    max_image_pixels=max_image_pixels))
+                    max_image_pixels=max_image_pixels, n_threads=threads))
 
 
 @main.command()
@@ -249,14 +250,16 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
 @click.option("--system", help="System prompt.")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed (with --temperature above 0).")
+@click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
 @handled
 def ask(export_dir: Path, question: str, image: Path | None, system: str | None, max_tokens: int,
-        temperature: float) -> None:
+        temperature: float, seed: int | None, threads: int | None) -> None:
     """Ask one question (optionally about an image); the answer streams to the terminal."""
     from edgemed.serve import ask as run
 
     for piece in run(export_dir, question, image=image, system=system, max_tokens=max_tokens,
-                     temperature=temperature):
+                     temperature=temperature, seed=seed, n_threads=threads):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -70,6 +70,7 @@ class ServeConfig:
     verify: bool = True  # check the bundle's files against its manifest before serving
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # width x height; larger images are refused before decoding
+    n_threads: int | None = None  # CPU threads of the runtime (default: the runtime's choice)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -704,7 +705,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     check_config(config)
     owns = backend is None
-    backend = backend or open_export(config.export_dir, verify=config.verify)
+    kw = {"n_threads": config.n_threads} if config.n_threads else {}
+    backend = backend or open_export(config.export_dir, verify=config.verify, **kw)
     state = _State(config, backend, owns)
 
     @contextlib.asynccontextmanager
@@ -852,14 +854,15 @@ def serve(config: ServeConfig) -> None:
 
 
 def ask(export_dir: Path | str, question: str, image: Path | str | None = None, system: str | None = None,
-        max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
+        max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None, n_threads: int | None = None
+        ) -> Iterator[str]:
     """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export."""
     from edgemed.data import load_image
 
     pil = None
     if image is not None:
         pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
-    backend = open_export(export_dir, verify=False)
+    backend = open_export(export_dir, verify=False, **({"n_threads": n_threads} if n_threads else {}))
     try:
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
