@@ -171,14 +171,15 @@ def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level
 @click.option("--threshold", "thresholds", multiple=True, metavar="KEY=VALUE",
               help="Override a pass threshold, e.g. --threshold kl_mean=0.05.")
 @click.option("--max-probes", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
 @handled
 def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probes: Path | None,
-           report: Path | None, thresholds: tuple[str, ...], max_probes: int) -> None:
+           report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None) -> None:
     """Compare an export with the PyTorch model it came from; exit 1 when it fails the thresholds."""
     from edgemed.parity import run_parity
 
     result = run_parity(export_dir, reference=reference, adapter=adapter, probes=probes, report=report,
-                        thresholds=thresholds, max_probes=max_probes)
+                        thresholds=thresholds, max_probes=max_probes, n_threads=threads)
     click.echo(result.table())
     sys.exit(0 if result.passed else 1)
 
@@ -189,12 +190,14 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
 @click.option("--compare", "others", multiple=True, type=EXISTING, help="More models or exports to compare.")
 @click.option("--report", type=OUT)
 @click.option("--limit", type=int, help="Evaluate only the first N records.")
+@click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
 @handled
-def eval_cmd(model: Path, data_path: Path, others: tuple[Path, ...], report: Path | None, limit: int | None) -> None:
+def eval_cmd(model: Path, data_path: Path, others: tuple[Path, ...], report: Path | None, limit: int | None,
+             threads: int | None) -> None:
     """Medical VQA accuracy (closed and open) of a model or export; with --compare, a retention table."""
     from edgemed.evaluate import evaluate_many
 
-    result = evaluate_many([model, *others], data_path, report=report, limit=limit)
+    result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads)
     click.echo(result.table())
 
 

@@ -176,7 +176,7 @@ class EvalResult:
 
 
 def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path | str | None = None,
-                  limit: int | None = None, max_tokens: int = MAX_TOKENS) -> EvalResult:
+                  limit: int | None = None, max_tokens: int = MAX_TOKENS, n_threads: int | None = None) -> EvalResult:
     """Evaluate several models or exports on one VQA file; each file of a multi-quant GGUF folder is a row.
 
     Args:
@@ -185,6 +185,7 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         report: write the JSON report (with every prediction) here; replaced if it exists.
         limit: only the first N records.
         max_tokens: answer budget.
+        n_threads: CPU threads per runtime (default: the runtime's choice; 1 is faster on a busy machine).
 
     Returns:
         The result; ``.table()`` prints the retention table.
@@ -204,7 +205,7 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         info = describe(p)
         quants = info["quant"].split(",") if info["kind"] == "gguf" and info["quant"] else [None]
         for q in quants:
-            kw = {"quant": q} if q else {}
+            kw = ({"quant": q} if q else {}) | ({"n_threads": n_threads} if n_threads else {})
             res = evaluate(p, records, max_tokens=max_tokens, **kw)
             label = p.name + (f" {q}" if q and len(quants) > 1 else (f" {q}" if q else ""))
             out.results.append({"label": label, "path": str(p.absolute()), "quant": q or info["quant"],

@@ -83,6 +83,26 @@ GENERAL_PROMPTS = (
     "Name the lobes of the right lung.",
     "What is the role of contrast in abdominal CT?",
     "A 65-year-old smoker has haemoptysis and weight loss. What imaging would you request first?",
+    "What is the difference between a transudate and an exudate?",
+    "Which radiographic sign suggests a left lower lobe collapse?",
+    "Give the Glasgow Coma Scale components.",
+    "What are the ultrasound features of acute cholecystitis?",
+    "Explain what a D-dimer test measures and when it is useful.",
+    "What does the silhouette sign mean on a chest X-ray?",
+    "List the ABCDE approach to reading a chest radiograph.",
+    "What is the typical appearance of a subdural haematoma on CT?",
+    "How is bone age assessed on a hand radiograph?",
+    "Which MRI sequence is most sensitive for acute infarction?",
+    "What are Kerley B lines?",
+    "Describe the radiographic features of osteoarthritis of the knee.",
+    "What does free air under the diaphragm indicate?",
+    "Name two contraindications to MRI.",
+    "What is the Hounsfield unit value of water?",
+    "How does a tension pneumothorax differ from a simple pneumothorax?",
+    "What are common causes of hilar lymphadenopathy?",
+    "Explain the ALARA principle in radiology.",
+    "What findings suggest small bowel obstruction on an abdominal radiograph?",
+    "Describe the typical location and appearance of a meningioma on MRI.",
 )
 
 
@@ -681,8 +701,8 @@ def _opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[st
 # ---------------------------------------------------------------- entry point
 def run_parity(export_dir: Path | str, reference: Path | str | None = None, adapter: Path | str | None = None,
                probes: Path | str | None = None, report: Path | str | None = None,
-               thresholds: tuple[str, ...] | list[str] = (), max_probes: int = 32, localise: bool = True
-               ) -> ParityResult:
+               thresholds: tuple[str, ...] | list[str] = (), max_probes: int = 32, localise: bool = True,
+               n_threads: int | None = None) -> ParityResult:
     """Compare every file of an export with the PyTorch model it came from.
 
     Args:
@@ -694,6 +714,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         thresholds: ``key=value`` or ``quant.key=value`` overrides of :data:`THRESHOLDS`.
         max_probes: at most this many probes.
         localise: on failure, compare the stages to say which one lost the behaviour.
+        n_threads: CPU threads per runtime (default: each runtime's own choice). On a machine whose cores are
+            busy with other work, 1 is often several times faster: spinning thread pools wait on each other.
 
     Returns:
         The result; ``passed`` is False when any row fails its thresholds.
@@ -709,11 +731,12 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     ths = {q: thresholds_for(q, thresholds) for _, q, _ in cands}
     thresholds_for("f32", thresholds)  # validates overrides even when no row uses f32
     given = read_probes(probes)[:max_probes] if probes else None  # a bad file fails before any model loads
-    ref = open_model(ref_dir)
+    kw = {"n_threads": n_threads} if n_threads else {}
+    ref = open_model(ref_dir, **kw)
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, ref.is_vision, max_probes)
         bos = getattr(getattr(ref, "tokenizer", None), "bos_token_id", None)
-        folders = {label: (export_dir, kw) for label, _, kw in cands}
+        folders = {label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}
         floats = [label for label, q, _ in cands if q in FLOAT_TYPES]
         pairs = {f"{floats[0]} > {label.split()[-1]}": (floats[0], label)
                  for label, q, _ in cands if floats and q not in FLOAT_TYPES}
@@ -728,11 +751,11 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                 row.failures += fails
         result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0)
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
-            result.merge = _merge_row(ref, Path(adapter), plist, bos, thresholds)
+            result.merge = _merge_row(ref, Path(adapter), plist, bos, thresholds, kw)
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
         result.smallest_passing = min(passing, key=SIZE_ORDER.index) if passing else None
         if localise and not result.passed:
-            _localise(result, ref, ref_dir, export_dir, manifest, plist, bos, accs, pairs, cands, thresholds)
+            _localise(result, ref, ref_dir, export_dir, manifest, plist, bos, accs, pairs, cands, thresholds, kw)
     finally:
         ref.close()
     result.seconds = time.time() - t0
@@ -769,7 +792,7 @@ def _jsonable(o: Any) -> Any:
 # ---------------------------------------------------------------- localisation
 def _localise(result: ParityResult, ref, ref_dir: Path, export_dir: Path, manifest: dict[str, Any],
               probes: list[Probe], bos: int | None, accs: dict[str, _Acc], pairs: dict[str, tuple[str, str]],
-              cands: list[tuple[str, str, dict[str, Any]]], overrides) -> None:
+              cands: list[tuple[str, str, dict[str, Any]]], overrides, kw: dict[str, Any]) -> None:
     """Say which stage lost it: tokenizer/template, merge, conversion or quantisation."""
     verdict: list[str] = []
     failed = [r for r in result.rows if not r.passed]
@@ -783,7 +806,7 @@ def _localise(result: ParityResult, ref, ref_dir: Path, export_dir: Path, manife
     if row is None:
         parent = (read_manifest(ref_dir).get("parent") or {}) if (ref_dir / MANIFEST).is_file() else {}
         if parent.get("kind") == "run" and Path(parent.get("path", "")).is_dir():
-            row = _merge_row(ref, Path(parent["path"]), probes, bos, overrides)
+            row = _merge_row(ref, Path(parent["path"]), probes, bos, overrides, kw)
             result.localisation.append(row)
     merge_ok = row is None or row.passed
     if not merge_ok:
@@ -801,7 +824,7 @@ def _localise(result: ParityResult, ref, ref_dir: Path, export_dir: Path, manife
             verdict.append(f"conversion{img}: the weights differ from the reference "
                            f"({_why(r, ('weights', 'greedy', 'image'))}){what}")
     elif not float_rows:
-        float_row = _float_export_row(result, ref, ref_dir, manifest, probes, bos, overrides)
+        float_row = _float_export_row(result, ref, ref_dir, manifest, probes, bos, overrides, kw)
         if float_row is not None:
             float_rows = [float_row]
     conv_ok = all(r.passed or not (set(r.causes()) - {"template", "tokenizer", "bos", "vocab"})
@@ -835,17 +858,17 @@ def _why(row: Row, causes: tuple[str, ...]) -> str:
     return "; ".join(f for f in row.failures if f.split(":", 1)[0] in causes)[:240]
 
 
-def _merge_row(ref, run: Path, probes: list[Probe], bos: int | None, overrides) -> Row:
+def _merge_row(ref, run: Path, probes: list[Probe], bos: int | None, overrides, kw: dict[str, Any]) -> Row:
     """The adapter model (run folder: base + LoRA, unmerged) against the merged reference, at f32 thresholds."""
     if not (run / MANIFEST).is_file() or read_manifest(run).get("kind") != "run":
         raise ParityError(f"{run}: --adapter must be a run folder (`edgemed finetune` output)")
-    with _opened({"adapter": (run, {})}) as o:
+    with _opened({"adapter": (run, kw)}) as o:
         a = _compare(ref, o, probes, bos, {})[0][next(iter(o))]
     return _row(f"merge: adapter {run.name}", "f32", "pytorch", a, thresholds_for("f32", overrides))
 
 
 def _float_export_row(result: ParityResult, ref, ref_dir: Path, manifest: dict[str, Any], probes: list[Probe],
-                      bos: int | None, overrides) -> Row | None:
+                      bos: int | None, overrides, okw: dict[str, Any]) -> Row | None:
     """Export the reference as a float file beside the check (GGUF f16, ONNX fp32) and compare it."""
     kind = manifest.get("kind")
     tmp = Path(tempfile.mkdtemp(prefix="edgemed-parity-"))
@@ -860,7 +883,7 @@ def _float_export_row(result: ParityResult, ref, ref_dir: Path, manifest: dict[s
             folder, quant, kw = export_onnx(ref_dir, "fp32", tmp / "fp32"), "onnx-fp32", {}
         else:
             return None
-        with _opened({"float": (Path(folder), kw)}) as o:
+        with _opened({"float": (Path(folder), {**kw, **okw})}) as o:
             a = _compare(ref, o, probes, bos, {})[0][next(iter(o))]
         row = _row(f"fresh {quant} export", quant, opened_name(manifest), a, thresholds_for(quant, overrides))
         result.localisation.append(row)
@@ -876,7 +899,8 @@ def _float_export_row(result: ParityResult, ref, ref_dir: Path, manifest: dict[s
 def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                candidates: tuple[str, ...] = ("q4_k_m", "q5_k_m", "q6_k", "q8_0"),
                thresholds: tuple[str, ...] | list[str] = (), data: Path | str | None = None,
-               max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32) -> Path:
+               max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
+               n_threads: int | None = None) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -889,6 +913,7 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         max_drop: largest allowed drop of the overall eval score, in points, against the PyTorch model.
         limit: evaluate at most this many records.
         max_probes: parity probes.
+        n_threads: CPU threads per runtime.
 
     Returns:
         The export folder; its manifest holds ``auto_quant``: the choice and why each other candidate lost.
@@ -911,7 +936,7 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
     try:
         trial = export_gguf(model_dir, order, work / "all")
         result = run_parity(trial, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
-                            localise=False)
+                            localise=False, n_threads=n_threads)
         decisions: list[dict[str, Any]] = []
         chosen = None
         ref_score = None
@@ -922,8 +947,9 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                 from edgemed.evaluate import evaluate_many
 
                 if ref_score is None:
-                    ref_score = evaluate_many([model_dir], data, limit=limit).results[0]["overall"]["score"]
-                score = _eval_quant(trial, q, data, limit)
+                    ref_score = evaluate_many([model_dir], data, limit=limit, n_threads=n_threads
+                                              ).results[0]["overall"]["score"]
+                score = _eval_quant(trial, q, data, limit, n_threads)
                 drop = 100 * (ref_score - score)
                 if drop > max_drop:
                     why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
@@ -953,12 +979,12 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
     return out.absolute()
 
 
-def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None) -> float:
+def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n_threads: int | None) -> float:
     from edgemed.backends import open_backend
     from edgemed.data import read_vqa_jsonl
     from edgemed.evaluate import evaluate
 
-    b = open_backend(folder, quant=quant)
+    b = open_backend(folder, quant=quant, **({"n_threads": n_threads} if n_threads else {}))
     try:
         records = read_vqa_jsonl(data)[:limit] if limit else read_vqa_jsonl(data)
         return evaluate(b, records)["overall"]["score"]

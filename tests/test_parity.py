@@ -218,7 +218,7 @@ def test_bad_merge_is_localised_with_adapter(tiny_model, tmp_path):
     export = copy_model(merged, tmp_path / "export")
     good = run_parity(export, reference=merged, adapter=run)
     assert good.passed and good.merge is not None and good.merge.passed, good.table()
-    assert good.probes == 4 + min(12, 32 - 4)  # the 4 validation questions, then general prompts
+    assert good.probes == 32  # the 4 validation questions, then general prompts up to --max-probes
     # a merge that lost the adapter: the merged weights replaced by the base's; the export copies it faithfully
     shutil.copy(tiny_model("llama") / "model.safetensors", merged / "model.safetensors")
     shutil.copy(merged / "model.safetensors", export / "model.safetensors")
@@ -340,3 +340,25 @@ def test_gguf_wrong_template_and_doubled_bos_fail(tiny_model, tmp_path):
     assert not res.passed
     row = res.rows[0]
     assert "bos" in row.causes() and row.checks["gguf_bos"] == 2 and row.checks["gguf_add_bos"], res.table()
+
+
+# ---------------------------------------------------------------- ONNX through onnxruntime
+needs_onnx = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("edgemed.backends.onnx") is None
+    or importlib.util.find_spec("edgemed.export.onnx") is None, reason="onnxruntime or the ONNX backend is missing")
+
+
+@needs_onnx
+def test_onnx_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
+    from edgemed.export.onnx import export_onnx
+
+    ref = tiny_model("llama")
+    probes = probe_file(tmp_path, image=False)
+    ok = run_parity(export_onnx(ref, "fp32", tmp_path / "clean"), reference=ref, probes=probes)
+    assert ok.passed and ok.rows[0].quant == "onnx-fp32", ok.table()
+    assert ok.rows[0].metrics["kl_mean"] < THRESHOLDS["onnx-fp32"]["kl_mean"]
+    src = copy_model(ref, tmp_path / "src")
+    perturb_one(src, scale=10.0)
+    bad = run_parity(export_onnx(src, "fp32", tmp_path / "bad"), reference=ref, probes=probes)
+    assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
+    assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
