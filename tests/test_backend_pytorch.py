@@ -21,6 +21,17 @@ def picture(seed: int, size=(40, 52)) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(size[0], size[1], 3) * 255).astype("uint8"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (on a busy 2-core runner, 2 threads are 10-30x slower); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def text_backend(tiny_model):
     b = TorchBackend(tiny_model("llama"))

@@ -123,6 +123,17 @@ def direct(backend, question: str = QUESTION, image: Image.Image | None = None, 
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (on a busy 2-core runner, 2 threads are 10-30x slower); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def loopback_only():
     """Every connection this module's process opens must go to loopback: a reach for a hub or a URL fails it."""
     import ipaddress
@@ -198,7 +209,7 @@ def test_text_question_equals_the_backend_for_the_same_prompt_and_seed(text_serv
 
 
 def test_image_question_equals_the_backend_with_the_same_image(image_server, image_backend):
-    img, other = picture(0), picture(1)
+    img, other = picture(0), Image.new("RGB", (52, 40), "white")
     # a seed at which the image decides the answer, so that equality says the server used this image
     seed = next(s for s in range(50) if direct(image_backend, image=img, max_tokens=12, temperature=0.3, seed=s)
                 != direct(image_backend, image=other, max_tokens=12, temperature=0.3, seed=s))
@@ -284,7 +295,8 @@ def test_ask_streams_what_the_backend_answers(tiny_model, image_backend, tmp_pat
     path = tmp_path / "q.png"
     path.write_bytes(png_bytes(img))
     seed = next(s for s in range(50) if direct(image_backend, image=img, max_tokens=10, temperature=0.3, seed=s)
-                != direct(image_backend, image=picture(5), max_tokens=10, temperature=0.3, seed=s))
+                != direct(image_backend, image=Image.new("RGB", (52, 40), "white"), max_tokens=10,
+                          temperature=0.3, seed=s))
     pieces = list(ask(tiny_model("llava"), QUESTION, image=path, max_tokens=10, temperature=0.3, seed=seed))
     assert len(pieces) > 1
     assert "".join(pieces) == direct(image_backend, image=img, max_tokens=10, temperature=0.3, seed=seed)
