@@ -362,3 +362,43 @@ def test_onnx_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
     bad = run_parity(export_onnx(src, "fp32", tmp_path / "bad"), reference=ref, probes=probes)
     assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
     assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
+
+
+# ---------------------------------------------------------------- real weights
+@needs_gguf
+@pytest.mark.slow
+def test_gguf_real_weights_clean_passes_perturbed_fails(embedded_text, tmp_path):
+    """On SmolLM2-135M a modest error in one of 211 matrices (noise of half its mean magnitude) is caught at the
+    f16 thresholds, while the clean f16 export passes them."""
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps({"question": q}) for q in (
+        "What are the radiographic signs of pneumonia?", "Name the lobes of the right lung.",
+        "What is a pneumothorax?", "List three causes of pleural effusion.")) + "\n")
+    ok = run_parity(_export(embedded_text, tmp_path / "clean"), reference=embedded_text, probes=probes,
+                    n_threads=1)
+    assert ok.passed, ok.table()
+    src = copy_model(embedded_text, tmp_path / "src")
+    name = perturb_one(src, scale=0.5)
+    bad = run_parity(_export(src, tmp_path / "bad"), reference=embedded_text, probes=probes, n_threads=1)
+    assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
+    assert bad.rows[0].metrics["kl_mean"] > 10 * ok.rows[0].metrics["kl_mean"]
+    assert name.startswith("model.layers.1.")
+
+
+@needs_gguf
+def test_auto_quant_keeps_smallest_passing_and_says_why(tiny_model, tmp_path):
+    from edgemed.artifacts import read_manifest
+    from edgemed.parity import auto_quant
+
+    ref = tiny_model("llama")
+    # q4_k_m is made to fail (no KL allowed at all), so q5_k_m is the smallest that passes
+    out = auto_quant(ref, tmp_path / "auto", candidates=("q4_k_m", "q5_k_m", "q8_0"), thresholds=("q4_k_m.kl_mean=0",),
+                     max_probes=4, n_threads=1)
+    m = read_manifest(out, ("gguf",))
+    assert m["quants"] == ["q5_k_m"] and sorted(p.name for p in out.glob("model-*.gguf")) == ["model-q5_k_m.gguf"]
+    tried = m["auto_quant"]["tried"]
+    assert [t["quant"] for t in tried] == ["q4_k_m", "q5_k_m"]
+    assert not tried[0]["accepted"] and "kl_mean" in tried[0]["reasons"][0] and tried[1]["accepted"]
+    assert "q4_k_m rejected" in (out / "auto_quant.txt").read_text()
+    assert run_parity(out, reference=ref, probes=probe_file(tmp_path, image=False)).passed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no trial folder left behind

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--timing-quant", default="q8_0", help="quant whose check alone is timed (the 2-minute budget)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per runtime (0: the runtimes' default)")
+    ap.add_argument("--onnx", default="", help="also ONNX exports of these quants, e.g. fp32,fp16,int8,int4")
+    ap.add_argument("--skip-timing", action="store_true", help="skip the single-quant timing run")
     args = ap.parse_args()
 
     from edgemed import embedded
@@ -44,35 +46,45 @@ def main() -> None:
     t_export = time.time() - t0
     print(f"export {','.join(quants)}: {t_export:.1f} s -> {out}")
 
-    # one quant alone: the figure the "135M over 32 probes under 2 minutes" budget is about
-    single = args.work / f"{model.name}-gguf-{args.timing_quant}"
-    export_gguf(model, [args.timing_quant], single, overwrite=True)
     threads = args.threads or None
-    t0, c0 = time.time(), time.process_time()
-    one = run_parity(single, reference=model, max_probes=args.probes, n_threads=threads)
-    t_one, c_one = time.time() - t0, time.process_time() - c0
-    print(f"parity of {args.timing_quant} alone over {one.probes} probes ({one.positions} positions), "
-          f"{threads or 'default'} thread(s): {t_one:.1f} s wall, {c_one:.1f} s CPU; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    t_one = c_one = None
+    if not args.skip_timing:  # one quant alone: the figure the "135M over 32 probes under 2 minutes" budget is about
+        single = args.work / f"{model.name}-gguf-{args.timing_quant}"
+        export_gguf(model, [args.timing_quant], single, overwrite=True)
+        t0, c0 = time.time(), time.process_time()
+        one = run_parity(single, reference=model, max_probes=args.probes, n_threads=threads)
+        t_one, c_one = time.time() - t0, time.process_time() - c0
+        print(f"parity of {args.timing_quant} alone over {one.probes} probes ({one.positions} positions), "
+              f"{threads or 'default'} thread(s): {t_one:.1f} s wall, {c_one:.1f} s CPU; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     t0 = time.time()
     res = run_parity(out, reference=model, max_probes=args.probes, report=args.report, n_threads=threads)
     t_all = time.time() - t0
     print(res.table())
     print(f"parity of {len(quants)} quants in one pass: {t_all:.1f} s")
+    rows = list(res.rows)
+    for q in [q.strip() for q in args.onnx.split(",") if q.strip()]:
+        from edgemed.export.onnx import export_onnx
+
+        folder = export_onnx(model, q, args.work / f"{model.name}-onnx-{q}", overwrite=True)
+        r = run_parity(folder, reference=model, max_probes=args.probes, n_threads=threads)
+        print(r.table())
+        rows += r.rows
     print("\nmarkdown:")
     print("| quant | top-1 agreement | KL mean | KL p99 | KL max | max |dlogit| | greedy match | threshold kl_mean |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in res.rows:
+    for r in rows:
         m = r.metrics
         print(f"| {r.quant} | {m['top1']:.1%} | {m['kl_mean']:.2e} | {m['kl_p99']:.2e} | {m['kl_max']:.2e} | "
               f"{m['logit_diff_max']:.2f} | {m['greedy_match']:.0%} | {THRESHOLDS[r.quant]['kl_mean']} |")
     print(json.dumps({"model": str(model), "probes": res.probes, "positions": res.positions,
-                      "seconds_one_quant": round(t_one, 1), "cpu_seconds_one_quant": round(c_one, 1),
+                      "seconds_one_quant": t_one and round(t_one, 1),
+                      "cpu_seconds_one_quant": c_one and round(c_one, 1),
                       "seconds_all": round(t_all, 1), "threads": threads,
                       "rows": {r.quant: {k: r.metrics[k] for k in ("top1", "kl_mean", "kl_p99", "kl_max",
                                                                     "logit_diff_max", "greedy_match")}
-                               for r in res.rows}}, indent=1))
+                               for r in rows}}, indent=1))
 
 
 if __name__ == "__main__":
