@@ -580,6 +580,26 @@ def test_gguf_export_served_through_llama_cpp_equals_its_backend(tiny_model, tmp
         backend.close()
 
 
+def test_onnx_export_served_through_onnxruntime_equals_its_backend(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from edgemed.export.onnx import export_onnx
+    from edgemed.serve import open_export
+
+    out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
+    backend = open_export(out)
+    try:
+        assert backend.name == "onnx"
+        with serving(backend) as server:
+            stream = server.client().chat.completions.create(
+                model="m", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=1.0, seed=6,
+                stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert text == direct(backend, max_tokens=10, temperature=1.0, seed=6)
+            assert text != direct(backend, max_tokens=10, temperature=1.0, seed=7)
+    finally:
+        backend.close()
+
+
 # ---------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_embedded_image_model_served_equals_its_backend(embedded_image):
