@@ -530,6 +530,29 @@ def test_client_disconnect_stops_the_generation(text_backend):
         assert slow.pieces < stopped_at + 100
 
 
+def test_a_client_that_leaves_the_queue_gives_its_place_back(text_backend):
+    slow = Slow(text_backend, 0.02)
+    with serving(slow, max_queue=1, max_tokens_cap=400) as server:
+        body = chat_body([{"role": "user", "content": QUESTION}], max_tokens=100)
+        holder = threading.Thread(target=post, args=(server, body), daemon=True)
+        holder.start()  # holds the one slot for about 2 s
+        deadline = time.time() + 5
+        while server.metrics()["running"] == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue, then gives up
+            httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=0.3,
+                       headers={"content-type": "application/json"})
+        deadline = time.time() + 5
+        while server.metrics()["queue_depth"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.metrics()["queue_depth"] == 0  # the place is free again...
+        r = post(server, chat_body([{"role": "user", "content": QUESTION}], max_tokens=2))  # ...and usable
+        assert r.status_code == 200
+        holder.join(30)
+        m = server.metrics()
+        assert m["requests_completed"] == 2 and m["requests_cancelled"] == 1 and m["running"] == 0
+
+
 def test_request_timeout_answers_504(text_backend):
     slow = Slow(text_backend, 0.05)
     with serving(slow, request_timeout=0.5, max_tokens_cap=400) as server:
