@@ -72,6 +72,8 @@ class OnnxBackend:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, kinds=("onnx",))
         self.arch = get_arch(self.manifest["arch"])
+        if self.arch.prepare is not None:  # registers processor classes the saved folder names
+            self.arch.prepare()
         self.graphs: dict[str, Any] = self.manifest.get("graphs") or {}
         if "decoder" not in self.graphs:
             raise ArtifactError(f"{self.folder}: the manifest describes no decoder graph; export the model again "
