@@ -8,6 +8,10 @@ client the two alternate request by request, so drift on a shared machine falls 
     .venv/bin/python tools/bench_serve.py                       # embedded default image model, text questions
     .venv/bin/python tools/bench_serve.py --image --max-tokens 64
     .venv/bin/python tools/bench_serve.py --model PATH --concurrency 1,4,16 --per-client 2
+    .venv/bin/python tools/bench_serve.py --threads 1            # on a busy machine (others' jobs on the cores)
+
+Besides the paired difference, it prints the server's time outside the backend (request latency minus the
+generation time the server itself measured), which the noise of a shared machine does not swamp.
 """
 
 from __future__ import annotations
