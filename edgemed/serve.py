@@ -770,9 +770,16 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
+        """JSON by default; ``?format=prometheus`` gives the Prometheus text format for a scraper."""
         if not authorized(request):
             return unauthorized()
-        return state.metrics.snapshot(state.gate)
+        snap = state.metrics.snapshot(state.gate)
+        if request.query_params.get("format") == "prometheus":
+            from starlette.responses import PlainTextResponse
+
+            lines = [f"edgemed_{k} {float(v)}" for k, v in snap.items() if isinstance(v, int | float)]
+            return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return snap
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -259,6 +259,10 @@ def test_models_health_and_metrics(text_server):
     assert after["requests_completed"] == before["requests_completed"] + 1
     assert after["tokens_generated"] > before["tokens_generated"]
     assert after["tokens_per_second"] > 0 and after["queue_depth"] == 0
+    prom = httpx.get(f"{text_server.url}/metrics?format=prometheus").text.splitlines()
+    values = dict(line.split(" ") for line in prom)
+    assert float(values["edgemed_requests_completed"]) >= after["requests_completed"]
+    assert "edgemed_queue_depth" in values and "edgemed_tokens_per_second" in values
 
 
 def test_local_image_path_only_under_an_allowed_folder(image_server, image_backend, tmp_path):
