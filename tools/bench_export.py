@@ -6,9 +6,9 @@ llama.cpp decode speed next to PyTorch fp32 decode speed on the same prompt, in 
 
 Each export runs in a fresh process so that its peak RSS (VmHWM) is its own. Decode speed is greedy, one token at
 a time with the KV cache, timed after the prompt has been processed (prefill excluded), for both runtimes. Each
-runtime is timed at every thread count from 1 to --threads and its best is reported with the count that gave it:
-on a shared machine a busy core stalls every multi-threaded step (OpenMP and ggml both spin at barriers), and
-reporting PyTorch's best keeps the baseline honest.
+runtime is timed at every thread count from 1 to --threads, --repeats times, in interleaved rounds, and its best is
+reported with the count that gave it: on a shared machine a busy core stalls every multi-threaded step (OpenMP and
+ggml both spin at barriers), and reporting PyTorch's best keeps the baseline honest.
 """
 
 from __future__ import annotations
@@ -69,30 +69,31 @@ def llama_decode_tps(folder: Path, quant: str, prompt: str, n: int, threads: int
         b.close()
 
 
-def torch_decode_tps(model_dir: Path, prompt: str, n: int, threads: int) -> float:
-    """Greedy tokens per second of the PyTorch fp32 model decoding ``n`` tokens with its KV cache."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class TorchDecoder:
+    """The PyTorch fp32 model, loaded once, timed decoding greedily with its KV cache."""
 
-    torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
-    with torch.inference_mode():
-        out = model(ids, use_cache=True)
-        past, t = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(n):
-            out = model(t, past_key_values=past, use_cache=True)
+    def __init__(self, model_dir: Path, prompt: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        self.ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+
+    def tps(self, n: int, threads: int) -> float:
+        import torch
+
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            out = self.model(self.ids, use_cache=True)
             past, t = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return n / (time.perf_counter() - start)
-
-
-def best(fn, threads: int, repeats: int) -> tuple[float, int]:
-    """(tokens/s, threads) of the fastest of ``repeats`` runs at each of 1..threads threads (other processes can
-    only slow a run down, so the fastest is the least disturbed)."""
-    return max((fn(t), t) for t in range(1, threads + 1) for _ in range(repeats))
+            start = time.perf_counter()
+            for _ in range(n):
+                out = self.model(t, past_key_values=past, use_cache=True)
+                past, t = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return n / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,18 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-export-")
     root = args.out or Path(tmp.name)
     print(f"model {model}  threads 1..{args.threads}  decode steps {args.tokens}  repeats {args.repeats}", flush=True)
-    torch_tps, torch_t = best(lambda t: torch_decode_tps(model, args.prompt, args.tokens, t), args.threads,
-                                args.repeats)
-    rows = []
+    exports = {}
     for q in quants:
         out = root / q
         e = export_one(model, q, out)
         f = out / f"model-{q}.gguf"
-        size = f.stat().st_size
-        tps, t = best(lambda t, out=out, q=q: llama_decode_tps(out, q, args.prompt, args.tokens, t), args.threads,
-                      args.repeats)
-        rows.append((q, e["seconds"], e["peak_rss_mb"], size / 2**20, size * 8 / n_params(f), tps, t))
-        print(f"  done {q}", flush=True)
+        exports[q] = (out, e, f.stat().st_size, f.stat().st_size * 8 / n_params(f))
+        print(f"  exported {q}", flush=True)
+    # timing rounds interleave the runtimes, so both meet the same load on a shared machine; the fastest of each
+    # (runtime, thread count) is kept, as other processes can only slow a run down
+    torch_dec = TorchDecoder(model, args.prompt)
+    speed: dict[str, tuple[float, int]] = {}
+    for _ in range(args.repeats):
+        for t in range(1, args.threads + 1):
+            speed["torch"] = max(speed.get("torch", (0.0, 0)), (torch_dec.tps(args.tokens, t), t))
+            for q in quants:
+                tps = llama_decode_tps(exports[q][0], q, args.prompt, args.tokens, t)
+                speed[q] = max(speed.get(q, (0.0, 0)), (tps, t))
+    torch_tps, torch_t = speed["torch"]
+    rows = [(q, exports[q][1]["seconds"], exports[q][1]["peak_rss_mb"], exports[q][2] / 2**20, exports[q][3],
+             *speed[q]) for q in quants]
     head = f"{'quant':<8} {'export s':>9} {'peak RSS MB':>12} {'size MB':>9} {'bits/w':>7} " \
            f"{'llama.cpp tok/s (thr)':>22} {'PyTorch fp32 tok/s (thr)':>25} {'speed-up':>9}"
     print(head)
