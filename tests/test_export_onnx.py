@@ -23,7 +23,9 @@ from edgemed.errors import ArchError, EdgemedError, ExportError
 FP32_REL = 1e-3  # max |onnxruntime - PyTorch| / max |PyTorch| over all rows, fp32 weights
 QUESTION = "Is there a lesion in the left lung? Answer with one word."
 # Measured on the embedded SmolLM2-135M (4 chat prompts + "The answer is", ~120 positions), tolerance beside it:
-# int8 (weight-only MatMulNBits): top-1 98.3%, KL mean 0.009; int4 (k-quant, mixed int8 layers): 72.1%, 0.38.
+# fp16: top-1 100%, KL mean 4e-6 (max 4e-4); int8 (weight-only MatMulNBits): 98.3%, 0.009; int4 (k-quant with
+# mixed int8 layers): 72.1%, 0.38. (`edgemed parity` on 16 probes: int8 passes its onnx-int8 thresholds; int4 does
+# not pass onnx-int4's: 73.4%, KL mean 0.31 > 0.15.)
 QUANT_LIMITS = {"fp16": (0.99, 1e-3), "int8": (0.95, 0.03), "int4": (0.65, 0.5)}  # (top-1 min, KL mean max)
 # Architectures whose ONNX export does not match PyTorch yet: the tests say so and fail loudly once they do.
 GAPS = {
@@ -394,7 +396,7 @@ def test_embedded_fp32_matches_pytorch_and_decodes_the_same(embedded_exports, em
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
 def test_embedded_quantized_agreement(quant, embedded_exports, embedded_ref):
     b = onnx_backend(embedded_exports(quant))
     try:
