@@ -35,8 +35,12 @@ PyTorch fp32 logits (4 chat prompts, 120 positions; top-1 agreement / mean KL):
 * ``int4``: block-wise 4-bit MatMulNBits with ``block_size`` and ``accuracy_level``, with the builder's k-quant
   algorithm and llama.cpp's mixed strategy (LM head and the most sensitive layers in 8 bit) - 72% / 0.38 and
   decode speed equal to plain int4. Plain RTN int4 (symmetric or not, block 16 or 32, accuracy level 1 or 4)
-  gave 53-63% / 0.75-0.88: a 135M model is very sensitive to 4-bit weights. Decoders outside the builder use
-  ``MatMulNBitsQuantizer`` (RTN, LM head excluded).
+  gave 53-63% / 0.75-0.88: a 135M model is very sensitive to 4-bit weights. This int4 does not pass
+  ``edgemed parity``'s onnx-int4 thresholds on SmolLM2-135M (73.4% / 0.31 on its 16 probes). The embedded
+  weights were dequantised from Q4_1 and sit on a 4-bit grid with a float offset per 32 weights; MatMulNBits with
+  float zero points reproduces that grid (86.6% / 0.043) but onnxruntime's CPU kernel then decodes at 1.8
+  tokens/s, so it is not used. Decoders outside the builder use ``MatMulNBitsQuantizer`` (RTN, LM head
+  excluded).
 * ``fp16``: onnxruntime's float16 converter with fp32 inputs and outputs kept, so callers feed the same tensors
   (100% / 4e-6).
 
