@@ -5,13 +5,14 @@ Which exporter, and why (measured on this 2-core CPU machine, SmolLM2-135M, the 
 
 * **Text decoders the onnxruntime-genai model builder knows** (``BUILDER_DECODERS``: Llama, Mistral, Qwen2,
   Gemma 3) go through the builder. It writes a fused graph (GroupQueryAttention with rotary embedding,
-  SkipSimplifiedLayerNormalization, one QKV MatMul) in about 4 s; fp32 logits match PyTorch to 1.5e-4 absolute
-  (4e-6 relative to the largest logit) over prefill and decode steps, and its int4 graph decodes at 240-310
-  tokens/s against 33 tokens/s for PyTorch fp32 (``tools/bench_onnx.py``). A hand-written torch.onnx graph of the
-  same model is unfused (separate q/k/v MatMuls, rotary and attention as dozens of small ops) and slower, so the
-  builder is the well-kept exporter where it works. For image models the builder writes the decoder half only
-  (``exclude_embeds=true``: it takes ``inputs_embeds``), from the decoder and LM head cut out of the image model
-  into a plain causal-LM folder.
+  SkipSimplifiedLayerNormalization, one QKV MatMul; 342 nodes) in 4-18 s; fp32 logits match PyTorch to 1.5e-4
+  absolute (4e-6 relative to the largest logit) over prefill and decode steps, and its int4 graph decodes at
+  240-310 tokens/s on an idle machine against 33 tokens/s for PyTorch fp32. The same decoder through
+  torch.onnx.export (dynamo, transformers' modules, explicit KV cache) took 105 s, has 1144 nodes (unfused
+  attention and rotary) and decoded at 10.6-22.1 tokens/s where the builder's fp32 graph did 11.4-27.4 in the
+  same runs (shared cores, so ranges). So the builder is the well-kept exporter where it works. For image models
+  the builder writes the decoder half only (``exclude_embeds=true``: it takes ``inputs_embeds``), from the
+  decoder and LM head cut out of the image model into a plain causal-LM folder.
 * **Everything else** goes through ``torch.onnx.export`` (dynamo): vision tower + projector (``vision.onnx``),
   the embedding lookup and image-feature splice (``embed.onnx``), and the decoders the builder cannot write
   exactly, run as transformers' own modules with the KV cache as explicit inputs and outputs: Llama 3.2 Vision's
@@ -39,8 +40,9 @@ PyTorch fp32 logits (4 chat prompts, 120 positions; top-1 agreement / mean KL):
   ``edgemed parity``'s onnx-int4 thresholds on SmolLM2-135M (73.4% / 0.31 on its 16 probes). The embedded
   weights were dequantised from Q4_1 and sit on a 4-bit grid with a float offset per 32 weights; MatMulNBits with
   float zero points reproduces that grid (86.6% / 0.043) but onnxruntime's CPU kernel then decodes at 1.8
-  tokens/s, so it is not used. Decoders outside the builder use ``MatMulNBitsQuantizer`` (RTN, LM head
-  excluded).
+  tokens/s, so it is not used; GGUF q4_k_m (float mins per 32 weights, 6-bit layers) passes on this model (90.3%
+  / 0.099) and is the 4-bit format to ship for it. Decoders outside the builder use ``MatMulNBitsQuantizer``
+  (RTN, LM head excluded).
 * ``fp16``: onnxruntime's float16 converter with fp32 inputs and outputs kept, so callers feed the same tensors
   (100% / 4e-6).
 
