@@ -320,6 +320,41 @@ def test_image_question_is_answered_through_mtmd(arch, exported, torch_backend):
         b.close()
 
 
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_norms_and_biases_reach_the_file(arch, tiny_model, tmp_path):
+    """The tiny Llama/LLaVA keep norms at 1 and biases at 0, where a swapped or dropped norm or bias would go
+    unseen: perturb every constant parameter and compare again (text logits; image embeddings for LLaVA)."""
+    import torch
+    import transformers
+
+    from edgemed.archs import REGISTRY as registry
+    from edgemed.archs._tiny import perturb_constant_params
+    from edgemed.backends.pytorch import TorchBackend
+
+    src = tiny_model(arch)
+    model = getattr(transformers, registry[arch].model_class).from_pretrained(src, dtype=torch.float32)
+    torch.manual_seed(5)
+    changed = perturb_constant_params(model)
+    assert any("norm" in n for n in changed) and (arch == "llama" or any(n.endswith("bias") for n in changed))
+    folder = _copy(src, tmp_path / "perturbed")
+    model.save_pretrained(folder)
+    out = export(folder, tmp_path / "o", ["f32"], mmproj_quant="f32")
+    ref = TorchBackend(folder, device="cpu")
+    b = llama_backend(out, "f32")
+    try:
+        tokens = ref.tokenize(ref.render(QUESTION))
+        got, want = b.logits(tokens), ref.logits(tokens)
+        assert np.abs(got - want).max() / np.abs(want).max() <= F32_REL, worst(got, want)
+        if ref.is_vision:
+            img = picture(4, image_size(ref))
+            e, f = _aligned(arch, b.image_embeddings(img), ref.image_embeddings(img), ref, img)
+            cos = (e * f).sum(-1) / np.linalg.norm(e, axis=-1) / np.linalg.norm(f, axis=-1)
+            assert cos.min() >= 0.999, f"image embedding cosine {cos.min():.5f}"
+    finally:
+        b.close()
+        ref.close()
+
+
 # ---------------------------------------------------------------- quantization and files
 
 
