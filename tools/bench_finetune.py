@@ -51,12 +51,14 @@ def cpu_bench(steps: int) -> list[dict]:
         recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "demo.yaml",
                              [f"stages.0.data.train={data['train']}"])
         base = embedded.materialize(embedded.IMAGE)
-        for precision in ("no", "bf16"):
+        for precision, weights in (("no", "float32"), ("bf16", "float32"), ("bf16", "bfloat16")):
+            recipe.dtype = weights
             loaded, _ = build_model(recipe, base, "cpu", False)
             model = loaded.model
             params = [p for n, p in model.named_parameters() if "lora_" in n or "multi_modal_projector" in n]
             for p in params:
                 p.requires_grad_(True)
+                p.data = p.data.float()  # trainable weights stay fp32, as in edgemed.train
             opt = torch.optim.AdamW(params, lr=1e-4)
             ex = encode(loaded, recipe, read_dataset(data["train"]))
             bs = recipe.optim.batch_size
@@ -72,7 +74,7 @@ def cpu_bench(steps: int) -> list[dict]:
                 opt.zero_grad()
                 tokens += int(batch["attention_mask"].sum())
             dt = time.perf_counter() - t0
-            rows.append({"device": "cpu", "model": "smollm2-135m-llava (demo recipe)", "precision": precision,
+            rows.append({"device": "cpu", "model": "smollm2-135m-llava (demo recipe)", "autocast": precision, "frozen_weights": weights,
                          "batch": bs, "steps": steps, "tokens_per_s": round(tokens / dt, 1),
                          "s_per_step": round(dt / steps, 2), "peak_rss_mb": round(peak_rss_mb())})
             del model, opt, loaded
