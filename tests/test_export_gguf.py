@@ -447,6 +447,37 @@ def test_scaled_rope_matches_pytorch(rope, tiny_model, tmp_path):
         ref.close()
 
 
+def test_sharded_bf16_checkpoint_exports_like_the_single_file(tiny_model, tmp_path):
+    """model.safetensors.index.json with several shards, bf16 weights: read lazily, widened exactly."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.bfloat16)
+    folder = _copy(tiny_model("llama"), tmp_path / "sharded")
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="60KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    out = export(folder, tmp_path / "o", ["f32"])
+    got = {t.name: np.array(t.data) for t in GGUFReader(out / "model-f32.gguf").tensors}
+    want = model.model.norm.weight.detach().float().numpy()
+    np.testing.assert_array_equal(got["output_norm.weight"], want)
+    emb = model.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(got["token_embd.weight"].reshape(emb.shape), emb)
+
+
+def test_mmproj_types_follow_mmproj_quant(tiny_model, tmp_path):
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    for q, want in (("f32", T.F32), ("q8_0", T.Q8_0)):
+        out = export(tiny_model("llava"), tmp_path / q, ["f16"], mmproj_quant=q)
+        types = {t.name: t.tensor_type for t in GGUFReader(out / f"mmproj-{q}.gguf").tensors}
+        assert types["v.blk.0.attn_q.weight"] == want and types["mm.0.weight"] == want
+        assert types["v.position_embd.weight"] == T.F32 and types["v.patch_embd.weight"] == T.F32
+        assert types["v.blk.0.ln1.weight"] == T.F32
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
