@@ -196,6 +196,28 @@ def test_file_carries_template_tokenizer_and_provenance(arch, exported, tiny_mod
     assert not list(folder.glob(".*")), "temporary files left in the export"
 
 
+def test_provenance_of_a_merged_model_folder(tiny_model, tmp_path):
+    from gguf import GGUFReader
+
+    from edgemed.artifacts import write_manifest
+
+    folder = _copy(tiny_model("llama"), tmp_path / "merged")
+    written = write_manifest(folder, "model", name="medvqa-merged",
+                             base_model={"path": "/models/SmolLM2-135M-Instruct", "sha256": "ab" * 32})
+    out = export(folder, tmp_path / "o", ["f16"])
+    fields = {k: f.contents() for k, f in GGUFReader(out / "model-f16.gguf").fields.items()
+              if k.startswith(("general.", "edgemed."))}
+    assert fields["general.name"] == "medvqa-merged"
+    assert fields["general.base_model.0.name"] == "SmolLM2-135M-Instruct"
+    assert fields["edgemed.base_model.tree_sha256"] == "ab" * 32
+    source = json.loads(fields["edgemed.source.manifest"])
+    assert source["files"] == written["files"] and source["kind"] == "model"
+    assert fields["edgemed.source.tree_sha256"] == tree_sha256(folder)
+    manifest = read_manifest(out, ("gguf",))
+    assert manifest["base_model"] == "SmolLM2-135M-Instruct"
+    assert manifest["parent"]["tree_sha256"] == tree_sha256(folder)
+
+
 def _config(folder: Path):
     from transformers import AutoConfig
 

@@ -109,6 +109,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
                        name=provenance["name"], base_model=provenance["base_model"],
+                       base_model_sha256=provenance["base_model_sha256"],
                        parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
                                "manifest": provenance["manifest"]})
     return Path(out)
@@ -169,15 +170,19 @@ def _refuse_quantized(model_dir: Path, config: Any, ckpt: Checkpoint) -> None:
 
 
 def _provenance(model_dir: Path, source: dict[str, Any] | None) -> dict[str, Any]:
+    """Name, base model and hashes recorded in every GGUF file and in the export's manifest."""
     name = (source or {}).get("name") or model_dir.name
     base = (source or {}).get("base_model")
-    if isinstance(base, dict):
-        base = base.get("name") or base.get("path")
+    base_sha = None
+    if isinstance(base, dict):  # merge/train write {"path", "sha256", "model_type"}
+        base_sha = base.get("sha256")
+        base = base.get("name") or (Path(base["path"]).name if base.get("path") else None)
     if not base and source and isinstance(source.get("parent"), dict):
         base = source["parent"].get("name") or source["parent"].get("path")
     return {
         "name": str(name),
         "base_model": str(base) if base else None,
+        "base_model_sha256": base_sha,
         "tree_sha256": tree_sha256(model_dir),
         "manifest": ({"sha256": sha256_file(model_dir / MANIFEST), "kind": source.get("kind"),
                       "files": source.get("files", {})} if source else "no manifest"),
@@ -518,6 +523,8 @@ def _general_kv(w, provenance: dict[str, Any], file_type: int, kind: str) -> Non
     if provenance["base_model"]:
         w.add_base_model_count(1)
         w.add_base_model_name(0, provenance["base_model"])
+    if provenance.get("base_model_sha256"):
+        w.add_string("edgemed.base_model.tree_sha256", provenance["base_model_sha256"])
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string("edgemed.source.tree_sha256", provenance["tree_sha256"])
