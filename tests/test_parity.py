@@ -402,3 +402,27 @@ def test_auto_quant_keeps_smallest_passing_and_says_why(tiny_model, tmp_path):
     assert "q4_k_m rejected" in (out / "auto_quant.txt").read_text()
     assert run_parity(out, reference=ref, probes=probe_file(tmp_path, image=False)).passed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no trial folder left behind
+
+
+@needs_gguf
+def test_gguf_projector_from_another_model_fails(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    ref = tiny_model("llava")
+    donor = load_file(tiny_model("llava", seed=1) / "model.safetensors")
+    probes = probe_file(tmp_path, image=True)
+    cand = copy_model(ref, tmp_path / "cand")
+    assert edit_tensors(cand, lambda k, t: donor[k] if "multi_modal_projector" in k else None)
+    bad = run_parity(_export(cand, tmp_path / "bad"), reference=ref, probes=probes)
+    assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
+    assert bad.rows[0].metrics["image_cos"] < 0.5
+    assert any("image path" in v for v in bad.verdict), bad.verdict
+
+
+@needs_gguf
+@pytest.mark.xfail(strict=True, reason="GGUF LLaVA image path differs from PyTorch (image-embedding cosine 0.84 on "
+                   "the tiny LLaVA, 0.54 on the embedded one): see docs/parity.md, Known gaps")
+def test_gguf_clean_llava_export_passes(tiny_model, tmp_path):
+    ref = tiny_model("llava")
+    res = run_parity(_export(ref, tmp_path / "clean"), reference=ref, probes=probe_file(tmp_path, image=True))
+    assert res.passed, res.table()
