@@ -6,8 +6,9 @@ and int4 through onnxruntime, next to PyTorch fp32 and the GGUF q4_k_m export of
 
 Time to first token (TTFT) is the prompt's forward pass up to the first token's logits (the chat-rendered prompt,
 about 40 tokens). Decode speed is greedy, one token at a time with the KV cache, ``--tokens`` steps after the
-prompt (EOS is not special: the speed of the steps is what is measured). Each figure is the median of
-``--repeat`` runs after one warm-up, because the machine's cores are shared. GGUF is skipped with a note when
+prompt (EOS is not special: the speed of the steps is what is measured). All exports are made first; then
+every runtime is timed once per round, ``--repeat`` rounds after one warm-up, and the median is reported, so that
+each runtime meets the same load on shared cores. GGUF is skipped with a note when
 ``edgemed.export.gguf`` or llama-cpp-python is missing or fails.
 """
 
@@ -22,13 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROMPT = "Describe the findings of a normal chest radiograph in a few sentences."
-
-
-def median_runs(fn: Callable[[], tuple[float, float]], repeat: int) -> tuple[float, float]:
-    """(median TTFT s, median decode tok/s) of ``repeat`` runs of ``fn`` after one warm-up run."""
-    fn()
-    runs = [fn() for _ in range(repeat)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def torch_run(model_dir: Path, prompt: str, n: int, threads: int) -> Callable[[], tuple[float, float]]:
@@ -120,30 +114,36 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-onnx-")
     root = args.out or Path(tmp.name)
     print(f"model {model}  threads {args.threads}  decode steps {args.tokens}  median of {args.repeat}", flush=True)
-    rows: list[tuple[str, str, float | None, float | None, float, float]] = []
-
-    ttft, tps = median_runs(torch_run(model, args.prompt, args.tokens, args.threads), args.repeat)
-    rows.append(("PyTorch", "fp32", None, folder_mb(model, "*.safetensors"), ttft, tps))
-    print("  done PyTorch fp32", flush=True)
+    # exports first, then interleaved timing rounds, so every runtime meets the same load on shared cores
+    runners: list[tuple[str, str, float | None, float, Callable[[], tuple[float, float]]]] = [
+        ("PyTorch", "fp32", None, folder_mb(model, "*.safetensors"),
+         torch_run(model, args.prompt, args.tokens, args.threads))]
     for q in [q.strip() for q in args.quants.split(",") if q.strip()]:
         t0 = time.perf_counter()
         out = export_onnx(model, q, root / f"onnx-{q}", overwrite=True)
-        secs = time.perf_counter() - t0
-        ttft, tps = median_runs(onnx_run(out, args.prompt, args.tokens, args.threads), args.repeat)
-        rows.append(("onnxruntime", q, secs, folder_mb(out, "*.onnx*"), ttft, tps))
-        print(f"  done ONNX {q}", flush=True)
+        runners.append(("onnxruntime", q, time.perf_counter() - t0, folder_mb(out, "*.onnx*"),
+                        onnx_run(out, args.prompt, args.tokens, args.threads)))
+        print(f"  exported ONNX {q}", flush=True)
     note = ""
     try:
         from edgemed.export.gguf import export_gguf
 
         t0 = time.perf_counter()
         out = export_gguf(model, ["q4_k_m"], root / "gguf", overwrite=True)
-        secs = time.perf_counter() - t0
-        ttft, tps = median_runs(gguf_run(out, "q4_k_m", args.prompt, args.tokens, args.threads), args.repeat)
-        rows.append(("llama.cpp", "q4_k_m", secs, folder_mb(out, "*.gguf"), ttft, tps))
-        print("  done GGUF q4_k_m", flush=True)
+        runners.append(("llama.cpp", "q4_k_m", time.perf_counter() - t0, folder_mb(out, "*.gguf"),
+                        gguf_run(out, "q4_k_m", args.prompt, args.tokens, args.threads)))
+        print("  exported GGUF q4_k_m", flush=True)
     except Exception as e:  # noqa: BLE001 - the GGUF row is a comparison; its failure must not hide the ONNX figures
         note = f"GGUF q4_k_m skipped: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    for *_, run in runners:  # warm-up
+        run()
+    timings: list[list[tuple[float, float]]] = [[] for _ in runners]
+    for r in range(args.repeat):
+        for i, (*_, run) in enumerate(runners):
+            timings[i].append(run())
+        print(f"  round {r + 1}/{args.repeat}", flush=True)
+    rows = [(rt, q, secs, mb, statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for (rt, q, secs, mb, _), ts in zip(runners, timings, strict=True)]
 
     base = rows[0][5]
     head = (f"{'runtime':<12} {'quant':<7} {'export s':>9} {'size MB':>8} {'TTFT ms':>8} {'decode tok/s':>13} "
