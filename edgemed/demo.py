@@ -19,6 +19,7 @@ from edgemed.errors import ArtifactError
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 ONNX_QUANT = "int4"
 SPEED_PROMPT = "List the main causes of chest pain in adults and explain how each is diagnosed."
+ANSWER_TOKENS = 6  # the demo's answers are one word and the end of turn; a rambling base model is cut short
 
 
 @dataclass
@@ -77,19 +78,20 @@ def decode_speed(backend: Any, max_tokens: int = 48) -> float:
     return round(n / dt, 1)
 
 
-def measure(row: Row, records: list[Any]) -> None:
-    """Accuracy and decode speed of one model or export file."""
+def measure(row: Row, records: list[Any], speed: bool = True) -> None:
+    """Accuracy (and decode speed) of one model or export file."""
     from edgemed.evaluate import evaluate
     from edgemed.parity import open_model
 
     kw = {"quant": row.quant} if row.backend == "llamacpp" else {}
     backend = open_model(row.path, **kw)
     try:
-        res = evaluate(backend, records)
+        res = evaluate(backend, records, max_tokens=ANSWER_TOKENS)
         o = res["overall"]
         row.accuracy = {"overall": o["score"], "closed": o["closed"]["accuracy"], "open": o["open"]["exact"],
                         "n": o["n"]}
-        row.decode_tok_s = decode_speed(backend)
+        if speed:
+            row.decode_tok_s = decode_speed(backend)
     finally:
         backend.close()
 
@@ -123,7 +125,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
         test = read_dataset(data["test"])
     with s.step(f"held-out accuracy before fine-tuning ({len(test)} questions, PyTorch)"):
         before = Row("base (before fine-tuning)", "pytorch", base)
-        measure(before, test)
+        measure(before, test, speed=False)
         rows.append(before)
     overrides = [f"stages.0.data.train={data['train']}", f"stages.0.data.validation={data['validation']}"]
     if steps:
