@@ -129,7 +129,8 @@ def export() -> None:
 @click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
-@click.option("--auto-quant", is_flag=True, help="Pick the smallest quant that passes parity (needs --reference).")
+@click.option("--auto-quant", is_flag=True,
+              help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, out: Path, overwrite: bool,
                     auto_quant: bool) -> None:
@@ -139,7 +140,8 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
     if auto_quant:
         from edgemed.parity import auto_quant as pick
 
-        click.echo(pick(model_dir, out, overwrite=overwrite))
+        kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
+        click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
     click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant))
 

@@ -426,3 +426,14 @@ def test_gguf_clean_llava_export_passes(tiny_model, tmp_path):
     ref = tiny_model("llava")
     res = run_parity(_export(ref, tmp_path / "clean"), reference=ref, probes=probe_file(tmp_path, image=True))
     assert res.passed, res.table()
+
+
+@needs_gguf
+def test_cli_export_auto_quant(tiny_model, tmp_path):
+    from edgemed.artifacts import read_manifest
+
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant", "--quant", "q8_0",
+                                  "--quant", "q6_k", "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "auto")
+    assert m["quants"] == ["q6_k"] and [t["quant"] for t in m["auto_quant"]["tried"]] == ["q6_k"]
