@@ -450,9 +450,12 @@ def _decoder_dims(text_cfg: Any) -> dict[str, Any]:
 
 def _standardise(src: Path, target: Path) -> None:
     """Rewrite onnxruntime's default-domain SimplifiedLayerNormalization as standard RMSNormalization (opset 23)
-    and save with external data named after ``target``."""
+    and save with external data named after ``target``.
 
-    m = onnx.load(str(src))
+    Only the graph is loaded: the builder's one external-data file is moved, not read, so a 7B decoder does not
+    have to fit in memory twice.
+    """
+    m = onnx.load(str(src), load_external_data=False)
     for node in m.graph.node:
         if node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx"):
             node.op_type = "RMSNormalization"
@@ -463,7 +466,19 @@ def _standardise(src: Path, target: Path) -> None:
     for op in m.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = max(op.version, OPSET)
-    save_graph(m, target)
+    external = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+    if len(locations) != 1:  # weights inside the graph, or spread over several files: the general path
+        onnx.load_external_data_for_model(m, str(src.parent))
+        save_graph(m, target)
+        return
+    data = target.with_name(target.name + ".data")
+    shutil.move(src.parent / locations.pop(), data)
+    for t in external:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data.name
+    onnx.save_model(m, str(target))
 
 
 def save_graph(m: Any, target: Path) -> None:
