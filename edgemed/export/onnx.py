@@ -204,6 +204,11 @@ def _decoder_route(spec: ArchSpec, model_dir: Path) -> str:
         return "token_types"
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if _causal_lm_class(spec.text_config(config)) in BUILDER_DECODERS:
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            raise ExportError("onnxruntime-genai is not installed; its model builder writes the ONNX decoder of "
+                              f"{spec.name} models: run `pip install onnxruntime-genai`")
         return "builder"
     raise ExportError(f"{model_dir}: no ONNX exporter for the {spec.name} decoder ({spec.model_class}): "
                       "onnxruntime-genai's builder does not write it and it is not a cross-attention decoder; "
