@@ -1,7 +1,7 @@
 """`edgemed demo`: the whole pipeline on the embedded default image model and the bundled synthetic data.
 
 Materialise the model, generate the data, measure held-out accuracy before fine-tuning, fine-tune (LoRA on CPU,
-QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int4), run parity and evaluation on every
+QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int8), run parity and evaluation on every
 export, turn each export into a verified bundle, and write a report with plots. Offline throughout.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from edgemed.errors import ArtifactError
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
-ONNX_QUANT = "int4"
+ONNX_QUANT = "int8"  # int4 fails the onnx-int4 parity thresholds on SmolLM2 (KL 0.31); int8 passes
 SPEED_PROMPT = "List the main causes of chest pain in adults and explain how each is diagnosed."
 ANSWER_TOKENS = 6  # the demo's answers are one word and the end of turn; a rambling base model is cut short
 
