@@ -178,7 +178,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
 
 def _parity_row(result: Any, quant: str) -> dict[str, Any]:
     for r in result.rows:
-        if r.quant == quant:
+        if r.quant in (quant, f"onnx-{quant}"):  # parity names ONNX quants onnx-int8, onnx-int4
             return {"passed": r.passed, "top1": r.metrics.get("top1"), "kl_mean": r.metrics.get("kl_mean"),
                     "image_cos": r.metrics.get("image_cos")}
     return {}
