@@ -35,14 +35,22 @@ def lineage(folder: Path) -> dict[str, Any]:
             out["adapter"] = entry
             out["recipe_sha256"] = _json_sha(m.get("recipe"))
             out["data"] = m.get("data")
-            out.setdefault("base_model", m.get("base_model"))
+            if not (out.get("base_model") or {}).get("sha256"):
+                out["base_model"] = _as_base(m.get("base_model"), None)
         elif kind == "model" and "merged_model" not in out and m.get("parent", {}).get("kind") == "run":
             out["merged_model"] = entry
-        if m.get("base_model") and "base_model" not in out:
-            out["base_model"] = m["base_model"]
+        if m.get("base_model") and not (out.get("base_model") or {}).get("sha256"):
+            out["base_model"] = _as_base(m["base_model"], m.get("base_model_sha256"))
         parent = (m.get("parent") or {}).get("path")
         current = Path(parent) if parent else None
     return out
+
+
+def _as_base(value: Any, sha: str | None) -> dict[str, Any]:
+    """Manifests record the base model as a dict (runs, models) or as a string with its sha beside (exports)."""
+    if isinstance(value, dict):
+        return value
+    return {"path": str(value) if value else None, "sha256": sha}
 
 
 def _json_sha(obj: Any) -> str | None:
@@ -57,8 +65,9 @@ def model_card(manifest: dict[str, Any], reports: dict[str, Any]) -> str:
     """A short Markdown model card from the manifest and the parity/eval reports."""
     lin = manifest.get("lineage", {})
     base = lin.get("base_model") or {}
+    quants = ", ".join(manifest.get("quants", []) or [str(manifest.get("quant"))])
     lines = [f"# {manifest.get('name', 'edgemed export')}", "",
-             f"Format: **{manifest.get('kind')}** ({', '.join(manifest.get('quants', []) or [str(manifest.get('quant'))])})",
+             f"Format: **{manifest.get('kind')}** ({quants})",
              f"Architecture: {manifest.get('arch')}",
              f"Base model: {base.get('id') or base.get('path')} (sha256 {str(base.get('sha256'))[:16]}…)",
              f"Adapter run: {(lin.get('adapter') or {}).get('path')}",

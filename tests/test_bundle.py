@@ -20,7 +20,9 @@ def bundle(tmp_path):
     (folder / "model-q8_0.gguf").write_bytes(bytes(range(256)) * 64)
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     (folder / "parity.json").write_text('{"passed": true}')
-    write_manifest(folder, "gguf", name="t", quants=["q8_0"], arch="llama")
+    # exports record the base model as a string with its sha beside it, as export gguf writes
+    write_manifest(folder, "gguf", name="t", quants=["q8_0"], arch="llama", base_model="HuggingFaceTB/SmolLM2",
+                   base_model_sha256="ab" * 32)
     finalize(folder, summary={"parity": "passed"})
     return folder
 
@@ -29,7 +31,8 @@ def test_clean_bundle_verifies(bundle):
     assert verify(bundle) == []
     r = CliRunner().invoke(main, ["verify", str(bundle)])
     assert r.exit_code == 0 and "OK" in r.output
-    assert (bundle / "README.md").is_file()
+    card = (bundle / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2" in card and "abababab" in card
 
 
 def test_one_byte_changed_is_named(bundle):
