@@ -1,4 +1,5 @@
-"""edgemed: fine-tune medical vision-language models, export them for offline use, and prove the export kept the fine-tune."""
+"""edgemed: fine-tune medical vision-language models, export them for offline use, and prove the export kept
+the fine-tune."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ export, turn each export into a verified bundle, and write a report with plots. 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class Steps:
     def __init__(self, total: int):
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        # a report wider than 80 columns when not on a terminal (CI logs, nohup), rich's own width otherwise
+        self.console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
         self.total = total
         self.n = 0
         self.times: dict[str, float] = {}
@@ -66,16 +68,19 @@ def _size_mb(*files: Path) -> float:
 
 
 def decode_speed(backend: Any, max_tokens: int = 48) -> float:
-    """Decode tokens/s of a backend on a fixed text prompt (after a short warm-up)."""
+    """Decode tokens/s of a backend: a fixed number of tokens after the first (end of turn ignored, as llama-bench
+    does; a fine-tuned model answers in one word, which would time only the prompt)."""
     from edgemed.backends.base import GenParams
 
     prompt = backend.render(SPEED_PROMPT)
-    "".join(backend.generate(prompt, params=GenParams(max_tokens=4)))
+    "".join(backend.generate(prompt, params=GenParams(max_tokens=4, ignore_eos=True)))  # warm-up
     t0 = time.perf_counter()
-    text = "".join(backend.generate(prompt, params=GenParams(max_tokens=max_tokens)))
-    dt = time.perf_counter() - t0
-    n = max(1, len(backend.tokenize(text)) - 1)
-    return round(n / dt, 1)
+    first, pieces = None, []
+    for piece in backend.generate(prompt, params=GenParams(max_tokens=max_tokens, ignore_eos=True)):
+        first = first or time.perf_counter()
+        pieces.append(piece)
+    n = len(backend.tokenize("".join(pieces))) - len(backend.tokenize(""))
+    return round((n - 1) / max(time.perf_counter() - (first or t0), 1e-9), 1)
 
 
 def measure(row: Row, records: list[Any], speed: bool = True) -> None:

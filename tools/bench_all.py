@@ -46,11 +46,11 @@ def decode_and_ttft(backend, max_tokens: int = 64) -> tuple[float, float, int]:
     from edgemed.backends.base import GenParams
 
     prompt = backend.render(PROMPT)
-    "".join(backend.generate(prompt, params=GenParams(max_tokens=4)))  # warm-up
+    "".join(backend.generate(prompt, params=GenParams(max_tokens=4, ignore_eos=True)))  # warm-up
     t0 = time.perf_counter()
     first = None
     pieces = []
-    for piece in backend.generate(prompt, params=GenParams(max_tokens=max_tokens)):
+    for piece in backend.generate(prompt, params=GenParams(max_tokens=max_tokens, ignore_eos=True)):
         if first is None:
             first = time.perf_counter()
         pieces.append(piece)

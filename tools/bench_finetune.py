@@ -74,8 +74,8 @@ def cpu_bench(steps: int) -> list[dict]:
                 opt.zero_grad()
                 tokens += int(batch["attention_mask"].sum())
             dt = time.perf_counter() - t0
-            rows.append({"device": "cpu", "model": "smollm2-135m-llava (demo recipe)", "autocast": precision, "frozen_weights": weights,
-                         "batch": bs, "steps": steps, "tokens_per_s": round(tokens / dt, 1),
+            rows.append({"device": "cpu", "model": "smollm2-135m-llava (demo recipe)", "autocast": precision,
+                         "frozen_weights": weights, "batch": bs, "steps": steps, "tokens_per_s": round(tokens / dt, 1),
                          "s_per_step": round(dt / steps, 2), "peak_rss_mb": round(peak_rss_mb())})
             del model, opt, loaded
     return rows

@@ -20,6 +20,24 @@ class GenParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode max_tokens whatever the model says (speed measurements, as llama-bench)
+
+
+def cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
+    """What of ``text`` may be yielded after ``sent``: up to a stop string (and True), or up to a possible start of
+    one (held back until the next token decides). The one stop-string rule every backend shares."""
+    stops = [s for s in stops if s]
+    for s in stops:
+        i = text.find(s, max(0, len(sent) - len(s) + 1))
+        if i >= 0:
+            return text[len(sent):i] if i > len(sent) else "", True
+    end = len(text)
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                end = min(end, len(text) - n)
+                break
+    return (text[len(sent):end] if end > len(sent) else ""), False
 
 
 @runtime_checkable

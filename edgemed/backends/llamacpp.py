@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed import prompting
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, cut_at_stop
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -359,13 +359,13 @@ class LlamaCppBackend:
                 if n_past >= self.n_ctx:
                     break
                 t = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._model.vocab, t):
+                if llama_cpp.llama_vocab_is_eog(self._model.vocab, t) and not params.ignore_eos:
                     reason = "stop"
                     break
                 out.append(t)
                 text = self._detok(out)
                 if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
-                    piece, hit = _cut_at_stop(text, sent, params.stop)
+                    piece, hit = cut_at_stop(text, sent, params.stop)
                     if piece:
                         sent += piece
                         yield piece
@@ -405,18 +405,3 @@ class LlamaCppBackend:
             pass
 
 
-def _cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
-    """What of ``text`` may be yielded after ``sent``: up to a stop string (and True), or up to where a stop
-    string might be starting (held back until the next token decides)."""
-    stops = [s for s in stops if s]
-    for s in stops:
-        i = text.find(s, max(0, len(sent) - len(s) + 1))
-        if i >= 0:
-            return (text[len(sent):i] if i > len(sent) else ""), True
-    end = len(text)
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                end = min(end, len(text) - n)
-                break
-    return (text[len(sent):end] if end > len(sent) else ""), False

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed import prompting
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, cut_at_stop
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -297,7 +297,6 @@ class OnnxBackend:
     def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
         import numpy as np
 
-        from edgemed.backends.pytorch import _cut_at_stop  # the one stop-string rule every backend shares
 
         self.last_finish_reason = None
         if params.max_tokens <= 0:
@@ -314,13 +313,13 @@ class OnnxBackend:
         reason, hit = "length", False
         for _ in range(params.max_tokens):
             t = _pick(last, params.temperature, params.top_p, rng)
-            if t in self.eos_ids:
+            if t in self.eos_ids and not params.ignore_eos:
                 reason = "stop"
                 break
             ids.append(t)
             text = self._decode(ids)
             if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
-                piece, hit = _cut_at_stop(text, sent, params.stop)
+                piece, hit = cut_at_stop(text, sent, params.stop)
                 if piece:
                     sent += piece
                     yield piece

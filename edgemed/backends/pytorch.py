@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed import prompting
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, cut_at_stop
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -284,6 +284,8 @@ class TorchBackend:
         # a clean config: the folder's sampling defaults (top_k, repetition penalty) must not change the answer
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, num_beams=1,
                                   eos_token_id=self.eos_ids or None,
+                                  # ignore_eos: end of turn is suppressed until max_tokens (HF refills a None eos)
+                                  min_new_tokens=params.max_tokens if params.ignore_eos else None,
                                   pad_token_id=self.tokenizer.pad_token_id
                                   if self.tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0])
 
@@ -310,14 +312,14 @@ class TorchBackend:
                 if kind == "end":
                     break
                 for t in value:
-                    if t in self.eos_ids:  # end of text or end of turn
+                    if t in self.eos_ids and not params.ignore_eos:  # end of text or end of turn
                         reason, done = "stop", True
                         break
                     ids.append(t)
                 text = self._decode(ids)
                 if text.endswith("\ufffd") and not done:  # a character split across tokens: wait for the rest
                     continue
-                piece, hit = _cut_at_stop(text, sent, params.stop)
+                piece, hit = cut_at_stop(text, sent, params.stop)
                 if piece:
                     sent += piece
                     yield piece
@@ -359,18 +361,3 @@ def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
-    """What of ``text`` may be yielded after ``sent``: up to a stop string (and True), or up to a possible start of
-    one (held back until the next token decides)."""
-    stops = [s for s in stops if s]
-    for s in stops:
-        i = text.find(s, max(0, len(sent) - len(s) + 1))
-        if i >= 0:
-            return text[len(sent):i] if i > len(sent) else "", True
-    end = len(text)
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                end = min(end, len(text) - n)
-                break
-    return (text[len(sent):end] if end > len(sent) else ""), False
