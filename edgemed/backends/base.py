@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,6 +21,34 @@ class GenParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # decode max_tokens whatever the model says (speed measurements, as llama-bench)
+
+
+def expand_placeholder(tokenizer: Any, processor: Any, tokens: list[int], image: Image.Image, image_token_id: int,
+                       placeholder: str | None, return_tensors: str) -> tuple[Any, list[int], list[int]]:
+    """Expand the one image placeholder in ``tokens`` with the model's own processor (so no family is named here).
+
+    The tokens are decoded to text and run through the processor with the image; the expansion is found between the
+    unchanged text before and after the placeholder. Returns (processor encoding, expanded ids, the row of each of
+    ``tokens`` in the expanded sequence: the placeholder's row is the last image token's).
+    """
+    from edgemed.errors import DataError
+
+    where = [i for i, t in enumerate(tokens) if t == image_token_id]
+    if len(where) != 1:
+        raise DataError(f"the prompt holds the image placeholder {placeholder!r} {len(where)} times; it must hold it "
+                        "exactly once (render it with image=True)")
+    k = where[0]
+    text = tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    enc = processor(text=[text], images=[image.convert("RGB")], add_special_tokens=False,
+                    return_tensors=return_tensors)
+    full = [int(t) for t in enc["input_ids"][0]]
+    tail = len(tokens) - k - 1
+    if full[:k] != list(tokens[:k]) or full[len(full) - tail:] != list(tokens[k + 1:]) or len(full) < len(tokens):
+        raise DataError("the processor tokenized the prompt differently from tokenize(); "
+                        "give tokens made by this backend's tokenize(render(...))")
+    n_img = len(full) - len(tokens) + 1
+    rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
+    return enc, full, rows
 
 
 def cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed import prompting
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop
+from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -164,21 +164,8 @@ class OnnxBackend:
             return list(tokens), {}, list(range(len(tokens)))
         if not self.is_vision:
             raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
-        where = [i for i, t in enumerate(tokens) if t == self.image_token_id]
-        if len(where) != 1:
-            raise DataError(f"the prompt holds the image placeholder {self.arch.image_placeholder!r} "
-                            f"{len(where)} times; it must hold it exactly once (render it with image=True)")
-        k = where[0]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        enc = self.processor(text=[text], images=[image.convert("RGB")], add_special_tokens=False,
-                             return_tensors="np")
-        full = [int(t) for t in enc["input_ids"][0]]
-        tail = len(tokens) - k - 1
-        if full[:k] != list(tokens[:k]) or full[len(full) - tail:] != list(tokens[k + 1:]) or len(full) < len(tokens):
-            raise DataError("the processor tokenized the prompt differently from tokenize(); "
-                            "give tokens made by this backend's tokenize(render(...))")
-        n_img = len(full) - len(tokens) + 1
-        rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
+        enc, full, rows = expand_placeholder(self.tokenizer, self.processor, list(tokens), image, self.image_token_id,
+                                             self.arch.image_placeholder, "np")
         return full, {key: v for key, v in enc.items() if key not in _TEXT_KEYS}, rows
 
     def _image_features(self, image_inputs: dict[str, Any]) -> np.ndarray:

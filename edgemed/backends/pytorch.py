@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed import prompting
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop
+from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -202,21 +202,8 @@ class TorchBackend:
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, list(range(len(tokens)))
         if not self.is_vision:
             raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
-        where = [i for i, t in enumerate(tokens) if t == self.image_token_id]
-        if len(where) != 1:
-            raise DataError(f"the prompt holds the image placeholder {self.arch.image_placeholder!r} "
-                            f"{len(where)} times; it must hold it exactly once (render it with image=True)")
-        k = where[0]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        enc = self.processor(text=[text], images=[image.convert("RGB")], add_special_tokens=False,
-                             return_tensors="pt")
-        full = enc["input_ids"][0].tolist()
-        tail = len(tokens) - k - 1
-        if full[:k] != tokens[:k] or full[len(full) - tail:] != tokens[k + 1:] or len(full) < len(tokens):
-            raise DataError("the processor tokenized the prompt differently from tokenize(); "
-                            "give tokens made by this backend's tokenize(render(...))")
-        n_img = len(full) - len(tokens) + 1
-        rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
+        enc, _, rows = expand_placeholder(self.tokenizer, self.processor, list(tokens), image, self.image_token_id,
+                                          self.arch.image_placeholder, "pt")
         inputs = {key: (v.to(self.device) if hasattr(v, "to") else v) for key, v in enc.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
