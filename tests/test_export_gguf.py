@@ -276,11 +276,11 @@ def _aligned(arch: str, got: np.ndarray, want: np.ndarray, ref, img) -> tuple[np
     The export places every position embedding so each token is computed exactly as in PyTorch; the rows are
     then PyTorch's patches 1..n-1 followed by CLS.
     """
-    if arch != "llava":
+    m = ref.model
+    if arch != "llava" or m.config.vision_feature_select_strategy == "full":  # no class token: rows line up as is
         return got, want
     import torch
 
-    m = ref.model
     pv = ref.processor.image_processor(img.convert("RGB"), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         hs = m.model.vision_tower(pv, output_hidden_states=True).hidden_states[m.config.vision_feature_layer]
