@@ -23,6 +23,18 @@ class GenParams:
     ignore_eos: bool = False  # decode max_tokens whatever the model says (speed measurements, as llama-bench)
 
 
+def render_question(backend: Any, question: str, image: bool, system: str | None) -> str:
+    """The generation prompt for one question with the backend's saved processor or tokenizer (its chat template)."""
+    from edgemed import prompting
+    from edgemed.errors import DataError
+
+    if image and not backend.is_vision:
+        raise DataError(f"{backend.folder}: is a text model ({backend.arch.name}) and takes no image; "
+                        "ask without an image or use an image model")
+    msgs = prompting.messages(question, image=image, system=system, typed=backend.is_vision)
+    return prompting.render(backend.processor, msgs)
+
+
 def expand_placeholder(tokenizer: Any, processor: Any, tokens: list[int], image: Image.Image, image_token_id: int,
                        placeholder: str | None, return_tensors: str) -> tuple[Any, list[int], list[int]]:
     """Expand the one image placeholder in ``tokens`` with the model's own processor (so no family is named here).

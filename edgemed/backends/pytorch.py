@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgemed import prompting
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder
+from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder, render_question
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -162,11 +161,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ text
     def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
-        if image and not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image; "
-                            "ask without an image or use an image model")
-        msgs = prompting.messages(question, image=image, system=system, typed=self.is_vision)
-        return prompting.render(self.processor, msgs)
+        return render_question(self, question, image, system)
 
     def chat_template(self) -> str:
         return self.processor.chat_template or self.tokenizer.chat_template
