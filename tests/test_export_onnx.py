@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import ARCHS, VISION_ARCHS
 
+from edgemed.archs import REGISTRY
 from edgemed.artifacts import read_manifest, tree_sha256
 from edgemed.backends.base import GenParams
 from edgemed.errors import ArchError, EdgemedError, ExportError
@@ -28,10 +29,7 @@ QUESTION = "Is there a lesion in the left lung? Answer with one word."
 # not pass onnx-int4's: 73.4%, KL mean 0.31 > 0.15.)
 QUANT_LIMITS = {"fp16": (0.99, 1e-3), "int8": (0.95, 0.03), "int4": (0.65, 0.5)}  # (top-1 min, KL mean max)
 # Architectures whose ONNX export does not match PyTorch yet: the tests say so and fail loudly once they do.
-GAPS = {
-    "qwen2_5_vl": "no ONNX exporter yet: the builder does not write its M-RoPE decoder, and torch.export stops on "
-                  "the vision tower's data-dependent window index (get_vision_window_index)",
-}
+GAPS: dict[str, str] = {}
 IMAGE_GAPS = GAPS
 
 
@@ -268,6 +266,104 @@ def test_image_into_a_text_model_is_refused(exported):
         b.close()
 
 
+# ---------------------------------------------------------------- image-grid models (Qwen2.5-VL, M-RoPE)
+GRID_ARCHS = [a for a in VISION_ARCHS if REGISTRY[a].grid is not None]
+
+
+def _grid(b, img) -> list[int]:
+    return b.processor.image_processor(images=[img], return_tensors="np")["image_grid_thw"][0].tolist()
+
+
+@pytest.mark.parametrize("arch", GRID_ARCHS)
+def test_grid_vision_graph_takes_image_sizes_it_was_not_traced_with(arch, exported, tiny_model):
+    """The vision graph was traced on one image grid; other grids (other aspect ratios, other window layouts) give
+    the PyTorch features and image-prompt logits too."""
+    folder = exported(arch)
+    vision = read_manifest(folder, ("onnx",))["graphs"]["vision"]
+    assert vision["inputs"][0] == "pixel_values" and vision["grid_inputs"] == vision["inputs"][1:]
+    ref, b = torch_backend(tiny_model(arch)), onnx_backend(folder)
+    try:
+        images = [picture(4, 48), picture(5, 120).resize((120, 40)), picture(6, 120).resize((40, 120))]
+        grids = [_grid(b, img) for img in images]
+        assert len({tuple(g) for g in grids}) == 3, grids  # three different patch grids
+        for img, grid in zip(images, grids, strict=True):
+            feats, want_feats = b.image_embeddings(img), ref.image_embeddings(img)
+            assert feats.shape == want_feats.shape == (grid[0] * grid[1] * grid[2] // 4, want_feats.shape[1])
+            rel = np.abs(feats - want_feats).max() / np.abs(want_feats).max()
+            assert rel <= FP32_REL, f"{arch} image features, grid {grid}: relative error {rel:.2e}"
+            tokens = ref.tokenize(ref.render(QUESTION, image=True))
+            got, want = b.logits(tokens, img), ref.logits(tokens, img)
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel <= FP32_REL, f"{arch} grid {grid}: relative error {rel:.2e}; {worst(got, want)}"
+    finally:
+        b.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("arch", GRID_ARCHS)
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
+def test_grid_decode_steps_match_pytorch(arch, image, exported, tiny_model):
+    """Decode steps on the KV cache take the prompt's position delta (image tokens share rows and columns, so the
+    text after an image sits below its index): teacher-forced step logits equal PyTorch's over the whole sequence,
+    and the greedy answer is PyTorch's."""
+    folder = exported(arch)
+    ref, b = torch_backend(tiny_model(arch)), onnx_backend(folder)
+    img = picture(2) if image else None
+    try:
+        tokens = ref.tokenize(ref.render(QUESTION, image=image))
+        extra = ref.tokenize(" The answer is yes, 12 mm.")
+        logits, past, _, pos, cross = b._prefill(tokens, img)
+        assert (b._position_offset != 0) == image  # the image prompt's delta is really used below
+        got = [logits[-1]]
+        for t in extra[:-1]:
+            step, past = b._forward([t], None, past, pos, cross)
+            got.append(step[-1])
+            pos += 1
+        want = ref.logits(tokens + extra, img)[len(tokens) - 1:-1]  # the rows that predict each extra token
+        got = np.stack(got)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= FP32_REL, f"{arch} decode steps: relative error {rel:.2e}; {worst(got, want)}"
+        prompt = ref.render("What is shown in the image?" if image else QUESTION, image=image)
+        answer = "".join(b.generate(prompt, img, GenParams(max_tokens=12)))
+        assert answer and answer == "".join(ref.generate(prompt, img, GenParams(max_tokens=12)))
+    finally:
+        b.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("arch", GRID_ARCHS)
+def test_grid_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_model):
+    import onnx
+
+    folder = exported(arch, quant)
+    graphs = read_manifest(folder, ("onnx",))["graphs"]
+    for g in graphs.values():
+        onnx.checker.check_model(str(folder / g["file"]))
+    m = onnx.load(str(folder / graphs["decoder"]["file"]), load_external_data=False)
+    bits = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4 if quant == "int4" else 8}, bits
+    ref, b = torch_backend(tiny_model(arch)), onnx_backend(folder)
+    try:
+        got, want = [], []
+        for text in prompts(ref):
+            tokens = ref.tokenize(text)
+            got.append(b.logits(tokens))
+            want.append(ref.logits(tokens))
+        for seed in (1, 2):
+            for text in (ref.render(QUESTION, image=True), ref.render("Describe the image.", image=True)):
+                tokens = ref.tokenize(text)
+                got.append(b.logits(tokens, picture(seed)))
+                want.append(ref.logits(tokens, picture(seed)))
+        top1, kl = agreement(np.concatenate(got), np.concatenate(want))
+        top1_min, kl_max = QUANT_LIMITS[quant]
+        assert top1 >= top1_min and kl <= kl_max, f"{arch} {quant}: top-1 {top1:.3f} (min {top1_min}), KL mean " \
+                                                  f"{kl:.2e} (max {kl_max})"
+    finally:
+        b.close()
+        ref.close()
+
+
 # ---------------------------------------------------------------- bad inputs: one line, nothing left
 
 
@@ -310,11 +406,17 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_decoder_without_an_onnx_exporter_is_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+    """A LLaVA whose language model is Phi (as LLaVA-Phi checkpoints are): no route writes a Phi decoder."""
     import edgemed.export.onnx as mod
 
+    src = tmp_path / "llava-phi"
+    shutil.copytree(tiny_model("llava"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "phi"
+    (src / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(mod, "_load", lambda *a: pytest.fail("weights were loaded before the refusal"))
-    with pytest.raises(ExportError, match="no ONNX exporter for the qwen2_5_vl decoder") as e:
-        export(tiny_model("qwen2_5_vl"), tmp_path / "out")
+    with pytest.raises(ExportError, match=r"no ONNX exporter for the llava decoder \(PhiForCausalLM in") as e:
+        export(src, tmp_path / "out")
     assert "\n" not in str(e.value) and "export gguf" in str(e.value)
     assert not _leftovers(tmp_path, "out")
 

@@ -40,6 +40,21 @@ class GGUFSpec:
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    """Position inputs a family computes from the processor's image grid (``image_grid_thw``) outside the exported
+    graphs, because their shapes depend on the image (Qwen2.5-VL's windows and M-RoPE): read by
+    ``edgemed.export.onnx`` (which graphs take them) and ``edgemed.backends.onnx`` (which computes them).
+
+    Both are numpy functions of ``config``, the model's config.json as a dict: ``vision_inputs(grid, config)`` ->
+    {name: array} fed to the vision graph beside the pixels; ``rope_index(ids, grid, config)`` -> (positions
+    [3, len(ids)] int64, delta): the 3-D rotary positions of a prompt, and what later positions add to their index.
+    """
+
+    vision_inputs: Callable[[Any, dict[str, Any]], dict[str, Any]]
+    rope_index: Callable[[list[int], Any, dict[str, Any]], tuple[Any, int]]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One model family.
 
@@ -68,6 +83,7 @@ class ArchSpec:
     text_config: Callable[[Any], Any] = lambda config: config  # the text decoder's config
     build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
     prepare: Callable[[], None] | None = None  # run by arch_for_dir before a folder is loaded (registers classes)
+    grid: GridSpec | None = None  # image-grid positions computed outside exported graphs (M-RoPE families)
     notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, seeded
-from edgemed.archs.base import ArchSpec, GGUFSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec, GridSpec
 from edgemed.archs.qwen2 import QWEN_SPECIAL, qwen_tokenizer, tiny_text_config
 
 VL_SPECIAL = QWEN_SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -145,6 +145,78 @@ def gguf_mmproj_kv(config, processor_config: dict) -> dict:
             "clip.vision.image_min_pixels": int(lo), "clip.vision.image_max_pixels": int(hi)}
 
 
+# Grid positions for the ONNX graphs (GridSpec). Written here in numpy from transformers' algorithms
+# (vision_utils.get_vision_position_ids / get_vision_window_index, Qwen2_5_VLModel.get_rope_index) because they
+# have data-dependent shapes no exported graph can hold, and the ONNX runtime does not need torch.
+def vision_grid_inputs(grid, config: dict) -> dict:
+    """Per patch, in the processor's order (2x2 merge blocks row by row): its (row, col) in the patch grid for the
+    2-D rotary embedding, the attention window it belongs to (window blocks) and its frame (full-attention blocks).
+
+    Windows are ``window_size`` px squares of merged units, counted over all frames and images, as
+    ``get_vision_window_index`` cuts them; full attention spans one frame of one image (``cu_seqlens``).
+    """
+    import numpy as np
+
+    v = config["vision_config"]
+    m = int(v["spatial_merge_size"])
+    side = int(v["window_size"]) // m // int(v["patch_size"])  # merged units per window side
+    pos, windows, frames = [], [], []
+    n_windows = n_frames = 0
+    for t, h, w in np.asarray(grid, dtype=np.int64).reshape(-1, 3).tolist():
+        br, bc, ir, ic = np.meshgrid(np.arange(h // m), np.arange(w // m), np.arange(m), np.arange(m), indexing="ij")
+        rows, cols = (br * m + ir).reshape(-1), (bc * m + ic).reshape(-1)
+        per_row = -(-(w // m) // side)
+        window = ((br // side) * per_row + bc // side).reshape(-1)
+        for _ in range(t):
+            pos.append(np.stack([rows, cols], -1))
+            windows.append(window + n_windows)
+            frames.append(np.full(h * w, n_frames))
+            n_windows += -(-(h // m) // side) * per_row
+            n_frames += 1
+    return {"vision_position_ids": np.concatenate(pos).astype(np.int64),
+            "window_ids": np.concatenate(windows).astype(np.int64),
+            "frame_ids": np.concatenate(frames).astype(np.int64)}
+
+
+def rope_index(ids: list[int], grid, config: dict):
+    """M-RoPE positions [3, len(ids)] of a prompt and the delta later tokens add to their index.
+
+    Text tokens count on in all three rows; each image's tokens (a run of image_token_id, one image per grid row)
+    take (start + t, start + row, start + col) over the merged grid, and the text after it starts at
+    start + max(rows, cols). Still images only (no video time scaling).
+    """
+    import numpy as np
+
+    from edgemed.errors import DataError
+
+    image = int(config["image_token_id"])
+    m = int(config["vision_config"]["spatial_merge_size"])
+    grids = [] if grid is None else np.asarray(grid, dtype=np.int64).reshape(-1, 3).tolist()
+    parts, cur, i, n = [], 0, 0, len(ids)
+    while i < n:
+        j = i
+        if ids[i] != image:
+            while j < n and ids[j] != image:
+                j += 1
+            parts.append(np.broadcast_to(np.arange(cur, cur + j - i), (3, j - i)))
+            cur += j - i
+        else:
+            if not grids:
+                raise DataError(f"the prompt has more image tokens than the {len(grid) if grid is not None else 0} "
+                                "image grid(s) given; expand the placeholder with the model's processor")
+            t, h, w = grids.pop(0)
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // m), np.arange(w // m), indexing="ij")
+            j = i + tt.size
+            if j > n or any(x != image for x in ids[i:j]):
+                raise DataError(f"an image of grid {t}x{h}x{w} needs {tt.size} image tokens at position {i}; the "
+                                "prompt has fewer: expand the placeholder with the model's processor")
+            parts.append(np.stack([tt, hh, ww]).reshape(3, -1) + cur)
+            cur += max(h, w) // m
+        i = j
+    pos = np.concatenate(parts, 1).astype(np.int64) if parts else np.zeros((3, 0), np.int64)
+    return pos, int(pos.max()) + 1 - n if n else 0
+
+
 # checkpoint keys: transformers 5 saves the hub names (model.layers.*, model.embed_tokens, visual.*, lm_head);
 # newer tools write module names (model.language_model.*, model.visual.*). The merger is the projector.
 GGUF = GGUFSpec(
@@ -184,6 +256,7 @@ SPEC = ArchSpec(
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     prepare=prepare,
+    grid=GridSpec(vision_inputs=vision_grid_inputs, rope_index=rope_index),
     notes=(
         "M-RoPE: rope_parameters.mrope_section [t, h, w] splits each head's rotary half-dims into temporal, "
         "height and width sections (Qwen2.5-VL-3B: [16, 24, 24]); text tokens use one position for all three, "

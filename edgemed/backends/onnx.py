@@ -7,6 +7,11 @@ embeddings, the features spliced over the image tokens). This runtime drives the
 folder expands the image placeholder as the family does, the decoder is run once over the prompt and then one
 token at a time on its own KV cache, with greedy or seeded temperature/top-p sampling, stop strings and streaming.
 
+Graphs whose manifest entry names grid inputs (M-RoPE families, Qwen2.5-VL: vision ``grid_inputs``, decoder
+``position_ids: "grid"``) get them from the architecture entry's ``grid`` functions (numpy, from the processor's
+``image_grid_thw``): the vision graph per-patch positions, windows and frames, the decoder 3-D rotary positions,
+and for each generated token its index plus the prompt's position delta.
+
 The CPU execution provider is the default; CUDA is used when onnxruntime-gpu is installed and a GPU answers.
 """
 
@@ -101,6 +106,13 @@ class OnnxBackend:
         self._prefix = self.tokenizer("", add_special_tokens=True).input_ids  # what the tokenizer adds (BOS)
         self.eos_ids = self._eos_ids()
         self.max_length = int(self._dec.get("max_length") or self._max_positions())
+        self._grid_config: dict[str, Any] | None = None
+        if self._dec.get("position_ids") == "grid" or (self.graphs.get("vision") or {}).get("grid_inputs"):
+            if self.arch.grid is None:
+                raise ArtifactError(f"{self.folder}: the graphs take image-grid inputs but the {self.arch.name} "
+                                    "architecture entry has no grid functions; export the model again")
+            self._grid_config = self._config()
+        self._position_offset = 0  # grid decoders: what a generated token adds to its index (the prompt's delta)
         self._lock = threading.Lock()
         self.last_finish_reason: str | None = None
 
@@ -126,11 +138,14 @@ class OnnxBackend:
                     ids.append(int(i))
         return ids
 
-    def _max_positions(self) -> int:
+    def _config(self) -> dict[str, Any]:
         import json
 
         cfg = self.folder / "config.json"
-        c = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+    def _max_positions(self) -> int:
+        c = self._config()
         c = c.get("text_config", c)
         return int(c.get("max_position_embeddings") or 4096)
 
@@ -168,6 +183,9 @@ class OnnxBackend:
 
         g = self.graphs["vision"]
         sess = self.sessions["vision"]
+        if g.get("grid_inputs"):  # per-patch positions, windows and frames: computed here, not in the graph
+            image_inputs = {**image_inputs, **self.arch.grid.vision_inputs(image_inputs["image_grid_thw"],
+                                                                           self._grid_config)}
         feed = {}
         for inp in sess.get_inputs():
             if inp.name not in image_inputs:
@@ -215,8 +233,13 @@ class OnnxBackend:
                 "cross_attention_mask": np.asarray(image_inputs["cross_attention_mask"], np.float32)}
 
     def _forward(self, ids: list[int], feats: np.ndarray | None, past: dict[str, np.ndarray], start: int,
-                 cross: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run the decoder over ``ids`` after ``start`` cached positions; (logits [len(ids), vocab], new cache)."""
+                 cross: dict[str, np.ndarray] | None = None, positions: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the decoder over ``ids`` after ``start`` cached positions; (logits [len(ids), vocab], new cache).
+
+        ``positions``: a grid decoder's 3-D positions [3, len(ids)] (the prompt's); by default each token's index
+        plus the prompt's delta.
+        """
         import numpy as np
 
         n = len(ids)
@@ -227,7 +250,11 @@ class OnnxBackend:
             feed["inputs_embeds"] = self._embed(ids, feats).astype(_NP_TYPES[self._dec_inputs["inputs_embeds"].type])
         if "attention_mask" in self._dec_inputs:
             feed["attention_mask"] = np.ones((1, start + n), np.int64)
-        if "position_ids" in self._dec_inputs:
+        if "position_ids" in self._dec_inputs and self._dec.get("position_ids") == "grid":
+            if positions is None:
+                positions = np.broadcast_to(np.arange(start, start + n) + self._position_offset, (3, n))
+            feed["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)[:, None]
+        elif "position_ids" in self._dec_inputs:
             feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
         if "token_type_ids" in self._dec_inputs:  # 1 on image tokens: the decoder lets them see their whole image
             feed["token_type_ids"] = (np.asarray([ids]) == int(self.graphs["embed"]["image_token_id"])).astype(np.int64)
@@ -248,7 +275,11 @@ class OnnxBackend:
         if "cross_attention_states" in self._dec_inputs:
             cross = self._cross_inputs(len(ids), feats, image_inputs)
             feats = None
-        logits, past = self._forward(ids, feats, self._empty_past(), 0, cross)
+        positions = None
+        if self._dec.get("position_ids") == "grid":
+            positions, self._position_offset = self.arch.grid.rope_index(ids, image_inputs.get("image_grid_thw"),
+                                                                         self._grid_config)
+        logits, past = self._forward(ids, feats, self._empty_past(), 0, cross, positions)
         if cross is not None:  # later tokens attend to the image as the prompt's last token does
             cross = {**cross, "cross_attention_mask": cross["cross_attention_mask"][:, -1:]}
         return logits, past, rows, len(ids), cross

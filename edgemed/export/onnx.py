@@ -18,8 +18,13 @@ Which exporter, and why (measured on this 2-core CPU machine, SmolLM2-135M, the 
   exactly, run as transformers' own modules with the KV cache as explicit inputs and outputs: Llama 3.2 Vision's
   gated cross-attention decoder, and Gemma 3's image-text decoder, whose image tokens attend to each other both
   ways (the builder's Gemma 3 graph is purely causal: 0.11 relative logit error on image prompts of the tiny
-  model, 1e-6 through torch.onnx). Qwen2.5-VL's M-RoPE decoder (3-D positions from the image grid) has no
-  exporter yet and is refused before any weights load.
+  model, 1e-6 through torch.onnx). Qwen2.5-VL goes this way too (its M-RoPE decoder takes 3-D positions, which
+  the builder does not write), with what depends on the image grid computed outside the graphs by the
+  architecture entry's ``grid`` functions: the decoder takes ``position_ids`` [3, batch, seq], and the vision
+  graph takes per-patch rotary positions, window ids and frame ids and masks its attention with them instead of
+  transformers' data-dependent window permutation and sequence splits (``_export_grid_vision``); 2e-7 relative
+  logit error on text and image prompts of the tiny model, for image sizes other than the traced one. A decoder
+  none of these routes writes is refused before any weights load.
 
 Post-processing, so that ``onnx.checker`` passes on every file: the builder emits ``SimplifiedLayerNormalization``
 in the default ONNX domain (an onnxruntime-only schema the checker rejects); it is rewritten to the standard
@@ -190,8 +195,9 @@ def check_graph(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- decoder
 def _decoder_route(spec: ArchSpec, model_dir: Path) -> str:
-    """Which exporter writes this model's decoder: "builder", or torch.onnx for "cross"-attention decoders and
-    decoders whose attention mask depends on "token_types"."""
+    """Which exporter writes this model's decoder: "builder", or torch.onnx for "cross"-attention decoders,
+    decoders whose attention mask depends on "token_types", and "grid" decoders whose rotary positions come from
+    the image grid (the architecture entry's ``grid``: Qwen2.5-VL's M-RoPE)."""
     import transformers
     from transformers import AutoConfig
 
@@ -200,6 +206,8 @@ def _decoder_route(spec: ArchSpec, model_dir: Path) -> str:
         return "cross"
     # token types change the attention mask (Gemma 3: image tokens attend to each other both ways), which the
     # builder's causal GroupQueryAttention cannot express
+    if spec.grid is not None:  # 3-D positions [3, batch, seq]; the builder writes 1-D rotary positions only
+        return "grid"
     if spec.is_vision and "token_type_ids" in forward:
         return "token_types"
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -210,10 +218,13 @@ def _decoder_route(spec: ArchSpec, model_dir: Path) -> str:
             raise ExportError("onnxruntime-genai is not installed; its model builder writes the ONNX decoder of "
                               f"{spec.name} models: run `pip install onnxruntime-genai`")
         return "builder"
-    raise ExportError(f"{model_dir}: no ONNX exporter for the {spec.name} decoder ({spec.model_class}): "
-                      "onnxruntime-genai's builder does not write it and it is not a cross-attention decoder; "
-                      "ONNX export supports Llama, Mistral, Qwen2 and Gemma 3 text decoders (alone or in LLaVA and "
-                      "Gemma 3 image models) and Llama 3.2 Vision; use `edgemed export gguf` if llama.cpp supports it")
+    text_cfg = spec.text_config(config)
+    decoder = _causal_lm_class(text_cfg) or getattr(text_cfg, "model_type", "?")
+    raise ExportError(f"{model_dir}: no ONNX exporter for the {spec.name} decoder ({decoder} in {spec.model_class}): "
+                      "onnxruntime-genai's builder does not write it and it is not a cross-attention or M-RoPE "
+                      "decoder; ONNX export supports Llama, Mistral, Qwen2 and Gemma 3 text decoders (alone or in "
+                      "LLaVA and Gemma 3 image models), Llama 3.2 Vision and Qwen2.5-VL; use `edgemed export gguf` "
+                      "if llama.cpp supports it")
 
 
 def _export_decoder(route: str, model: Any, spec: ArchSpec, tokenizer: Any, tmp: Path, work: Path, quant: str,
@@ -223,7 +234,7 @@ def _export_decoder(route: str, model: Any, spec: ArchSpec, tokenizer: Any, tmp:
         info = _builder_decoder(model, spec, tokenizer, lm_class, tmp / DECODER, work, quant, block_size,
                                 accuracy_level)
     else:
-        export = _cross_decoder if route == "cross" else _token_type_decoder
+        export = {"cross": _cross_decoder, "token_types": _token_type_decoder, "grid": _grid_decoder}[route]
         info = export(model, spec, tmp / DECODER, image_inputs)
         if quant in ("int4", "int8"):
             _quantize_nbits(tmp / DECODER, 4 if quant == "int4" else 8, block_size, accuracy_level)
@@ -294,6 +305,33 @@ def _token_type_decoder(model: Any, spec: ArchSpec, target: Path, image_inputs: 
             "input": "inputs_embeds", "position_ids": True, **dims}
 
 
+def _grid_decoder(model: Any, spec: ArchSpec, target: Path, image_inputs: dict[str, Any] | None) -> dict[str, Any]:
+    """The decoder through torch.onnx for M-RoPE image models (Qwen2.5-VL), whose rotary positions are 3-D.
+
+    onnxruntime-genai's builder writes 1-D rotary positions only. The graph runs the whole transformers model on
+    input embeddings (``embed.onnx`` splices the image features) with ``position_ids`` [3, batch, seq] (temporal,
+    row, column) and the KV cache as explicit input and output. The positions depend on the image grid (a data-
+    dependent loop in transformers' ``get_rope_index``), so the runtime computes them with the architecture
+    entry's ``grid.rope_index``: for the prompt from its ids and ``image_grid_thw``, for each later token its
+    index plus the prompt's delta (``rope_deltas``).
+    """
+    dims = _decoder_dims(spec.text_config(model.config))
+    n = dims["num_layers"]
+    seq, past_len = 6, 3
+    args = (torch.randn(1, seq, dims["hidden_size"]), torch.ones(1, past_len + seq, dtype=torch.int64),
+            torch.tensor([[[3, 4, 4, 4, 4, 6]], [[3, 4, 4, 5, 5, 6]], [[3, 4, 5, 4, 5, 6]]]),
+            tuple(torch.randn(1, dims["num_kv_heads"], past_len, dims["head_dim"]) for _ in range(2 * n)))
+    d = {k: torch.export.Dim(k) for k in ("sequence", "total_sequence", "past_sequence")}
+    dynamic = ({1: d["sequence"]}, {1: d["total_sequence"]}, {2: d["sequence"]},
+               tuple({2: d["past_sequence"]} for _ in args[3]))
+    kv = [f"{i}.{k}" for i in range(n) for k in ("key", "value")]
+    _torch_export(_PositionDecoder(model, n), args, target,
+                  ["inputs_embeds", "attention_mask", "position_ids", *(f"past_key_values.{k}" for k in kv)],
+                  ["logits", *(f"present.{k}" for k in kv)], dynamic_shapes=dynamic)
+    return {"exporter": f"torch.onnx (dynamo) {_version('torch')} ({type(model).__name__})",
+            "input": "inputs_embeds", "position_ids": "grid", **dims}
+
+
 def _cache(past: tuple, layers: list[int], n_layers: int) -> Any:
     """A transformers DynamicCache holding ``past`` (key, value, key, value...) for ``layers``; others empty."""
     from transformers.cache_utils import DynamicCache
@@ -315,6 +353,23 @@ class _TokenTypeDecoder(torch.nn.Module):
         cache = _cache(past, list(range(self.n_layers)), self.n_layers)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          token_type_ids=token_type_ids, past_key_values=cache, use_cache=True)
+        present = []
+        for i in range(self.n_layers):
+            present += [cache.layers[i].keys, cache.layers[i].values]
+        return (out.logits, *present)
+
+
+class _PositionDecoder(torch.nn.Module):
+    """Input embeddings, mask, positions (any layout the model takes) and the KV cache in; logits and cache out."""
+
+    def __init__(self, model: Any, n_layers: int):
+        super().__init__()
+        self.model, self.n_layers = model, n_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        cache = _cache(past, list(range(self.n_layers)), self.n_layers)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
         present = []
         for i in range(self.n_layers):
             present += [cache.layers[i].keys, cache.layers[i].values]
@@ -526,6 +581,8 @@ def _convert_fp16(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- vision and embeddings
 def _export_vision(model: Any, spec: ArchSpec, image_inputs: dict[str, Any], target: Path) -> dict[str, Any]:
     """Image inputs -> projected image features [n_image_tokens, hidden], as the decoder consumes them."""
+    if spec.grid is not None:
+        return _export_grid_vision(model, spec, image_inputs, target)
     wrapper = _VisionGraph(model, spec, list(image_inputs))
     names = wrapper.names
     args = tuple(image_inputs[n] for n in names)
@@ -558,6 +615,66 @@ class _VisionGraph(torch.nn.Module):
         if isinstance(out, list | tuple):
             out = torch.cat([f.reshape(-1, f.shape[-1]) for f in out])
         return out.reshape(-1, out.shape[-1])
+
+
+def _export_grid_vision(model: Any, spec: ArchSpec, image_inputs: dict[str, Any], target: Path) -> dict[str, Any]:
+    """The vision tower and merger of a family whose patch layout depends on the image grid (Qwen2.5-VL).
+
+    transformers' tower computes, from ``image_grid_thw``, each patch's rotary (row, col), a permutation of the
+    patches into attention windows and the window and image boundaries (``cu_seqlens``), then splits the sequence
+    at those boundaries: data-dependent shapes torch.export stops on. Here the architecture entry's
+    ``grid.vision_inputs`` computes per patch its (row, col), window id and frame id outside the graph (numpy, in
+    the runtime), and the graph runs the tower's own modules with attention masked to equal window ids (window
+    blocks) or frame ids (full-attention blocks). Masked attention does not depend on the order of the patches,
+    so the window permutation and its inverse (both whole 2x2 merge units) cancel and are left out; the graph
+    takes any number of patches (any image size the processor makes).
+    """
+    import json
+
+    config = json.loads(model.config.to_json_string())
+    grid_inputs = spec.grid.vision_inputs(image_inputs["image_grid_thw"].numpy(), config)
+    names = ["pixel_values", *grid_inputs]
+    args = (image_inputs["pixel_values"].to(torch.float32), *(torch.from_numpy(v) for v in grid_inputs.values()))
+    wrapper = _GridVisionGraph(model.get_submodule(spec.vision))
+    with torch.no_grad():
+        feats = wrapper(*args)
+    unit = wrapper.tower.spatial_merge_unit  # the merger takes whole 2x2 units of patches
+    patches = unit * torch.export.Dim("n_image_tokens")
+    _torch_export(wrapper, args, target, names, ["image_features"], dynamic_shapes=tuple({0: patches} for _ in args))
+    return {"file": VISION, "exporter": f"torch.onnx (dynamo) {_version('torch')}", "inputs": names,
+            "grid_inputs": list(grid_inputs), "hidden_size": int(feats.shape[-1])}
+
+
+class _GridVisionGraph(torch.nn.Module):
+    """Pixels and per-patch (row, col), window id and frame id in; merged image features out (see above)."""
+
+    def __init__(self, tower: Any):
+        super().__init__()
+        self.tower = tower
+        self.full = set(tower.fullatt_block_indexes)
+        # the rotary helper of the tower's own modeling module, so the rotation is the one transformers applies
+        self.rotate = sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision
+
+    def forward(self, pixel_values, vision_position_ids, window_ids, frame_ids):
+        t = self.tower
+        x = t.patch_embed(pixel_values)
+        cos, sin = t.rotary_pos_emb(x, vision_position_ids)
+        masks = [torch.where(ids[:, None] == ids[None, :], 0.0, float("-inf")).to(x.dtype)
+                 for ids in (window_ids, frame_ids)]
+        for i, block in enumerate(t.blocks):
+            x = x + self._attention(block.attn, block.norm1(x), cos, sin, masks[i in self.full])
+            x = x + block.mlp(block.norm2(x))
+        return t.merger(x)
+
+    def _attention(self, attn: Any, x: Any, cos: Any, sin: Any, mask: Any) -> Any:
+        """The tower's attention over all patches at once, with a mask instead of splitting at boundaries."""
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self.rotate(q, k, cos, sin)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+            scale=attn.scaling)
+        return attn.proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
 def _export_embed(model: Any, target: Path) -> dict[str, Any]:
