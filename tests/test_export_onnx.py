@@ -364,6 +364,33 @@ def test_grid_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_m
         ref.close()
 
 
+@pytest.mark.parametrize("arch", GRID_ARCHS)
+def test_grid_export_through_the_cli_ask_and_parity(arch, exported, tiny_model, tmp_path):
+    """`edgemed ask --image` answers from the ONNX folder as PyTorch does; `edgemed parity` passes it on images."""
+    from click.testing import CliRunner
+    from conftest import write_vqa
+
+    from edgemed.cli import main
+
+    folder, image = exported(arch), tmp_path / "q.png"
+    picture(3, 64).save(image)
+    ref = torch_backend(tiny_model(arch))
+    try:
+        want = "".join(ref.generate(ref.render("What is shown?", image=True), picture(3, 64), GenParams(max_tokens=6)))
+    finally:
+        ref.close()
+    r = CliRunner().invoke(main, ["ask", str(folder), "What is shown?", "--image", str(image), "--max-tokens", "6",
+                                  "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == want + "\n"
+    probes = write_vqa(tmp_path / "probes", n=2, image=True)
+    r = CliRunner().invoke(main, ["parity", str(folder), "--probes", str(probes), "--report", str(tmp_path / "p.json"),
+                                  "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert row["quant"] == "onnx-fp32" and row["metrics"]["image_cos"] > 0.9999, row
+
+
 # ---------------------------------------------------------------- bad inputs: one line, nothing left
 
 

@@ -348,20 +348,46 @@ needs_onnx = pytest.mark.skipif(
     or importlib.util.find_spec("edgemed.export.onnx") is None, reason="onnxruntime or the ONNX backend is missing")
 
 
+# llama: the builder's decoder; qwen2_5_vl: torch.onnx graphs fed image-grid positions (image probes)
+ONNX_ARCHS = ["llama", "qwen2_5_vl"]
+
+
 @needs_onnx
-def test_onnx_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
+@pytest.mark.parametrize("arch", ONNX_ARCHS)
+def test_onnx_clean_export_passes_and_perturbed_fails(arch, tiny_model, tmp_path):
     from edgemed.export.onnx import export_onnx
 
-    ref = tiny_model("llama")
-    probes = probe_file(tmp_path, image=False)
+    ref = tiny_model(arch)
+    probes = probe_file(tmp_path, image=REGISTRY[arch].is_vision)
     ok = run_parity(export_onnx(ref, "fp32", tmp_path / "clean"), reference=ref, probes=probes)
     assert ok.passed and ok.rows[0].quant == "onnx-fp32", ok.table()
     assert ok.rows[0].metrics["kl_mean"] < THRESHOLDS["onnx-fp32"]["kl_mean"]
+    if REGISTRY[arch].is_vision:
+        assert ok.rows[0].metrics["image_cos"] > 0.9999, ok.table()
     src = copy_model(ref, tmp_path / "src")
     perturb_one(src, scale=10.0)
     bad = run_parity(export_onnx(src, "fp32", tmp_path / "bad"), reference=ref, probes=probes)
     assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
     assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
+
+
+@needs_onnx
+@pytest.mark.parametrize("arch", [a for a in ONNX_ARCHS if REGISTRY[a].is_vision])
+def test_onnx_projector_from_another_seed_fails_on_image(arch, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from edgemed.export.onnx import export_onnx
+
+    ref = tiny_model(arch)
+    donor = {}
+    for f in tiny_model(arch, seed=1).glob("*.safetensors"):
+        donor.update(load_file(f))
+    cand = copy_model(ref, tmp_path / "cand")
+    proj = [k for k in donor if "projector" in k or "merger" in k or "multi_modal" in k]  # checkpoint names
+    assert edit_tensors(cand, lambda k, t: donor[k] if k in proj else None)
+    bad = run_parity(export_onnx(cand, "fp32", tmp_path / "bad"), reference=ref, probes=probe_file(tmp_path, True))
+    assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
+    assert bad.rows[0].metrics["image_cos"] < THRESHOLDS["onnx-fp32"]["image_cos_min"]
 
 
 # ---------------------------------------------------------------- real weights
