@@ -45,9 +45,10 @@ class GridSpec:
     graphs, because their shapes depend on the image (Qwen2.5-VL's windows and M-RoPE): read by
     ``edgemed.export.onnx`` (which graphs take them) and ``edgemed.backends.onnx`` (which computes them).
 
-    Both are numpy functions of ``config``, the model's config.json as a dict: ``vision_inputs(grid, config)`` ->
-    {name: array} fed to the vision graph beside the pixels; ``rope_index(ids, grid, config)`` -> (positions
-    [3, len(ids)] int64, delta): the 3-D rotary positions of a prompt, and what later positions add to their index.
+    Both are numpy functions of ``config``, the model's config as a dict (``PretrainedConfig.to_dict()``, class
+    defaults filled in): ``vision_inputs(grid, config)`` -> {name: array} fed to the vision graph beside the
+    pixels; ``rope_index(ids, grid, config)`` -> (positions [3, len(ids)] int64, delta): the 3-D rotary positions
+    of a prompt, and what later positions add to their index.
     """
 
     vision_inputs: Callable[[Any, dict[str, Any]], dict[str, Any]]

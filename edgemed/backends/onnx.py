@@ -111,7 +111,9 @@ class OnnxBackend:
             if self.arch.grid is None:
                 raise ArtifactError(f"{self.folder}: the graphs take image-grid inputs but the {self.arch.name} "
                                     "architecture entry has no grid functions; export the model again")
-            self._grid_config = self._config()
+            from transformers import AutoConfig  # fills in what config.json leaves at the class defaults
+
+            self._grid_config = AutoConfig.from_pretrained(self.folder, local_files_only=True).to_dict()
         self._position_offset = 0  # grid decoders: what a generated token adds to its index (the prompt's delta)
         self._lock = threading.Lock()
         self.last_finish_reason: str | None = None
@@ -138,14 +140,11 @@ class OnnxBackend:
                     ids.append(int(i))
         return ids
 
-    def _config(self) -> dict[str, Any]:
+    def _max_positions(self) -> int:
         import json
 
         cfg = self.folder / "config.json"
-        return json.loads(cfg.read_text()) if cfg.is_file() else {}
-
-    def _max_positions(self) -> int:
-        c = self._config()
+        c = json.loads(cfg.read_text()) if cfg.is_file() else {}
         c = c.get("text_config", c)
         return int(c.get("max_position_embeddings") or 4096)
 

@@ -629,10 +629,7 @@ def _export_grid_vision(model: Any, spec: ArchSpec, image_inputs: dict[str, Any]
     so the window permutation and its inverse (both whole 2x2 merge units) cancel and are left out; the graph
     takes any number of patches (any image size the processor makes).
     """
-    import json
-
-    config = json.loads(model.config.to_json_string())
-    grid_inputs = spec.grid.vision_inputs(image_inputs["image_grid_thw"].numpy(), config)
+    grid_inputs = spec.grid.vision_inputs(image_inputs["image_grid_thw"].numpy(), model.config.to_dict())
     names = ["pixel_values", *grid_inputs]
     args = (image_inputs["pixel_values"].to(torch.float32), *(torch.from_numpy(v) for v in grid_inputs.values()))
     wrapper = _GridVisionGraph(model.get_submodule(spec.vision))
