@@ -627,7 +627,10 @@ def _export_grid_vision(model: Any, spec: ArchSpec, image_inputs: dict[str, Any]
     the runtime), and the graph runs the tower's own modules with attention masked to equal window ids (window
     blocks) or frame ids (full-attention blocks). Masked attention does not depend on the order of the patches,
     so the window permutation and its inverse (both whole 2x2 merge units) cancel and are left out; the graph
-    takes any number of patches (any image size the processor makes).
+    takes any number of patches (any image size the processor makes). Window blocks then cost patches^2 attention
+    where transformers' split costs patches x window; at the 3B tower's width it is still the faster of the two
+    (``tools/bench_grid_vision.py --depth 8``, 2 threads: 1024 patches 0.93 s against PyTorch's 1.82 s, 4096
+    patches 5.9 s against 8.1 s, features equal to 1.7e-6 relative).
     """
     grid_inputs = spec.grid.vision_inputs(image_inputs["image_grid_thw"].numpy(), model.config.to_dict())
     names = ["pixel_values", *grid_inputs]
