@@ -256,8 +256,8 @@ def mixed_precision(recipe: Recipe, device: str, use_4bit: bool) -> str:
 
     if recipe.mixed_precision != "auto":
         return recipe.mixed_precision
-    if use_4bit:
-        return "no"  # the compute dtype of 4-bit layers already decides
+    if use_4bit:  # autocast in the 4-bit compute dtype: frozen 16-bit parts meet fp32 trainable ones (projector)
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.quant.compute_dtype, "no")
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
@@ -302,16 +302,17 @@ def build_model(recipe: Recipe, base: Path, device: str, use_4bit: bool) -> tupl
     regex = lora_regex(arch, recipe)
     prefix = ""
     if use_4bit:
-        from peft import prepare_model_for_kbit_training
-
         # bitsandbytes repacks 4-bit weights for AVX512-bf16 CPUs on the first eval-mode forward, and packing
         # back re-quantises the nested absmax: the frozen base would change under validation. Keep one layout.
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
-    elif recipe.gradient_checkpointing:
+    if recipe.gradient_checkpointing:
+        # Not peft.prepare_model_for_kbit_training: it casts every weight that is not 4-bit (embeddings, vision
+        # tower, projector, norms, head) to fp32, so the residual stream and attention run in fp32 and, on
+        # MedGemma 4B, the 262k-word embedding alone doubles to 2.7 GB. The frozen 16-bit weights stay as loaded
+        # (RMSNorm computes in fp32 inside transformers' modules; LoRA weights are fp32, PEFT's default); the
+        # rest of what that helper does is these two lines. tools/bench_finetune.py measures both on a GPU.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     for p in model.parameters():
