@@ -275,6 +275,45 @@ def _grid(b, img) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", GRID_ARCHS)
+def test_grid_positions_match_transformers(arch, tiny_model):
+    """The numpy grid functions the runtime uses equal transformers' own (rope index, vision rotary positions, window
+    and full-attention segments) on a prompt with two images of different grids between text."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    from edgemed.archs import arch_for_dir
+
+    folder = tiny_model(arch)
+    spec = arch_for_dir(folder)
+    model = getattr(transformers, spec.model_class).from_pretrained(folder).eval()
+    config = AutoConfig.from_pretrained(folder).to_dict()
+    v = config["vision_config"]
+    proc = AutoProcessor.from_pretrained(folder)
+    image = "<|vision_start|>" + spec.image_placeholder + "<|vision_end|>"
+    enc = proc(text=[f"a {image} b c {image} d"], images=[picture(1, 48), picture(2, 120).resize((120, 40))],
+               return_tensors="pt")
+    grid = enc["image_grid_thw"]
+    assert grid[0].tolist() != grid[1].tolist()
+    want, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], grid)
+    got, got_delta = spec.grid.rope_index(enc["input_ids"][0].tolist(), grid.numpy(), config)
+    assert (got == want[:, 0].numpy()).all() and got_delta == int(delta) != 0
+    inputs = spec.grid.vision_inputs(grid.numpy(), config)
+    assert (inputs["vision_position_ids"] == get_vision_position_ids(grid, v["spatial_merge_size"]).numpy()).all()
+    unit = v["spatial_merge_size"] ** 2
+    units, cu_windows = get_vision_window_index(grid, v["spatial_merge_size"], v["window_size"], v["patch_size"])
+    window_order = (units[:, None] * unit + torch.arange(unit)).reshape(-1)  # patches in transformers' window order
+    n = len(inputs["frame_ids"])
+    for ids, order, cu in ((inputs["window_ids"], window_order, cu_windows),
+                           (inputs["frame_ids"], torch.arange(n), get_vision_cu_seqlens(grid))):
+        segment = np.repeat(np.arange(len(cu) - 1), np.diff(cu.numpy()))  # transformers' segment of each patch
+        ours = ids[order.numpy()]
+        pairs = set(zip(segment.tolist(), ours.tolist(), strict=True))
+        assert len(pairs) == len(set(segment.tolist())) == len(set(ours.tolist())) > 1  # the same partition
+
+
+@pytest.mark.parametrize("arch", GRID_ARCHS)
 def test_grid_vision_graph_takes_image_sizes_it_was_not_traced_with(arch, exported, tiny_model):
     """The vision graph was traced on one image grid; other grids (other aspect ratios, other window layouts) give
     the PyTorch features and image-prompt logits too."""
