@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, seeded
 from edgemed.archs.base import ArchSpec, GGUFSpec, GridSpec
@@ -148,7 +149,7 @@ def gguf_mmproj_kv(config, processor_config: dict) -> dict:
 # Grid positions for the ONNX graphs (GridSpec). Written here in numpy from transformers' algorithms
 # (vision_utils.get_vision_position_ids / get_vision_window_index, Qwen2_5_VLModel.get_rope_index) because they
 # have data-dependent shapes no exported graph can hold, and the ONNX runtime does not need torch.
-def vision_grid_inputs(grid, config: dict) -> dict:
+def vision_grid_inputs(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
     """Per patch, in the processor's order (2x2 merge blocks row by row): its (row, col) in the patch grid for the
     2-D rotary embedding, the attention window it belongs to (window blocks) and its frame (full-attention blocks).
 
@@ -178,7 +179,7 @@ def vision_grid_inputs(grid, config: dict) -> dict:
             "frame_ids": np.concatenate(frames).astype(np.int64)}
 
 
-def rope_index(ids: list[int], grid, config: dict):
+def rope_index(ids: list[int], grid: Any, config: dict[str, Any]) -> tuple[Any, int]:
     """M-RoPE positions [3, len(ids)] of a prompt and the delta later tokens add to their index.
 
     Text tokens count on in all three rows; each image's tokens (a run of image_token_id, one image per grid row)
