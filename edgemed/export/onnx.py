@@ -204,10 +204,10 @@ def _decoder_route(spec: ArchSpec, model_dir: Path) -> str:
     forward = inspect.signature(getattr(transformers, spec.model_class).forward).parameters
     if "cross_attention_states" in forward:  # image features enter by cross-attention (Llama 3.2 Vision)
         return "cross"
-    # token types change the attention mask (Gemma 3: image tokens attend to each other both ways), which the
-    # builder's causal GroupQueryAttention cannot express
     if spec.grid is not None:  # 3-D positions [3, batch, seq]; the builder writes 1-D rotary positions only
         return "grid"
+    # token types change the attention mask (Gemma 3: image tokens attend to each other both ways), which the
+    # builder's causal GroupQueryAttention cannot express
     if spec.is_vision and "token_type_ids" in forward:
         return "token_types"
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
