@@ -24,10 +24,16 @@ from edgemed.errors import ArchError, EdgemedError, ExportError
 FP32_REL = 1e-3  # max |onnxruntime - PyTorch| / max |PyTorch| over all rows, fp32 weights
 QUESTION = "Is there a lesion in the left lung? Answer with one word."
 # Measured on the embedded SmolLM2-135M (4 chat prompts + "The answer is", ~120 positions), tolerance beside it:
-# fp16: top-1 100%, KL mean 4e-6 (max 4e-4); int8 (weight-only MatMulNBits): 98.3%, 0.009; int4 (k-quant with
-# mixed int8 layers): 72.1%, 0.38. (`edgemed parity` on 16 probes: int8 passes its onnx-int8 thresholds; int4 does
-# not pass onnx-int4's: 73.4%, KL mean 0.31 > 0.15.)
-QUANT_LIMITS = {"fp16": (0.99, 1e-3), "int8": (0.95, 0.03), "int4": (0.65, 0.5)}  # (top-1 min, KL mean max)
+# fp16: top-1 100%, KL mean 4e-6 (max 4e-4); int8 (weight-only MatMulNBits): 98.3%, 0.009; int4 (4-bit blocks with a
+# float minimum, edgemed.export.onnx_quant; LM head Q8_0): see test_embedded_quantized_agreement's message. (`edgemed
+# parity` on 16 probes: int8 and int4 pass their thresholds; int4 96.3%, KL mean 0.006, where the genai builder's
+# k-quant int4 gave 73.4%, 0.31.)
+QUANT_LIMITS = {"fp16": (0.99, 1e-3), "int8": (0.95, 0.03), "int4": (0.9, 0.05)}  # (top-1 min, KL mean max)
+# Tiny random-weight models have nearly flat logits (std 0.16 on the tiny Gemma 3), so top-1 is counted only where
+# PyTorch's best logit leads by TOP1_MARGIN, and KL carries the weight. Measured int4 there: mean |logit error|
+# 0.01 (Llama) to 0.045 (Gemma 3), KL mean <= 2.4e-3, top-1 over decided rows 0.70 (gemma3) to 1.0; int8 KL <= 2e-5.
+TOP1_MARGIN = 0.1
+TINY_QUANT_LIMITS = {"int8": (0.95, 1e-3), "int4": (0.65, 0.01)}
 # Architectures whose ONNX export does not match PyTorch yet: the tests say so and fail loudly once they do.
 GAPS: dict[str, str] = {}
 IMAGE_GAPS = GAPS
@@ -81,11 +87,16 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def agreement(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(PyTorch || onnxruntime)) over all rows."""
+def agreement(got: np.ndarray, want: np.ndarray, margin: float = 0.0) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(PyTorch || onnxruntime)) over all rows; top-1 only over the rows where PyTorch's
+    best logit leads the runner-up by at least ``margin`` (random tiny models have near-ties that any rounding
+    flips; KL still counts every row)."""
     lw, lg = log_softmax(want.astype(np.float64)), log_softmax(got.astype(np.float64))
     kl = (np.exp(lw) * (lw - lg)).sum(-1)
-    return float((got.argmax(-1) == want.argmax(-1)).mean()), float(kl.mean())
+    top2 = np.sort(want, -1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) >= margin
+    assert decided.sum() >= 10, f"only {decided.sum()} rows with a top-1 margin of {margin}"
+    return float((got.argmax(-1) == want.argmax(-1))[decided].mean()), float(kl.mean())
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +226,9 @@ def test_block_size_and_accuracy_level_reach_the_graph(tiny_model, tmp_path):
     folder = export(tiny_model("llama"), tmp_path / "q", "int4", block_size=64, accuracy_level=1)
     m = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     attrs = [{a.name: a.i for a in n.attribute} for n in m.graph.node if n.op_type == "MatMulNBits"]
-    assert attrs and all(a["block_size"] == 64 and a["accuracy_level"] == 1 for a in attrs)
+    assert attrs and all(a["accuracy_level"] == 1 for a in attrs)
+    assert {a["block_size"] for a in attrs if a["bits"] == 4} == {64}
+    assert [a["block_size"] for a in attrs if a["bits"] == 8] == [32]  # the LM head: Q8_0's blocks
 
 
 # ---------------------------------------------------------------- backend behaviour
@@ -371,9 +384,13 @@ def test_grid_decode_steps_match_pytorch(arch, image, exported, tiny_model):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-@pytest.mark.parametrize("arch", GRID_ARCHS)
-def test_grid_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_model):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_model):
+    """int8 and int4 of every architecture against PyTorch fp32 on text prompts and, for image models, image
+    prompts (two pictures): top-1 agreement and mean KL within QUANT_LIMITS; every graph passes the checker."""
     import onnx
+
+    from edgemed.archs import REGISTRY
 
     folder = exported(arch, quant)
     graphs = read_manifest(folder, ("onnx",))["graphs"]
@@ -381,7 +398,7 @@ def test_grid_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_m
         onnx.checker.check_model(str(folder / g["file"]))
     m = onnx.load(str(folder / graphs["decoder"]["file"]), load_external_data=False)
     bits = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert bits == {4 if quant == "int4" else 8}, bits
+    assert bits == ({4, 8} if quant == "int4" else {8}), bits  # int4: the LM head in 8 bits
     ref, b = torch_backend(tiny_model(arch)), onnx_backend(folder)
     try:
         got, want = [], []
@@ -389,13 +406,13 @@ def test_grid_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_m
             tokens = ref.tokenize(text)
             got.append(b.logits(tokens))
             want.append(ref.logits(tokens))
-        for seed in (1, 2):
+        for seed in (1, 2) if REGISTRY[arch].is_vision else ():
             for text in (ref.render(QUESTION, image=True), ref.render("Describe the image.", image=True)):
                 tokens = ref.tokenize(text)
                 got.append(b.logits(tokens, picture(seed)))
                 want.append(ref.logits(tokens, picture(seed)))
-        top1, kl = agreement(np.concatenate(got), np.concatenate(want))
-        top1_min, kl_max = QUANT_LIMITS[quant]
+        top1, kl = agreement(np.concatenate(got), np.concatenate(want), margin=TOP1_MARGIN)
+        top1_min, kl_max = TINY_QUANT_LIMITS[quant]
         assert top1 >= top1_min and kl <= kl_max, f"{arch} {quant}: top-1 {top1:.3f} (min {top1_min}), KL mean " \
                                                   f"{kl:.2e} (max {kl_max})"
     finally:

@@ -31,23 +31,24 @@ in the default ONNX domain (an onnxruntime-only schema the checker rejects); it 
 ``RMSNormalization`` (opset 23), which is the same computation. Contrib ops in ``com.microsoft``
 (GroupQueryAttention, MatMulNBits) are legal there.
 
-Quantisation uses onnxruntime's own tools, on the decoder (the vision and embedding graphs stay fp32: they are
-small and the image features are the most sensitive part of an image model). Measured on SmolLM2-135M against
+Quantisation is onnxruntime's weight-only MatMulNBits, on the decoder (the vision and embedding graphs stay fp32:
+they are small and the image features are the most sensitive part of an image model). Measured on SmolLM2-135M against
 PyTorch fp32 logits (4 chat prompts, 120 positions; top-1 agreement / mean KL):
 
 * ``int8``: weight-only 8-bit MatMulNBits (block ``block_size``) - 98.3% / 0.009. onnxruntime's
   ``quantize_dynamic`` (QInt8 per-channel weights, dynamic uint8 activations) was tried first and rejected:
   54% / 1.17, because per-tensor activation quantisation cannot hold the decoder's outlier activations.
-* ``int4``: block-wise 4-bit MatMulNBits with ``block_size`` and ``accuracy_level``, with the builder's k-quant
-  algorithm and llama.cpp's mixed strategy (LM head and the most sensitive layers in 8 bit) - 72% / 0.38 and
-  decode speed equal to plain int4. Plain RTN int4 (symmetric or not, block 16 or 32, accuracy level 1 or 4)
-  gave 53-63% / 0.75-0.88: a 135M model is very sensitive to 4-bit weights. This int4 does not pass
-  ``edgemed parity``'s onnx-int4 thresholds on SmolLM2-135M (73.4% / 0.31 on its 16 probes). The embedded
-  weights were dequantised from Q4_1 and sit on a 4-bit grid with a float offset per 32 weights; MatMulNBits with
-  float zero points reproduces that grid (86.6% / 0.043) but onnxruntime's CPU kernel then decodes at 1.8
-  tokens/s, so it is not used; GGUF q4_k_m (float mins per 32 weights, 6-bit layers) passes on this model (90.3%
-  / 0.099) and is the 4-bit format to ship for it. Decoders outside the builder use ``MatMulNBitsQuantizer``
-  (RTN, LM head excluded).
+* ``int4``: 4-bit blocks of ``block_size`` with a float minimum per block (``edgemed.export.onnx_quant``:
+  MatMulNBits with an integer zero point for the fast kernel, plus a block-sum correction for the float rest of
+  the minimum) on every decoder weight, the LM head and an embedding tied to it in 8-bit Q8_0 blocks. On
+  SmolLM2-135M: 96.3% / 0.006 on ``edgemed parity``'s 16 probes (thresholds 80% / 0.3), 115 MB, decoding at
+  195 tokens/s where the builder's own int4 ran at 241 in the same run. The embedded weights were dequantised
+  from a Q4_1 GGUF and lie on a 4-bit grid with a float offset per 32 weights, which this reproduces exactly;
+  onnxruntime's integer-zero-point grids do not (module docstring of ``onnx_quant``). Tried first and rejected,
+  on the same probes: the builder's k-quant int4 with llama.cpp's mixed 8-bit layers, 73.4% / 0.31; plain RTN
+  int4 (symmetric or not, block 16 or 32, accuracy level 1 or 4), 53-63% / 0.75-0.88; MatMulNBits with float zero
+  points, 86.6% / 0.043 but 1.8 tokens/s (onnxruntime's CPU kernel leaves its fast path). The same rewrite serves
+  the torch.onnx decoders.
 * ``fp16``: onnxruntime's float16 converter with fp32 inputs and outputs kept, so callers feed the same tensors
   (100% / 4e-6).
 
@@ -236,8 +237,10 @@ def _export_decoder(route: str, model: Any, spec: ArchSpec, tokenizer: Any, tmp:
     else:
         export = {"cross": _cross_decoder, "token_types": _token_type_decoder, "grid": _grid_decoder}[route]
         info = export(model, spec, tmp / DECODER, image_inputs)
-        if quant in ("int4", "int8"):
-            _quantize_nbits(tmp / DECODER, 4 if quant == "int4" else 8, block_size, accuracy_level)
+        if quant == "int8":
+            _quantize_nbits(tmp / DECODER, 8, block_size, accuracy_level)
+    if quant == "int4":
+        info["quant_algorithm"] = _quantize_int4(tmp / DECODER, block_size, accuracy_level)
     if quant == "fp16":
         _convert_fp16(tmp / DECODER)
     return {"file": DECODER, **info}
@@ -440,25 +443,12 @@ def _builder_decoder(model: Any, spec: ArchSpec, tokenizer: Any, lm_class: str, 
     extra = ["filename=model.onnx", "windowed_kv_cache=false"]  # one growing cache per layer, sliding or not
     if spec.is_vision:
         extra.append("exclude_embeds=true")  # inputs_embeds in: embed.onnx splices the image features
-    precision = quant if quant in ("int4", "int8") else "fp32"
-    if quant in ("int4", "int8"):
+    # int8: the builder's own (RTN). int4: an fp32 graph here, quantised by _quantize_int4 (module docstring)
+    precision = "int8" if quant == "int8" else "fp32"
+    if quant == "int8":
         extra += [f"block_size={block_size}", f"accuracy_level={accuracy_level}"]
-    # int4: k-quant with llama.cpp's mixed layers (half the KL of plain int4 at the same speed); it needs every
-    # weight's input dimension to hold whole blocks, so plain round-to-nearest int4 is the fallback
-    algorithms = [("k_quant+mixed_int8", ["algo_config=k_quant",
-                                          "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]),
-                  ("rtn", [])] if quant == "int4" else [("rtn" if quant == "int8" else None, [])]
-    algorithm = None
-    for n, (name, options) in enumerate(algorithms, 1):
-        shutil.rmtree(built, ignore_errors=True)
-        try:
-            _run_builder(spec, hf, built, precision, work / "cache", extra + options)
-        except ExportError:
-            if n == len(algorithms):
-                raise
-            continue
-        algorithm = name
-        break
+    _run_builder(spec, hf, built, precision, work / "cache", extra)
+    algorithm = "rtn" if quant == "int8" else None
     _standardise(built / "model.onnx", target)
     text_cfg = spec.text_config(model.config)
     return {"exporter": f"onnxruntime-genai model builder {_version('onnxruntime-genai')} ({lm_class})",
@@ -556,6 +546,26 @@ def save_graph(m: Any, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- quantisation
+def _quantize_int4(path: Path, block_size: int, accuracy_level: int) -> str:
+    """int4 (``edgemed.export.onnx_quant``): every MatMul by a constant weight to 4-bit blocks with a float minimum;
+    the LM head, and an embedding tied to it, to 8-bit blocks of 32. Returns the algorithm's description."""
+    from edgemed.export.onnx_quant import quantize_head_int8, quantize_int4_min
+
+    m = onnx.load(str(path))
+    inits = {t.name: len(t.dims) for t in m.graph.initializer}
+    # the LM head: the last MatMul by a constant weight (soft-capping or a cast may follow it before the output)
+    head = [n.name for n in m.graph.node if n.op_type == "MatMul" and inits.get(n.input[1]) == 2][-1:]
+    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head))
+    tied = False
+    if head:
+        m, tied = quantize_head_int8(m, head[0], accuracy_level)
+    save_graph(m, path)
+    skipped = f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})" if counts["skipped"] else ""
+    return (f"4-bit min-max blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
+            f"{counts['quantized']} weights{skipped}; LM head{' and the embedding tied to it' if tied else ''} "
+            "8-bit (blocks of 32)")
+
+
 def _quantize_nbits(path: Path, bits: int, block_size: int, accuracy_level: int) -> None:
     """Block-wise weight-only int4/int8 (MatMulNBits) with onnxruntime's MatMulNBitsQuantizer; LM head excluded."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
