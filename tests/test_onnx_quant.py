@@ -34,7 +34,7 @@ def linear_graph(weights: dict[str, np.ndarray], k: int, tied_embedding: str | N
 def run(model, **feeds) -> dict[str, np.ndarray]:
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
 
 def q4_1_grid(k: int, n: int, seed: int) -> np.ndarray:

@@ -560,7 +560,8 @@ def _quantize_int4(path: Path, block_size: int, accuracy_level: int) -> str:
     if head:
         m, tied = quantize_head_int8(m, head[0], accuracy_level)
     save_graph(m, path)
-    skipped = f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})" if counts["skipped"] else ""
+    skipped = (f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})"
+               if counts["skipped"] else "")
     return (f"4-bit min-max blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
             f"{counts['quantized']} weights{skipped}; LM head{' and the embedding tied to it' if tied else ''} "
             "8-bit (blocks of 32)")
