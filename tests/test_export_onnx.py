@@ -228,7 +228,7 @@ def test_block_size_and_accuracy_level_reach_the_graph(tiny_model, tmp_path):
     attrs = [{a.name: a.i for a in n.attribute} for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert attrs and all(a["accuracy_level"] == 1 for a in attrs)
     assert {a["block_size"] for a in attrs if a["bits"] == 4} == {64}
-    assert [a["block_size"] for a in attrs if a["bits"] == 8] == [32]  # the LM head: Q8_0's blocks
+    assert {a["block_size"] for a in attrs if a["bits"] == 8} == {32}  # LM head and corrections: Q8_0's blocks
 
 
 # ---------------------------------------------------------------- backend behaviour
@@ -634,3 +634,68 @@ def test_embedded_image_question_answered_end_to_end(embedded_image, tmp_path):
     finally:
         b.close()
         ref.close()
+
+
+# ---------------------------------------------------------------- int4 of a LoRA merge
+
+
+@pytest.mark.parametrize("arch", ["llama", "llava"])
+def test_int4_of_a_lora_merge_keeps_the_change_beside_the_4bit_base(arch, tiny_model, tmp_path, monkeypatch):
+    """`edgemed merge` output: int4 quantises the base weights the manifest names and keeps the fine-tune's
+    low-rank change in the correction path; that export is closer to the merged model than rounding the merged
+    weights themselves (the same export with the base hidden)."""
+    from conftest import write_vqa
+
+    import edgemed.export.onnx as mod
+    from edgemed.merge import merge
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    base = gridded_copy(tiny_model(arch), tmp_path / "base")  # decoder weights on a 4-bit grid, as the embedded
+    data = write_vqa(tmp_path / "data", n=4, image=arch == "llava")  # model's (from a Q4_1 GGUF) are
+    recipe = Recipe.model_validate({
+        "model": {"path": str(base)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "optim": {"lr": 2e-3, "batch_size": 2, "warmup_ratio": 0.0},
+        "stages": [{"name": "s", "data": {"train": str(data)}, "max_steps": 3,
+                    "train": {"vision": "frozen", "projector": "frozen", "decoder": "lora"}}]})
+    merged = merge(finetune(recipe, tmp_path / "run"), tmp_path / "merged", check=False)
+    with_base = export(merged, tmp_path / "int4", "int4")
+    algorithm = read_manifest(with_base, ("onnx",))["graphs"]["decoder"]["quant_algorithm"]
+    assert "LoRA merge's change kept as fp32 factors" in algorithm and str(base) in algorithm
+    monkeypatch.setattr(mod, "_lora_base", lambda model_dir: None)
+    without = export(merged, tmp_path / "int4-merged", "int4")
+    assert "LoRA" not in read_manifest(without, ("onnx",))["graphs"]["decoder"]["quant_algorithm"]
+    ref = torch_backend(merged)
+    kls = []
+    for folder in (with_base, without):
+        b = onnx_backend(folder)
+        try:
+            got, want = [], []
+            for text in prompts(ref):
+                tokens = ref.tokenize(text)
+                got.append(b.logits(tokens))
+                want.append(ref.logits(tokens))
+            kls.append(agreement(np.concatenate(got), np.concatenate(want), margin=TOP1_MARGIN)[1])
+        finally:
+            b.close()
+    ref.close()
+    assert kls[0] <= TINY_QUANT_LIMITS["int4"][1] and kls[0] * 3 < kls[1], f"KL with the base {kls[0]:.2e}, " \
+                                                                       f"merged weights rounded {kls[1]:.2e}"
+
+
+def gridded_copy(folder: Path, out: Path) -> Path:
+    """A copy of a model folder whose decoder projection weights are rounded to 4-bit blocks of 32 with a float
+    minimum along the input dimension (llama.cpp's Q4_1 layout)."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgemed.export.onnx_quant import _quantize, dequantize
+
+    shutil.copytree(folder, out)
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name, w in tensors.items():
+            if w.ndim == 2 and "layers" in name and name.endswith("proj.weight") and "vision" not in name \
+                    and w.shape[1] % 32 == 0:
+                tensors[name] = np.ascontiguousarray(dequantize(*_quantize(w.T, 32), block_size=32).T)
+        save_file(tensors, f, metadata={"format": "pt"})
+    return out
