@@ -41,8 +41,8 @@ PyTorch fp32 logits (4 chat prompts, 120 positions; top-1 agreement / mean KL):
 * ``int4``: 4-bit blocks of ``block_size`` with a float minimum per block (``edgemed.export.onnx_quant``:
   MatMulNBits with an integer zero point for the fast kernel, plus a block-sum correction for the float rest of
   the minimum) on every decoder weight, the LM head and an embedding tied to it in 8-bit Q8_0 blocks. On
-  SmolLM2-135M: 96.3% / 0.006 on ``edgemed parity``'s 16 probes (thresholds 80% / 0.3), 115 MB, decoding at
-  195 tokens/s where the builder's own int4 ran at 241 in the same run. The embedded weights were dequantised
+  SmolLM2-135M: 97.7% / 0.005 on ``edgemed parity``'s 16 probes (thresholds 80% / 0.3), 110 MB, decoding at
+  192 tokens/s, 6.0x PyTorch fp32 (``tools/bench_onnx.py``; the builder's own int4 ran 15-20% faster, and failed). The embedded weights were dequantised
   from a Q4_1 GGUF and lie on a 4-bit grid with a float offset per 32 weights, which this reproduces (up to the
   8-bit rounding of each block's offset);
   onnxruntime's integer-zero-point grids do not (module docstring of ``onnx_quant``). Tried first and rejected,
