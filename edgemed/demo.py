@@ -18,7 +18,7 @@ from typing import Any
 from edgemed.errors import ArtifactError
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
-# int4 keeps the fine-tune as fp32 low-rank factors beside the 4-bit base (edgemed.export.onnx_quant): merged and
+# int4 keeps the fine-tune as low-rank factors beside the 4-bit base (edgemed.export.onnx_quant): merged and
 # rounded to 4 bits it failed parity on this model (KL 1.87, top-1 55%)
 ONNX_QUANTS = ("int8", "int4")
 SPEED_PROMPT = "List the main causes of chest pain in adults and explain how each is diagnosed."

@@ -9,6 +9,7 @@ leave nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from edgemed.errors import ArchError, EdgemedError, ExportError
 
 FP32_REL = 1e-3  # max |onnxruntime - PyTorch| / max |PyTorch| over all rows, fp32 weights
 QUESTION = "Is there a lesion in the left lung? Answer with one word."
+EMBED_FILE = "embed.onnx"
 # Measured on the embedded SmolLM2-135M (4 chat prompts + "The answer is", ~120 positions), tolerance beside it:
 # fp16: top-1 100%, KL mean 4e-6 (max 4e-4); int8 (weight-only MatMulNBits): 98.3%, 0.009; int4 (4-bit blocks with a
 # float minimum, edgemed.export.onnx_quant; LM head Q8_0): see test_embedded_quantized_agreement's message. (`edgemed
@@ -75,6 +77,16 @@ def prompts(backend) -> list[str]:
     return [backend.render(QUESTION),
             backend.render("Describe the image. 0 1 2 3 10 100", system="You are a careful radiologist."),
             "Magnetic resonance imaging: hyperintense lesion, 98 abstracts, Ärzte"]
+
+
+def text_logits(backend, ref) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(export logits, PyTorch logits) per text prompt of :func:`prompts`."""
+    got, want = [], []
+    for text in prompts(ref):
+        tokens = ref.tokenize(text)
+        got.append(backend.logits(tokens))
+        want.append(ref.logits(tokens))
+    return got, want
 
 
 def worst(got: np.ndarray, want: np.ndarray) -> str:
@@ -399,13 +411,16 @@ def test_quantized_exports_agree_with_pytorch(arch, quant, exported, tiny_model)
     m = onnx.load(str(folder / graphs["decoder"]["file"]), load_external_data=False)
     bits = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert bits == ({4, 8} if quant == "int4" else {8}), bits  # int4: the LM head in 8 bits
+    if "embed" in graphs:  # the token table of image models: 8-bit too
+        ops = {n.op_type for n in onnx.load(str(folder / EMBED_FILE), load_external_data=False).graph.node}
+        assert "GatherBlockQuantized" in ops, ops
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir() if f.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # torch.onnx's 0600 external data made plain
     ref, b = torch_backend(tiny_model(arch)), onnx_backend(folder)
     try:
-        got, want = [], []
-        for text in prompts(ref):
-            tokens = ref.tokenize(text)
-            got.append(b.logits(tokens))
-            want.append(ref.logits(tokens))
+        got, want = text_logits(b, ref)
         for seed in (1, 2) if REGISTRY[arch].is_vision else ():
             for text in (ref.render(QUESTION, image=True), ref.render("Describe the image.", image=True)):
                 tokens = ref.tokenize(text)
@@ -661,7 +676,7 @@ def test_int4_of_a_lora_merge_keeps_the_change_beside_the_4bit_base(arch, tiny_m
     merged = merge(finetune(recipe, tmp_path / "run"), tmp_path / "merged", check=False)
     with_base = export(merged, tmp_path / "int4", "int4")
     algorithm = read_manifest(with_base, ("onnx",))["graphs"]["decoder"]["quant_algorithm"]
-    assert "LoRA merge's change kept as fp32 factors" in algorithm and str(base) in algorithm
+    assert "LoRA merge's change kept as low-rank factors" in algorithm and str(base) in algorithm
     monkeypatch.setattr(mod, "_lora_base", lambda model_dir: None)
     without = export(merged, tmp_path / "int4-merged", "int4")
     assert "LoRA" not in read_manifest(without, ("onnx",))["graphs"]["decoder"]["quant_algorithm"]
@@ -670,11 +685,7 @@ def test_int4_of_a_lora_merge_keeps_the_change_beside_the_4bit_base(arch, tiny_m
     for folder in (with_base, without):
         b = onnx_backend(folder)
         try:
-            got, want = [], []
-            for text in prompts(ref):
-                tokens = ref.tokenize(text)
-                got.append(b.logits(tokens))
-                want.append(ref.logits(tokens))
+            got, want = text_logits(b, ref)
             kls.append(agreement(np.concatenate(got), np.concatenate(want), margin=TOP1_MARGIN)[1])
         finally:
             b.close()

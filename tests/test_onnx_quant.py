@@ -15,6 +15,7 @@ from edgemed.export.onnx_quant import (  # noqa: E402
     _quantize,
     dequantize,
     low_rank,
+    quantize_embedding_int8,
     quantize_head_int8,
     quantize_int4_min,
 )
@@ -183,3 +184,30 @@ def test_head_without_a_tied_embedding_is_only_quantised():
     model = linear_graph({"head": np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32)}, 64)
     model, tied = quantize_head_int8(model, "mm_head", accuracy_level=4)
     assert not tied and [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+
+
+def test_embedding_table_goes_8_bit_and_gathers_the_same_rows():
+    vocab, k = 1200, 64
+    rng = np.random.default_rng(15)
+    d = rng.uniform(0.001, 0.01, (vocab, k // 32, 1)).astype(np.float32)
+    q = rng.integers(-127, 128, (vocab, k // 32, 32)).astype(np.float32)
+    q[:, :, 0] = -127  # Q8_0 blocks (max|w| = 127 d): reproduced exactly
+    table = (d * q).reshape(vocab, k)
+    small = rng.normal(size=(8, k)).astype(np.float32)  # too few rows to be a vocabulary: left alone
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("Gather", ["small", "ids_small"], ["other"], name="other")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
+                     helper.make_tensor_value_info("ids_small", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", k]),
+         helper.make_tensor_value_info("other", TensorProto.FLOAT, ["n", k])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(small, "small")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert quantize_embedding_int8(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized", "Gather"]
+    assert {t.name for t in model.graph.initializer} >= {"small"} and "table" not in {t.name for t in
+                                                                                       model.graph.initializer}
+    ids = np.array([[0, 1199, 7, 7]], np.int64)
+    out = run(model, ids=ids, ids_small=np.array([3, 0], np.int64))
+    assert np.abs(out["emb"] - table[ids]).max() < 1e-6
+    assert np.array_equal(out["other"], small[[3, 0]])

@@ -38,18 +38,17 @@ PyTorch fp32 logits (4 chat prompts, 120 positions; top-1 agreement / mean KL):
 * ``int8``: weight-only 8-bit MatMulNBits (block ``block_size``) - 98.3% / 0.009. onnxruntime's
   ``quantize_dynamic`` (QInt8 per-channel weights, dynamic uint8 activations) was tried first and rejected:
   54% / 1.17, because per-tensor activation quantisation cannot hold the decoder's outlier activations.
-* ``int4``: 4-bit blocks of ``block_size`` with a float minimum per block (``edgemed.export.onnx_quant``:
-  MatMulNBits with an integer zero point for the fast kernel, plus a block-sum correction for the float rest of
-  the minimum) on every decoder weight, the LM head and an embedding tied to it in 8-bit Q8_0 blocks. On
-  SmolLM2-135M: 97.7% / 0.005 on ``edgemed parity``'s 16 probes (thresholds 80% / 0.3), 110 MB, decoding at
-  192 tokens/s, 6.0x PyTorch fp32 (``tools/bench_onnx.py``; the builder's own int4 ran 15-20% faster, and failed). The embedded weights were dequantised
-  from a Q4_1 GGUF and lie on a 4-bit grid with a float offset per 32 weights, which this reproduces (up to the
-  8-bit rounding of each block's offset);
-  onnxruntime's integer-zero-point grids do not (module docstring of ``onnx_quant``). Tried first and rejected,
-  on the same probes: the builder's k-quant int4 with llama.cpp's mixed 8-bit layers, 73.4% / 0.31; plain RTN
-  int4 (symmetric or not, block 16 or 32, accuracy level 1 or 4), 53-63% / 0.75-0.88; MatMulNBits with float zero
-  points, 86.6% / 0.043 but 1.8 tokens/s (onnxruntime's CPU kernel leaves its fast path). The same rewrite serves
-  the torch.onnx decoders.
+* ``int4``: 4-bit blocks of ``block_size`` with a float minimum per block (``edgemed.export.onnx_quant``: MatMulNBits
+  with an integer zero point for the fast kernel, plus a block-sum correction for the float rest of the minimum) on
+  every decoder weight, the LM head and an embedding tied to it in 8-bit Q8_0 blocks. On SmolLM2-135M: 97.7% / 0.005 on
+  ``edgemed parity``'s 16 probes (thresholds 80% / 0.3), 110 MB, decoding at 192 tokens/s, 6.0x PyTorch fp32
+  (``tools/bench_onnx.py``; the builder's own int4 ran 15-20% faster, and failed). The embedded weights were dequantised
+  from a Q4_1 GGUF and lie on a 4-bit grid with a float offset per 32 weights, which this reproduces (up to the 8-bit
+  rounding of each block's offset); onnxruntime's integer-zero-point grids do not (module docstring of ``onnx_quant``).
+  Tried first and rejected, on the same probes: the builder's k-quant int4 with llama.cpp's mixed 8-bit layers, 73.4% /
+  0.31; plain RTN int4 (symmetric or not, block 16 or 32, accuracy level 1 or 4), 53-63% / 0.75-0.88; MatMulNBits with
+  float zero points, 86.6% / 0.043 but 1.8 tokens/s (onnxruntime's CPU kernel leaves its fast path). The same rewrite
+  serves the torch.onnx decoders.
   A LoRA merge (``edgemed merge`` folder whose manifest names its base, still present with the same sha256) is
   quantised as base + change: the base's fp32 decoder graph is written by the same route, its weights are the ones
   rounded to 4 bits, and each weight's difference, low-rank by construction, rides as factors in the correction
@@ -135,6 +134,8 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             graphs["vision"] = _export_vision(model, spec, image_inputs, tmp / VISION)
         if graphs["decoder"]["input"] == "inputs_embeds":
             graphs["embed"] = _export_embed(model, tmp / EMBED)
+            if quant in ("int8", "int4"):
+                graphs["embed"]["quant_algorithm"] = _quantize_embedding(tmp / EMBED)
         if quant == "int4":
             del model  # a LoRA merge's base is loaded next: one model in memory at a time
             base = _lora_base(model_dir)
@@ -144,11 +145,22 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         _copy_processing_files(model_dir, tmp)
         for g in graphs.values():
             check_graph(tmp / g["file"])
+        _plain_modes(tmp)
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
                        options={"block_size": block_size, "accuracy_level": accuracy_level}
                        if quant in ("int4", "int8") else {},
                        graphs=graphs, parent=_parent(model_dir))
     return out.absolute()
+
+
+def _plain_modes(folder: Path) -> None:
+    """torch.onnx writes external data through a private temporary file (mode 0600): give every file the mode a
+    plain create gets, so a service account that serves the folder can read all of it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------- checks and loading
@@ -590,8 +602,8 @@ def _quantize_int4(path: Path, block_size: int, accuracy_level: int, base_graph:
                    base: Path | None = None) -> str:
     """int4 (``edgemed.export.onnx_quant``): every MatMul by a constant weight to 4-bit blocks with a float minimum;
     the LM head, and an embedding tied to it, to 8-bit blocks of 32. With ``base_graph`` (the fp32 decoder of the
-    model a LoRA merge started from) the base weights are quantised and the fine-tune's low-rank change is kept in
-    fp32 beside them. Returns the algorithm's description."""
+    model a LoRA merge started from) the base weights are quantised and the fine-tune's low-rank change is kept
+    in the 8-bit correction MatMuls beside them. Returns the algorithm's description."""
     from onnx import numpy_helper
 
     from edgemed.export.onnx_quant import quantize_head_int8, quantize_int4_min
@@ -614,11 +626,22 @@ def _quantize_int4(path: Path, block_size: int, accuracy_level: int, base_graph:
     save_graph(m, path)
     skipped = (f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})"
                if counts["skipped"] else "")
-    lora = (f"; the LoRA merge's change kept as fp32 factors (rank <= {counts['max_rank']}) on {counts['low_rank']} "
-            f"of them, the 4-bit weights being those of the base {base}" if counts["low_rank"] else "")
+    lora = (f"; the LoRA merge's change kept as low-rank factors (rank <= {counts['max_rank']}) on "
+            f"{counts['low_rank']} of them, the 4-bit weights being those of the base {base}"
+            if counts["low_rank"] else "")
     return (f"4-bit min-max blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
             f"{counts['quantized']} weights{skipped}; LM head{' and the embedding tied to it' if tied else ''} "
             f"8-bit (blocks of 32){lora}")
+
+
+def _quantize_embedding(path: Path) -> str:
+    """embed.onnx's token table to 8-bit Q8_0 blocks (GatherBlockQuantized); the image-feature splice stays fp32."""
+    from edgemed.export.onnx_quant import quantize_embedding_int8
+
+    m = onnx.load(str(path))
+    n = quantize_embedding_int8(m, min_rows=1)  # the only constant table in embed.onnx is the vocabulary
+    save_graph(m, path)
+    return "token embedding table 8-bit (Q8_0 blocks of 32, GatherBlockQuantized)" if n else "fp32"
 
 
 def _quantize_nbits(path: Path, bits: int, block_size: int, accuracy_level: int) -> None:

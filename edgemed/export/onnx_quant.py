@@ -38,10 +38,10 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
     minimum (module docstring). Weights whose input dimension is not a multiple of ``block_size`` and nodes named in
     ``exclude`` stay as they are.
 
-    ``base`` (initializer name -> the same weight before a LoRA merge, or None) quantises the base weight instead
-    and carries the fine-tune's change as fp32 low-rank factors beside it, when the change has rank at most
-    ``max_rank``: a LoRA delta is far smaller than a 4-bit step, so rounding the merged weight rounds much of the
-    fine-tune away (demo model: top-1 54.5%, KL 1.87 merged-then-quantised). The factors ride in the correction
+    ``base`` (initializer name -> the same weight before a LoRA merge, or None) quantises the base weight instead and
+    carries the fine-tune's change as low-rank factors (8-bit, in the correction path) beside it, when the change has
+    rank at most ``max_rank``: a LoRA delta is far smaller than a 4-bit step, so rounding the merged weight rounds much
+    of the fine-tune away (demo model: top-1 54.5%, KL 1.87 merged-then-quantised). The factors ride in the correction
     MatMuls: ``x @ [S | U]`` then ``@ [rest ; V]``.
 
     Returns counts: ``quantized``, ``skipped``, ``low_rank`` (of the quantised, those with factors), ``max_rank``.
@@ -255,3 +255,40 @@ def quantize_head_int8(model: Any, head: str, accuracy_level: int, block_size: i
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, bool(tied)
+
+
+def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 32) -> int:
+    """Every ``Gather`` from a constant 2-D fp32 table of at least ``min_rows`` rows (a token embedding) to
+    ``GatherBlockQuantized`` in Q8_0 blocks along the row, in place; returns how many. For image models the
+    embedding sits in its own graph (``embed.onnx``), where a full fp32 vocabulary table is most of the file."""
+    inits = {t.name: t for t in model.graph.initializer}
+    done, nodes, added, drop = 0, [], [], set()
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or len(table.dims) != 2 or table.dims[0] < min_rows or table.dims[1] % block_size
+                or table.data_type != onnx.TensorProto.FLOAT or axis != 0):
+            nodes.append(node)
+            continue
+        t = numpy_helper.to_array(table, base_dir="")
+        q, scale = q8_blocks(np.ascontiguousarray(t.T), block_size)  # blocks along each row of the table
+        name = f"{node.name or node.output[0]}.q8"
+        added += [numpy_helper.from_array(q.reshape(t.shape), f"{name}.data"),
+                  numpy_helper.from_array(scale, f"{name}.scales"),
+                  numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), f"{name}.zero_points")]
+        nodes.append(helper.make_node("GatherBlockQuantized", [f"{name}.data", node.input[1], f"{name}.scales",
+                                                               f"{name}.zero_points"], list(node.output), name=name,
+                                      domain=MS_DOMAIN, bits=8, block_size=block_size, gather_axis=0,
+                                      quantize_axis=1))
+        drop.add(table.name)
+        done += 1
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        kept = [t for t in model.graph.initializer if t.name not in drop or t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept + added)
+        if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
