@@ -577,10 +577,21 @@ def _lora_base(model_dir: Path) -> Path | None:
     except Exception:  # noqa: BLE001 - a checkpoint from elsewhere has no edgemed manifest: nothing to use
         return None
     base = (manifest.get("base_model") or {}).get("path")
-    if not (manifest.get("merge") or {}).get("lora_merged") or not base or not (Path(base) / "config.json").is_file():
+    if not (manifest.get("merge") or {}).get("lora_merged") or not base:
         return None
-    want = manifest["base_model"].get("sha256")
-    return Path(base) if not want or tree_sha256(Path(base)) == want else None
+    why = None
+    if not (Path(base) / "config.json").is_file():
+        why = f"its base {base} is not here"
+    elif manifest["base_model"].get("sha256") and tree_sha256(Path(base)) != manifest["base_model"]["sha256"]:
+        why = f"its base {base} has changed since the merge (sha256)"
+    if why:
+        import warnings
+
+        warnings.warn(f"{model_dir} is a LoRA merge but {why}: int4 rounds the merged weights, which can round a "
+                      "fine-tune away (run `edgemed parity` on the export; restore the base, or use int8)",
+                      stacklevel=2)
+        return None
+    return Path(base)
 
 
 def _base_decoder_graph(route: str, base: Path, spec: ArchSpec, tokenizer: Any, work: Path,
