@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgemed.backends.base import GenParams, cut_at_stop
+from edgemed.backends.base import GenParams, cut_at_stop, stream_text
 
 
 def test_cut_at_stop_holds_back_a_possible_stop():
@@ -14,6 +14,44 @@ def test_cut_at_stop_holds_back_a_possible_stop():
 
 
 @pytest.mark.slow
+def _collect(token_ids, detokenize, stops):
+    """(yielded pieces, finish reason) of stream_text."""
+    out: list[str] = []
+
+    def run():
+        reason = yield from stream_text(token_ids, detokenize, stops)
+        out.append(reason)
+
+    got = list(run())
+    return got, out[0]
+
+
+def test_stream_text_stops_at_a_stop_string_and_closes_the_token_stream():
+    closed: list[bool] = []
+    pieces = ["He", "llo", " E", "ND", " after", " more"]
+
+    def ids():
+        try:
+            yield from range(6)
+            return "length"
+        finally:
+            closed.append(True)
+
+    got, reason = _collect(ids(), lambda ids: "".join(pieces[i] for i in ids), ["END"])
+    assert got == ["He", "llo", " "] and reason == "stop" and closed == [True]
+
+
+def test_stream_text_waits_for_split_characters_and_flushes_what_it_held():
+    texts = {(0,): "caf", (0, 1): "caf\ufffd", (0, 1, 2): "caf\u00e9 E"}  # token 1 is half of the e-acute
+
+    def ids():
+        yield from range(3)
+        return "stop"  # end of turn
+
+    got, reason = _collect(ids(), lambda ids: texts[tuple(ids)], ["END"])
+    assert got == ["caf", "\u00e9 ", "E"] and reason == "stop"  # "E" held (it may start END), then flushed
+
+
 def test_ignore_eos_decodes_past_end_of_turn(embedded_text, tmp_path):
     from edgemed.backends.llamacpp import LlamaCppBackend
     from edgemed.backends.pytorch import TorchBackend

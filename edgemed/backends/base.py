@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -78,6 +78,40 @@ def cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
                 end = min(end, len(text) - n)
                 break
     return (text[len(sent):end] if end > len(sent) else ""), False
+
+
+def stream_text(token_ids: Generator[int, None, str], detokenize: Callable[[list[int]], str],
+                stops: list[str]) -> Generator[str, None, str]:
+    """Text pieces from a backend's stream of sampled token ids, the loop every streaming backend shares.
+
+    A piece waits while the text ends in a split character, is cut at a stop string (which ends the stream) and
+    holds back a possible start of one until the next token decides; what was held is flushed at the end.
+    ``token_ids`` yields ids and returns its finish reason ("stop" at end of turn, "length" at a limit); it is
+    closed when a stop string ends the stream. Returns the finish reason."""
+    ids: list[int] = []
+    sent = ""
+    try:
+        while True:
+            try:
+                t = next(token_ids)
+            except StopIteration as end:
+                reason = end.value or "length"
+                break
+            ids.append(t)
+            text = detokenize(ids)
+            if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
+                piece, hit = cut_at_stop(text, sent, stops)
+                if piece:
+                    sent += piece
+                    yield piece
+                if hit:
+                    return "stop"
+    finally:
+        token_ids.close()
+    text = detokenize(ids).rstrip("\ufffd")
+    if len(text) > len(sent) and text.startswith(sent):  # flush what a possible stop-string start held back
+        yield text[len(sent):]
+    return reason
 
 
 @runtime_checkable

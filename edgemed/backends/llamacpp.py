@@ -12,13 +12,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop, render_question
+from edgemed.backends.base import GenParams, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -340,41 +340,31 @@ class LlamaCppBackend:
         return s
 
     def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
-        import llama_cpp
-
         self.last_finish_reason = None
         if params.max_tokens <= 0:
             self.last_finish_reason = "length"
             return
+        self.last_finish_reason = yield from stream_text(self._token_ids(tokens, image, params), self._detok,
+                                                         params.stop)
+
+    def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams
+                   ) -> Generator[int, None, str]:
+        """Sampled ids, each decoded into the context once the next one is asked for; returns the finish reason."""
+        import llama_cpp
+
         _, n_past = self._prefill(tokens, image, "last")
         sampler = self._sampler(params)
-        out: list[int] = []
-        sent, reason, hit = "", "length", False
         try:
             for _ in range(params.max_tokens):
                 if n_past >= self.n_ctx:
-                    break
+                    return "length"
                 t = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(self._model.vocab, t) and not params.ignore_eos:
-                    reason = "stop"
-                    break
-                out.append(t)
-                text = self._detok(out)
-                if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
-                    piece, hit = cut_at_stop(text, sent, params.stop)
-                    if piece:
-                        sent += piece
-                        yield piece
-                    if hit:
-                        reason = "stop"
-                        break
+                    return "stop"
+                yield t
                 self._decode_tokens([t], n_past, "last")
                 n_past += 1
-            if not hit:
-                text = self._detok(out).rstrip("\ufffd")
-                if len(text) > len(sent) and text.startswith(sent):
-                    yield text[len(sent):]
-            self.last_finish_reason = reason
+            return "length"
         finally:
             sampler.close()
 

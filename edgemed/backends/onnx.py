@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder, render_question
+from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -307,48 +307,35 @@ class OnnxBackend:
             yield from self._stream(tokens, image, params)
 
     def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
-        import numpy as np
-
-
         self.last_finish_reason = None
         if params.max_tokens <= 0:
             self.last_finish_reason = "length"
             return
+        self.last_finish_reason = yield from stream_text(self._token_ids(tokens, image, params), self._decode,
+                                                         params.stop)
+
+    def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams
+                   ) -> Generator[int, None, str]:
+        """Greedy or seeded-sampled ids, each run through the decoder once the next one is asked for; returns the
+        finish reason."""
+        import numpy as np
+
         rng = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
             rng = np.random.default_rng(seed)
         logits, past, _, pos, cross = self._prefill(tokens, image)
         last = logits[-1]
-        ids: list[int] = []
-        sent = ""
-        reason, hit = "length", False
         for _ in range(params.max_tokens):
             t = _pick(last, params.temperature, params.top_p, rng)
             if t in self.eos_ids and not params.ignore_eos:
-                reason = "stop"
-                break
-            ids.append(t)
-            text = self._decode(ids)
-            if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
-                piece, hit = cut_at_stop(text, sent, params.stop)
-                if piece:
-                    sent += piece
-                    yield piece
-                if hit:
-                    reason = "stop"
-                    break
+                return "stop"
+            yield t
             if pos + 1 > self.max_length:
-                break
+                return "length"
             step, past = self._forward([t], None, past, pos, cross)
             last, pos = step[-1], pos + 1
-        if not hit:  # flush what a possible stop-string start held back
-            text = self._decode(ids).rstrip("\ufffd")
-            if len(text) > len(sent) and text.startswith(sent):
-                rest = text[len(sent):]
-                sent += rest
-                yield rest
-        self.last_finish_reason = reason
+        return "length"
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import GenParams, cut_at_stop, expand_placeholder, render_question
+from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
 
 if TYPE_CHECKING:
@@ -283,37 +283,21 @@ class TorchBackend:
 
         thread = threading.Thread(target=work, name="edgemed-generate", daemon=True)
         thread.start()
-        ids: list[int] = []
-        sent = ""  # text already yielded
-        reason, done, hit = "length", False, False
-        try:
-            while not done:
+
+        def token_ids() -> Generator[int, None, str]:
+            while True:
                 kind, value = q.get()
                 if kind == "error":
                     raise value
                 if kind == "end":
-                    break
+                    return "length"
                 for t in value:
                     if t in self.eos_ids and not params.ignore_eos:  # end of text or end of turn
-                        reason, done = "stop", True
-                        break
-                    ids.append(t)
-                text = self._decode(ids)
-                if text.endswith("\ufffd") and not done:  # a character split across tokens: wait for the rest
-                    continue
-                piece, hit = cut_at_stop(text, sent, params.stop)
-                if piece:
-                    sent += piece
-                    yield piece
-                if hit:
-                    reason, done = "stop", True
-            if not hit:  # flush what a possible stop-string start held back
-                text = self._decode(ids).rstrip("\ufffd")  # unfinished last character dropped, as all runtimes do
-                if len(text) > len(sent) and text.startswith(sent):
-                    rest = text[len(sent):]
-                    sent += rest
-                    yield rest
-            self.last_finish_reason = reason
+                        return "stop"
+                    yield t
+
+        try:
+            self.last_finish_reason = yield from stream_text(token_ids(), self._decode, params.stop)
         finally:
             cancel.set()
             thread.join()
