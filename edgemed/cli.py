@@ -224,7 +224,8 @@ def verify(bundle: Path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--api-key", envvar="EDGEMED_API_KEY", help="Require this bearer token (needed off loopback).")
-@click.option("--max-concurrency", type=int, default=1, show_default=True)
+@click.option("--max-concurrency", type=int, default=1, show_default=True,
+              help="Generations at once: one model instance per slot, the CPU threads split between them.")
 @click.option("--max-queue", type=int, default=16, show_default=True)
 @click.option("--max-tokens-cap", type=int, default=512, show_default=True)
 @click.option("--timeout", "request_timeout", type=float, default=120.0, show_default=True)

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -62,7 +63,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    max_concurrency: int = 1  # generations at once (more than 1 only for a backend that says it is thread-safe)
+    max_concurrency: int = 1  # generations at once: one replica of the model per slot when the server opens it
     max_queue: int = 16  # requests waiting for a slot; one more is answered 429
     max_tokens_cap: int = 512
     request_timeout: float = 120.0  # seconds from arrival to the last token, queueing included
@@ -447,13 +448,20 @@ class _Metrics:
 
 
 class _State:
-    def __init__(self, config: ServeConfig, backend: Backend, owns_backend: bool):
+    def __init__(self, config: ServeConfig, backend: Backend, owns_backend: bool, replicas: list[Backend]):
         self.config, self.backend, self.owns_backend = config, backend, owns_backend
         slots = config.max_concurrency
-        if slots > 1 and not getattr(backend, "thread_safe", False):
-            log.warning("the %s backend runs one generation at a time; --max-concurrency %d acts as 1",
-                        getattr(backend, "name", "?"), slots)
+        if len(replicas) > 1:
+            slots = len(replicas)
+        elif slots > 1 and not getattr(backend, "thread_safe", False):
+            log.warning("the %s backend was opened by the caller and runs one generation at a time; "
+                        "--max-concurrency %d acts as 1", getattr(backend, "name", "?"), slots)
             slots = 1
+        # each generation takes a replica and gives it back; a thread-safe backend is its own replica per slot
+        self.all_replicas = replicas
+        self.replicas: queue.SimpleQueue = queue.SimpleQueue()
+        for b in replicas if len(replicas) > 1 else [backend] * slots:
+            self.replicas.put(b)
         self.gate = _Gate(slots, config.max_queue)
         self.metrics = _Metrics()
         self.closing = threading.Event()
@@ -462,8 +470,8 @@ class _State:
         self.created = int(time.time())
         self.bos = len(backend.tokenize(""))
 
-    def count_tokens(self, text: str) -> int:
-        return max(0, len(self.backend.tokenize(text)) - self.bos) if text else 0
+    def count_tokens(self, text: str, backend: Backend | None = None) -> int:
+        return max(0, len((backend or self.backend).tokenize(text)) - self.bos) if text else 0
 
 
 def _model_id(folder: Path | str) -> str:
@@ -499,8 +507,9 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
     def work() -> None:
         t0 = time.perf_counter()
         reason, pieces = "cancelled", []
+        backend = state.replicas.get()
         try:
-            it = state.backend.generate(prompt.text, prompt.image, prompt.params)
+            it = backend.generate(prompt.text, prompt.image, prompt.params)
             try:
                 for piece in it:
                     pieces.append(piece)
@@ -509,12 +518,12 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
                     if stop.is_set() or state.closing.is_set():
                         break
                 else:
-                    reason = getattr(state.backend, "last_finish_reason", None) or "stop"
+                    reason = getattr(backend, "last_finish_reason", None) or "stop"
             finally:
                 it.close()
             # counted here, in the thread that owns the backend, not beside another generation
-            usage = {"prompt_tokens": len(state.backend.tokenize(prompt.text)),
-                     "completion_tokens": state.count_tokens("".join(pieces))}
+            usage = {"prompt_tokens": len(backend.tokenize(prompt.text)),
+                     "completion_tokens": state.count_tokens("".join(pieces), backend)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             state.metrics.gen_seconds += time.perf_counter() - t0
             state.metrics.tokens += usage["completion_tokens"]
@@ -522,6 +531,7 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
         except BaseException as e:  # handed to the request, which answers 500
             post(("error", e))
         finally:
+            state.replicas.put(backend)
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(state.gate.leave)
 
@@ -705,9 +715,17 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     check_config(config)
     owns = backend is None
-    kw = {"n_threads": config.n_threads} if config.n_threads else {}
+    slots = config.max_concurrency
+    # replicas share the cores: each gets its part unless --threads says otherwise
+    threads = config.n_threads or (max(1, (os.cpu_count() or 1) // slots) if owns and slots > 1 else None)
+    kw = {"n_threads": threads} if threads else {}
     backend = backend or open_export(config.export_dir, verify=config.verify, **kw)
-    state = _State(config, backend, owns)
+    replicas = [backend]
+    if owns and slots > 1 and not getattr(backend, "thread_safe", False):
+        # one model instance per slot (a backend holds one KV cache and is driven by one thread at a time); GGUF
+        # files are memory-mapped, so llama.cpp replicas share the weights' pages; others hold a copy each
+        replicas += [open_export(config.export_dir, verify=False, **kw) for _ in range(slots - 1)]
+    state = _State(config, backend, owns, replicas)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -715,7 +733,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
         state.closing.set()  # running generations stop within one token instead of finishing their answers
         state.pool.shutdown(wait=True, cancel_futures=True)
         if state.owns_backend:
-            state.backend.close()
+            for b in state.all_replicas:
+                b.close()
 
     app = FastAPI(title="edgemed", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

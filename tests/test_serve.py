@@ -651,3 +651,55 @@ def test_embedded_image_model_served_equals_its_backend(embedded_image):
             assert "Paris" in text
     finally:
         backend.close()
+
+
+def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_model, tmp_path, monkeypatch):
+    """Two slots over an ONNX export the server opens itself: two model instances, each generating in its own
+    thread at the same time as the other (replicas slowed to 20 ms a piece so that the overlap is certain), and
+    every answer equal to a single backend's."""
+    pytest.importorskip("onnxruntime")
+    import edgemed.serve as serve_mod
+    from edgemed.export.onnx import export_onnx
+
+    out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
+    reference = serve_mod.open_export(out)
+    active, peak, lock = [0], [0], threading.Lock()
+
+    class Counted(Slow):
+        def generate(self, prompt, image=None, params=None):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                yield from super().generate(prompt, image, params)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    real_open = serve_mod.open_export
+    monkeypatch.setattr(serve_mod, "open_export", lambda *a, **k: Counted(real_open(*a, **k), 0.02))
+    server = Server(ServeConfig(export_dir=out, max_concurrency=2, max_queue=8), None)
+    try:
+        state = server.app.state.edgemed
+        assert len(state.all_replicas) == 2 and state.all_replicas[0].inner is not state.all_replicas[1].inner
+        assert state.gate.slots == 2 and server.metrics()["max_concurrency"] == 2
+        results: dict[int, str] = {}
+
+        def ask_one(seed: int) -> None:
+            r = server.client().chat.completions.create(
+                model="m", messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=1.0,
+                seed=seed)
+            results[seed] = r.choices[0].message.content
+
+        askers = [threading.Thread(target=ask_one, args=(seed,)) for seed in (1, 2, 3, 4)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(60)
+        assert peak[0] == 2, f"at most {peak[0]} generation(s) at once"
+        assert sorted(results) == [1, 2, 3, 4]
+        for seed, text in results.items():
+            assert text == direct(reference, max_tokens=12, temperature=1.0, seed=seed), seed
+    finally:
+        server.close()
+        reference.close()
