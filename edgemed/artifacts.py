@@ -142,6 +142,7 @@ def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _plain_modes(tmp)
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         target.rename(old)
@@ -149,6 +150,16 @@ def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(target)
+
+
+def _plain_modes(folder: Path) -> None:
+    """Give every file the mode a plain create gets: some writers (torch.onnx's external data) go through a private
+    temporary file (0600), which a service account serving the folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 @contextlib.contextmanager

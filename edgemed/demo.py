@@ -1,7 +1,7 @@
 """`edgemed demo`: the whole pipeline on the embedded default image model and the bundled synthetic data.
 
 Materialise the model, generate the data, measure held-out accuracy before fine-tuning, fine-tune (LoRA on CPU,
-QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int8), run parity and evaluation on every
+QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int8, int4), run parity and evaluation on every
 export, turn each export into a verified bundle, and write a report with plots. Offline throughout.
 """
 

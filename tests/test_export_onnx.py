@@ -678,7 +678,7 @@ def test_int4_of_a_lora_merge_keeps_the_change_beside_the_4bit_base(arch, tiny_m
     algorithm = read_manifest(with_base, ("onnx",))["graphs"]["decoder"]["quant_algorithm"]
     assert "LoRA merge's change kept as low-rank factors" in algorithm and str(base) in algorithm
     moved = base.rename(tmp_path / "base-moved")  # the base gone: a warning, and the merged weights rounded
-    with pytest.warns(UserWarning, match="is a LoRA merge but its base .* is not here"):
+    with pytest.warns(UserWarning, match="its base model .* is missing.*a LoRA merge: int4 now rounds the merged"):
         assert mod._lora_base(merged) is None
     moved.rename(base)
     monkeypatch.setattr(mod, "_lora_base", lambda model_dir: None)

@@ -168,7 +168,7 @@ def test_head_goes_8_bit_and_a_tied_embedding_reads_the_same_bytes():
     table = (d * q).reshape(vocab, k)                      # embedding rows; the head weight is its transpose
     head = np.ascontiguousarray(table.T)
     model = linear_graph({"head": head}, k, tied_embedding="head")
-    model, tied = quantize_head_int8(model, "mm_head", accuracy_level=1)
+    tied = quantize_head_int8(model, "mm_head", accuracy_level=1)
     assert tied
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and not {"Gather", "Transpose"} & ops
@@ -182,7 +182,7 @@ def test_head_goes_8_bit_and_a_tied_embedding_reads_the_same_bytes():
 
 def test_head_without_a_tied_embedding_is_only_quantised():
     model = linear_graph({"head": np.random.default_rng(7).normal(size=(64, 16)).astype(np.float32)}, 64)
-    model, tied = quantize_head_int8(model, "mm_head", accuracy_level=4)
+    tied = quantize_head_int8(model, "mm_head", accuracy_level=4)
     assert not tied and [n.op_type for n in model.graph.node] == ["MatMulNBits"]
 
 

@@ -88,28 +88,22 @@ def cpu_bench(steps: int) -> list[dict]:
 
 
 def shaped_model_folder(name: str, arch: str, cfg: dict, root: Path) -> Path:
-    """A model folder of a public shape with random bf16 weights, and the tiny model's tokenizer and processor
-    (the inputs here are token ids; nothing is downloaded)."""
-    import shutil
-
+    """A model folder of a public shape (``cfg``) with random bf16 weights, and the tiny model's tokenizer and
+    processor (the inputs here are token ids; nothing is downloaded). An empty ``cfg`` keeps the tiny model
+    itself (--smoke)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from edgemed.archs import REGISTRY
 
     folder = REGISTRY[arch].build_tiny(root / name, 0)
-    for f in folder.glob("*.safetensors*"):
-        f.unlink()
-    if cfg:  # else keep the tiny config (--smoke)
-        config = AutoConfig.for_model(**cfg)
+    if cfg:
+        for f in folder.glob("*.safetensors*"):
+            f.unlink()
         with torch.device(DEV):
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(folder_tiny := REGISTRY[arch].build_tiny(
-            root / f"{name}-tiny", 0), dtype=torch.bfloat16)
-        shutil.rmtree(folder_tiny)
-    model.save_pretrained(folder, max_shard_size="50GB")
-    del model
+            model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**cfg), dtype=torch.bfloat16)
+        model.save_pretrained(folder, max_shard_size="50GB")
+        del model
     return folder
 
 

@@ -72,6 +72,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ import torch
 
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, tree_sha256, write_manifest
-from edgemed.errors import ExportError
+from edgemed.errors import ArtifactError, ExportError
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -145,22 +146,11 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         _copy_processing_files(model_dir, tmp)
         for g in graphs.values():
             check_graph(tmp / g["file"])
-        _plain_modes(tmp)
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
                        options={"block_size": block_size, "accuracy_level": accuracy_level}
                        if quant in ("int4", "int8") else {},
                        graphs=graphs, parent=_parent(model_dir))
     return out.absolute()
-
-
-def _plain_modes(folder: Path) -> None:
-    """torch.onnx writes external data through a private temporary file (mode 0600): give every file the mode a
-    plain create gets, so a service account that serves the folder can read all of it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.rglob("*"):
-        if f.is_file():
-            f.chmod(0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------- checks and loading
@@ -259,10 +249,9 @@ def _export_decoder(route: str, model: Any, spec: ArchSpec, tokenizer: Any, tmp:
         info = _builder_decoder(model, spec, tokenizer, lm_class, tmp / DECODER, work, quant, block_size,
                                 accuracy_level)
     else:
-        export = {"cross": _cross_decoder, "token_types": _token_type_decoder, "grid": _grid_decoder}[route]
-        info = export(model, spec, tmp / DECODER, image_inputs)
+        info = _TORCH_DECODERS[route](model, spec, tmp / DECODER, image_inputs)
         if quant == "int8":
-            _quantize_nbits(tmp / DECODER, 8, block_size, accuracy_level)
+            _quantize_int8(tmp / DECODER, block_size, accuracy_level)
     if quant == "fp16":
         _convert_fp16(tmp / DECODER)
     return {"file": DECODER, **info}
@@ -308,53 +297,49 @@ def _token_type_decoder(model: Any, spec: ArchSpec, target: Path, image_inputs: 
                         ) -> dict[str, Any]:
     """The decoder through torch.onnx for image models whose attention mask depends on token types (Gemma 3).
 
-    The graph runs the whole transformers model on input embeddings (``embed.onnx`` splices the image features)
-    with ``token_type_ids`` (1 on image tokens), so transformers builds its own mask: causal, sliding window where
-    the layer has one, and image tokens attending to their whole image. The KV cache is explicit input and output.
+    ``token_type_ids`` (1 on image tokens) go in beside the input embeddings, so transformers builds its own mask:
+    causal, sliding window where the layer has one, and image tokens attending to their whole image.
     """
-    dims = _decoder_dims(spec.text_config(model.config))
-    n = dims["num_layers"]
-    seq, past_len = 6, 3
-    args = (torch.randn(1, seq, dims["hidden_size"]), torch.ones(1, past_len + seq, dtype=torch.int64),
-            torch.arange(past_len, past_len + seq)[None], torch.tensor([[0, 1, 1, 1, 0, 0]]),
-            tuple(torch.randn(1, dims["num_kv_heads"], past_len, dims["head_dim"]) for _ in range(2 * n)))
-    d = {k: torch.export.Dim(k) for k in ("sequence", "total_sequence", "past_sequence")}
-    dynamic = ({1: d["sequence"]}, {1: d["total_sequence"]}, {1: d["sequence"]}, {1: d["sequence"]},
-               tuple({2: d["past_sequence"]} for _ in args[4]))
-    kv = [f"{i}.{k}" for i in range(n) for k in ("key", "value")]
-    _torch_export(_TokenTypeDecoder(model, n), args, target,
-                  ["inputs_embeds", "attention_mask", "position_ids", "token_type_ids",
-                   *(f"past_key_values.{k}" for k in kv)], ["logits", *(f"present.{k}" for k in kv)],
-                  dynamic_shapes=dynamic)
-    return {"exporter": f"torch.onnx (dynamo) {_version('torch')} ({type(model).__name__})",
-            "input": "inputs_embeds", "position_ids": True, **dims}
+    return {**_embeds_decoder(model, spec, target, torch.arange(3, 9)[None],
+                              token_type_ids=torch.tensor([[0, 1, 1, 1, 0, 0]])), "position_ids": True}
 
 
 def _grid_decoder(model: Any, spec: ArchSpec, target: Path, image_inputs: dict[str, Any] | None) -> dict[str, Any]:
     """The decoder through torch.onnx for M-RoPE image models (Qwen2.5-VL), whose rotary positions are 3-D.
 
-    onnxruntime-genai's builder writes 1-D rotary positions only. The graph runs the whole transformers model on
-    input embeddings (``embed.onnx`` splices the image features) with ``position_ids`` [3, batch, seq] (temporal,
-    row, column) and the KV cache as explicit input and output. The positions depend on the image grid (a data-
-    dependent loop in transformers' ``get_rope_index``), so the runtime computes them with the architecture
-    entry's ``grid.rope_index``: for the prompt from its ids and ``image_grid_thw``, for each later token its
-    index plus the prompt's delta (``rope_deltas``).
+    onnxruntime-genai's builder writes 1-D rotary positions only. Here ``position_ids`` are [3, batch, seq]
+    (temporal, row, column). They depend on the image grid (a data-dependent loop in transformers'
+    ``get_rope_index``), so the runtime computes them with the architecture entry's ``grid.rope_index``: for the
+    prompt from its ids and ``image_grid_thw``, for each later token its index plus the prompt's delta
+    (``rope_deltas``).
     """
+    positions = torch.tensor([[[3, 4, 4, 4, 4, 6]], [[3, 4, 4, 5, 5, 6]], [[3, 4, 5, 4, 5, 6]]])
+    return {**_embeds_decoder(model, spec, target, positions), "position_ids": "grid"}
+
+
+def _embeds_decoder(model: Any, spec: ArchSpec, target: Path, positions: Any, **extra: Any) -> dict[str, Any]:
+    """The whole transformers model through torch.onnx on input embeddings (``embed.onnx`` splices the image
+    features), with ``position_ids`` in the model's own layout (sequence on the last axis), ``extra`` per-token
+    inputs (token types) and the KV cache as explicit input and output. ``positions`` and ``extra`` are the
+    example tensors of one 6-token step after 3 cached ones."""
     dims = _decoder_dims(spec.text_config(model.config))
     n = dims["num_layers"]
-    seq, past_len = 6, 3
-    args = (torch.randn(1, seq, dims["hidden_size"]), torch.ones(1, past_len + seq, dtype=torch.int64),
-            torch.tensor([[[3, 4, 4, 4, 4, 6]], [[3, 4, 4, 5, 5, 6]], [[3, 4, 5, 4, 5, 6]]]),
+    seq, past_len = positions.shape[-1], 3
+    args = (torch.randn(1, seq, dims["hidden_size"]), torch.ones(1, past_len + seq, dtype=torch.int64), positions,
+            tuple(extra.values()) or None,  # an empty tuple trips torch.onnx's dynamic-shape check
             tuple(torch.randn(1, dims["num_kv_heads"], past_len, dims["head_dim"]) for _ in range(2 * n)))
     d = {k: torch.export.Dim(k) for k in ("sequence", "total_sequence", "past_sequence")}
-    dynamic = ({1: d["sequence"]}, {1: d["total_sequence"]}, {2: d["sequence"]},
-               tuple({2: d["past_sequence"]} for _ in args[3]))
+    dynamic = ({1: d["sequence"]}, {1: d["total_sequence"]}, {positions.dim() - 1: d["sequence"]},
+               tuple({1: d["sequence"]} for _ in extra) or None, tuple({2: d["past_sequence"]} for _ in args[4]))
     kv = [f"{i}.{k}" for i in range(n) for k in ("key", "value")]
-    _torch_export(_PositionDecoder(model, n), args, target,
-                  ["inputs_embeds", "attention_mask", "position_ids", *(f"past_key_values.{k}" for k in kv)],
+    _torch_export(_EmbedsDecoder(model, n, list(extra)), args, target,
+                  ["inputs_embeds", "attention_mask", "position_ids", *extra, *(f"past_key_values.{k}" for k in kv)],
                   ["logits", *(f"present.{k}" for k in kv)], dynamic_shapes=dynamic)
     return {"exporter": f"torch.onnx (dynamo) {_version('torch')} ({type(model).__name__})",
-            "input": "inputs_embeds", "position_ids": "grid", **dims}
+            "input": "inputs_embeds", **dims}
+
+
+_TORCH_DECODERS = {"cross": _cross_decoder, "token_types": _token_type_decoder, "grid": _grid_decoder}
 
 
 def _cache(past: tuple, layers: list[int], n_layers: int) -> Any:
@@ -367,38 +352,24 @@ def _cache(past: tuple, layers: list[int], n_layers: int) -> Any:
     return DynamicCache(ddp_cache_data=data)
 
 
-class _TokenTypeDecoder(torch.nn.Module):
-    """Input embeddings, masks, positions, token types and the KV cache in; logits and the cache out."""
+def _present(cache: Any, layers: list[int]) -> list[Any]:
+    """The new KV cache of ``layers`` as graph outputs (key, value, key, value...)."""
+    return [t for i in layers for t in (cache.layers[i].keys, cache.layers[i].values)]
 
-    def __init__(self, model: Any, n_layers: int):
+
+class _EmbedsDecoder(torch.nn.Module):
+    """Input embeddings, mask, positions (any layout the model takes), named extra inputs and the KV cache in;
+    logits and the cache out."""
+
+    def __init__(self, model: Any, n_layers: int, extra: list[str]):
         super().__init__()
-        self.model, self.n_layers = model, n_layers
+        self.model, self.n_layers, self.extra = model, n_layers, extra
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, token_type_ids, past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, extra, past):
         cache = _cache(past, list(range(self.n_layers)), self.n_layers)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         token_type_ids=token_type_ids, past_key_values=cache, use_cache=True)
-        present = []
-        for i in range(self.n_layers):
-            present += [cache.layers[i].keys, cache.layers[i].values]
-        return (out.logits, *present)
-
-
-class _PositionDecoder(torch.nn.Module):
-    """Input embeddings, mask, positions (any layout the model takes) and the KV cache in; logits and cache out."""
-
-    def __init__(self, model: Any, n_layers: int):
-        super().__init__()
-        self.model, self.n_layers = model, n_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past):
-        cache = _cache(past, list(range(self.n_layers)), self.n_layers)
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        present = []
-        for i in range(self.n_layers):
-            present += [cache.layers[i].keys, cache.layers[i].values]
-        return (out.logits, *present)
+                         past_key_values=cache, use_cache=True, **dict(zip(self.extra, extra or (), strict=True)))
+        return (out.logits, *_present(cache, list(range(self.n_layers))))
 
 
 class _CrossDecoder(torch.nn.Module):
@@ -413,10 +384,7 @@ class _CrossDecoder(torch.nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
                          past_key_values=cache, use_cache=True)
-        present = []
-        for i in self.self_idx:
-            present += [cache.layers[i].keys, cache.layers[i].values]
-        return (out.logits, *present)
+        return (out.logits, *_present(cache, self.self_idx))
 
 
 def _causal_lm_class(text_cfg: Any) -> str | None:
@@ -569,44 +537,32 @@ def save_graph(m: Any, target: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- quantisation
 def _lora_base(model_dir: Path) -> Path | None:
-    """The base model an ``edgemed merge`` folder merged LoRA into, when it is still here unchanged (sha256)."""
+    """The base model an ``edgemed merge`` folder merged LoRA into, when it is still here unchanged (sha256); a
+    warning when it is a merge whose base is gone or changed."""
     from edgemed.artifacts import read_manifest
+    from edgemed.modeling import run_base
 
     try:
         manifest = read_manifest(model_dir, ("model",))
     except Exception:  # noqa: BLE001 - a checkpoint from elsewhere has no edgemed manifest: nothing to use
         return None
-    base = (manifest.get("base_model") or {}).get("path")
-    if not (manifest.get("merge") or {}).get("lora_merged") or not base:
+    if not (manifest.get("merge") or {}).get("lora_merged") or not (manifest.get("base_model") or {}).get("path"):
         return None
-    why = None
-    if not (Path(base) / "config.json").is_file():
-        why = f"its base {base} is not here"
-    elif manifest["base_model"].get("sha256") and tree_sha256(Path(base)) != manifest["base_model"]["sha256"]:
-        why = f"its base {base} has changed since the merge (sha256)"
-    if why:
-        import warnings
-
-        warnings.warn(f"{model_dir} is a LoRA merge but {why}: int4 rounds the merged weights, which can round a "
-                      "fine-tune away (run `edgemed parity` on the export; restore the base, or use int8)",
-                      stacklevel=2)
+    try:
+        return run_base(model_dir, manifest)
+    except ArtifactError as e:
+        warnings.warn(f"{e} (a LoRA merge: int4 now rounds the merged weights, which can round the fine-tune away; "
+                      "run `edgemed parity` on the export, or use int8)", stacklevel=2)
         return None
-    return Path(base)
 
 
 def _base_decoder_graph(route: str, base: Path, spec: ArchSpec, tokenizer: Any, work: Path,
                         image_inputs: dict[str, Any] | None) -> Path:
     """The base model's fp32 decoder graph, written by the same route, so its initializers carry the same names."""
-    model = _load(base, spec)[0]
-    target = work / "base" / DECODER
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if route == "builder":
-        lm_class = _causal_lm_class(spec.text_config(model.config))
-        _builder_decoder(model, spec, tokenizer, lm_class, target, work / "base-work", "fp32", 32, 4)
-    else:
-        {"cross": _cross_decoder, "token_types": _token_type_decoder, "grid": _grid_decoder}[route](
-            model, spec, target, image_inputs)
-    return target
+    (work / "base").mkdir(parents=True, exist_ok=True)
+    info = _export_decoder(route, _load(base, spec)[0], spec, tokenizer, work / "base", work / "base-work", "fp32",
+                           32, 4, image_inputs)
+    return work / "base" / info["file"]
 
 
 def _quantize_int4(path: Path, block_size: int, accuracy_level: int, base_graph: Path | None = None,
@@ -620,9 +576,7 @@ def _quantize_int4(path: Path, block_size: int, accuracy_level: int, base_graph:
     from edgemed.export.onnx_quant import quantize_head_int8, quantize_int4_min
 
     m = onnx.load(str(path))
-    inits = {t.name: len(t.dims) for t in m.graph.initializer}
-    # the LM head: the last MatMul by a constant weight (soft-capping or a cast may follow it before the output)
-    head = [n.name for n in m.graph.node if n.op_type == "MatMul" and inits.get(n.input[1]) == 2][-1:]
+    head = _lm_head(m)
     lookup = None
     if base_graph is not None:
         base_inits = {t.name: t for t in onnx.load(str(base_graph), load_external_data=False).graph.initializer}
@@ -633,7 +587,7 @@ def _quantize_int4(path: Path, block_size: int, accuracy_level: int, base_graph:
     counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup)
     tied = False
     if head:
-        m, tied = quantize_head_int8(m, head[0], accuracy_level)
+        tied = quantize_head_int8(m, head[0], accuracy_level)
     save_graph(m, path)
     skipped = (f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})"
                if counts["skipped"] else "")
@@ -655,13 +609,21 @@ def _quantize_embedding(path: Path) -> str:
     return "token embedding table 8-bit (Q8_0 blocks of 32, GatherBlockQuantized)" if n else "fp32"
 
 
-def _quantize_nbits(path: Path, bits: int, block_size: int, accuracy_level: int) -> None:
-    """Block-wise weight-only int4/int8 (MatMulNBits) with onnxruntime's MatMulNBitsQuantizer; LM head excluded."""
+def _lm_head(m: Any) -> list[str]:
+    """The LM head's node name (a one-item list, empty if none): the last MatMul by a constant 2-D weight, since
+    soft-capping or a cast may follow it before the graph's output."""
+    ranks = {t.name: len(t.dims) for t in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 2][-1:]
+
+
+def _quantize_int8(path: Path, block_size: int, accuracy_level: int) -> None:
+    """Block-wise weight-only int8 (MatMulNBits) with onnxruntime's MatMulNBitsQuantizer, for the decoders the genai
+    builder does not write; LM head excluded."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     m = onnx.load(str(path))
-    head = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.output[0] in {o.name for o in m.graph.output}]
-    q = MatMulNBitsQuantizer(m, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+    head = _lm_head(m)
+    q = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                              op_types_to_quantize=("MatMul",), nodes_to_exclude=head)
     q.process()
     save_graph(q.model.model, path)

@@ -48,11 +48,7 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
     """
     exclude = exclude or set()
     inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    new_nodes, drop, added = [], set(), []
+    new_nodes, replaced, added = [], set(), []
     block_sums: dict[str, str] = {}  # input tensor -> its block-sum tensor (q, k and v, gate and up share one)
     counts = {"quantized": 0, "skipped": 0, "low_rank": 0, "max_rank": 0}
     for node in model.graph.node:
@@ -75,8 +71,7 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
                 w = w_base
         packed, scales, zps, rest = _quantize(w, block_size)
         stem = node.name or node.output[0]
-        names = {s: f"{stem}.q4.{s}" for s in ("B", "scales", "zero_points", "rest", "nbits", "correction",
-                                                "left", "mixed")}
+        names = {s: f"{stem}.q4.{s}" for s in ("B", "scales", "zero_points", "nbits", "correction", "mixed")}
         added += [numpy_helper.from_array(packed, names["B"]), numpy_helper.from_array(scales, names["scales"]),
                   numpy_helper.from_array(zps, names["zero_points"])]
         x = node.input[0]
@@ -87,51 +82,65 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
             # activations, holds one kind of number and gets its own scale
             gap = -sel.shape[1] % 32
             left = np.concatenate([np.pad(sel, ((0, 0), (0, gap))), u], 1)
-            new_nodes += _q8_matmul(x, left, names["mixed"], f"{stem}.q4.sum", added, accuracy_level, pad_out=True)
+            new_nodes.append(_q8_matmul(x, left, names["mixed"], f"{stem}.q4.sum", added, accuracy_level,
+                                        pad_out=True))
             right, sums = np.concatenate([np.pad(rest, ((0, gap), (0, 0))), v], 0), names["mixed"]
             counts["low_rank"] += 1
             counts["max_rank"] = max(counts["max_rank"], u.shape[1])
         else:
             if x not in block_sums:
                 block_sums[x] = f"{x}.q4.block_sum"
-                new_nodes += _q8_matmul(x, sel, block_sums[x], f"{stem}.q4.sum", added, accuracy_level,
-                                        pad_out=True)
+                new_nodes.append(_q8_matmul(x, sel, block_sums[x], f"{stem}.q4.sum", added, accuracy_level,
+                                            pad_out=True))
             right, sums = rest, block_sums[x]
         new_nodes.append(helper.make_node(
             "MatMulNBits", [x, names["B"], names["scales"], names["zero_points"]], [names["nbits"]], name=f"{stem}.q4",
             domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level))
         pad = -right.shape[0] % 32  # the sums were padded to whole blocks: zero rows meet them
-        new_nodes += _q8_matmul(sums, np.pad(right, ((0, pad), (0, 0))), names["correction"], f"{stem}.q4.rest",
-                                added, accuracy_level)
-        new_nodes.append(helper.make_node("Add", [names["nbits"], names["correction"]], list(node.output),
-                                          name=f"{stem}.q4.add"))
-        consumers[weight.name] -= 1
-        if not consumers[weight.name]:
-            drop.add(weight.name)
+        new_nodes += [_q8_matmul(sums, np.pad(right, ((0, pad), (0, 0))), names["correction"], f"{stem}.q4.rest",
+                                 added, accuracy_level),
+                      helper.make_node("Add", [names["nbits"], names["correction"]], list(node.output),
+                                       name=f"{stem}.q4.add")]
+        replaced.add(weight.name)
         counts["quantized"] += 1
+    if counts["quantized"]:
+        _rewrite(model, new_nodes, added, replaced)
+    return counts
+
+
+def _rewrite(model: Any, nodes: list, added: list, replaced: set[str]) -> None:
+    """Put ``nodes`` and the ``added`` initializers in the graph; a ``replaced`` weight goes once no node reads it
+    (a weight shared with another node, a tied embedding say, stays)."""
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    kept = [t for t in model.graph.initializer if t.name not in drop]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + added)
-    if counts["quantized"] and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return counts
+
+
+def _gather_q8(name: str, table: str, indices: str, scales: str, zero_points: str, outputs: list[str],
+               block_size: int) -> Any:
+    """Rows of an 8-bit table in Q8_0 blocks along the row (GatherBlockQuantized, zero point 128)."""
+    return helper.make_node("GatherBlockQuantized", [table, indices, scales, zero_points], outputs, name=name,
+                            domain=MS_DOMAIN, bits=8, block_size=block_size, gather_axis=0, quantize_axis=1)
 
 
 def _q8_matmul(x: str, w: np.ndarray, out: str, name: str, inits: list, accuracy_level: int,
                pad_out: bool = False) -> list:
     """``x @ w`` as 8-bit Q8_0-style ``MatMulNBits`` (the correction terms: a quarter of the bytes of fp32, which
     a decode step reads once per token). ``pad_out`` pads the output columns to whole blocks of 32 with zeros (for
-    an output that is the next one's input); returns the node(s) and appends the initializers to ``inits``."""
+    an output that is the next one's input); returns the node and appends its initializers to ``inits``."""
     k, n = w.shape
     if pad_out:
         w = np.pad(w, ((0, 0), (0, -n % 32)))
     blk = 32 if k % 32 == 0 else 16
     q, scale = q8_blocks(w, blk)
     inits += [numpy_helper.from_array(q, f"{name}.B"), numpy_helper.from_array(scale, f"{name}.scales")]
-    return [helper.make_node("MatMulNBits", [x, f"{name}.B", f"{name}.scales"], [out], name=name, domain=MS_DOMAIN,
-                             K=k, N=w.shape[1], bits=8, block_size=blk, accuracy_level=accuracy_level)]
+    return helper.make_node("MatMulNBits", [x, f"{name}.B", f"{name}.scales"], [out], name=name, domain=MS_DOMAIN,
+                            K=k, N=w.shape[1], bits=8, block_size=blk, accuracy_level=accuracy_level)
 
 
 def q8_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,63 +207,48 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zps: np.ndarray, rest: np
     return w.reshape(n, nb * block_size).T
 
 
-def quantize_head_int8(model: Any, head: str, accuracy_level: int, block_size: int = 32) -> tuple[Any, bool]:
-    """The LM head to 8-bit ``MatMulNBits`` in llama.cpp's Q8_0 layout (symmetric blocks of 32, ``d = max|w| /
-    127``), and an embedding tied to it (``Transpose -> Gather`` of the same weight) to ``GatherBlockQuantized``
-    over the same bytes, as the genai builder lays it out. Written here rather than with onnxruntime's quantiser
-    because that one scales by ``max|w| / 128`` (a Q8_0 head, SmolLM2's, is then rounded a second time) and
-    quantises Gathers to 4 bits only. A head whose input width is not a multiple of ``block_size`` stays fp32.
-    Returns the model and whether an embedding was tied to the head."""
+def quantize_head_int8(model: Any, head: str, accuracy_level: int, block_size: int = 32) -> bool:
+    """The LM head, in place, to 8-bit ``MatMulNBits`` in llama.cpp's Q8_0 layout (symmetric blocks of 32, ``d =
+    max|w| / 127``), and an embedding tied to it (``Transpose -> Gather`` of the same weight) to
+    ``GatherBlockQuantized`` over the same bytes, as the genai builder lays it out. Written here rather than with
+    onnxruntime's quantiser because that one scales by ``max|w| / 128`` (a Q8_0 head, SmolLM2's, is then rounded a
+    second time) and quantises Gathers to 4 bits only. A head whose input width is not a multiple of
+    ``block_size`` stays fp32. Returns whether an embedding was tied to the head."""
     producer = {o: n for n in model.graph.node for o in n.output}
     head_node = next(n for n in model.graph.node if n.name == head)
     weight = head_node.input[1]
-    inits = {t.name: t for t in model.graph.initializer}
-    w = numpy_helper.to_array(inits[weight], base_dir="")
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == weight), base_dir="")
     k, n_out = w.shape
     if k % block_size:
-        return model, False
-    nb = k // block_size
-    q, scale = q8_blocks(w, block_size)
-    tied = {g.output[0]: g for g in model.graph.node
+        return False
+    tied = {g.output[0] for g in model.graph.node
             if g.op_type == "Gather" and g.input[0] in producer and producer[g.input[0]].op_type == "Transpose"
             and producer[g.input[0]].input[0] == weight}
-    transposes = {producer[g.input[0]].output[0] for g in tied.values()}
-    names = {s: f"{head}.q8.{s}" for s in ("B", "scales", "table", "table_scales", "zero_points", "shape",
-                                             "scale_shape")}
-    new_inits = [numpy_helper.from_array(q, names["B"]), numpy_helper.from_array(scale, names["scales"])]
+    transposes = {producer[g.input[0]].output[0] for g in model.graph.node if g.output[0] in tied}
+    name = f"{head}.q8"
+    added: list = []
+    matmul = _q8_matmul(head_node.input[0], w, head_node.output[0], name, added, accuracy_level)
     shared = []  # the embedding's view of the head's bytes, emitted once where the first tied Gather was
     if tied:
-        new_inits += [numpy_helper.from_array(np.array([n_out, k], np.int64), names["shape"]),
-                      numpy_helper.from_array(np.array([n_out, nb], np.int64), names["scale_shape"]),
-                      numpy_helper.from_array(np.full((n_out, nb), 128, np.uint8), names["zero_points"])]
-        shared = [helper.make_node("Reshape", [names["B"], names["shape"]], [names["table"]], name=f"{head}.q8.view"),
-                  helper.make_node("Reshape", [names["scales"], names["scale_shape"]], [names["table_scales"]],
-                                   name=f"{head}.q8.scale_view")]
+        nb = k // block_size
+        added += [numpy_helper.from_array(np.array([n_out, k], np.int64), f"{name}.shape"),
+                  numpy_helper.from_array(np.array([n_out, nb], np.int64), f"{name}.scale_shape"),
+                  numpy_helper.from_array(np.full((n_out, nb), 128, np.uint8), f"{name}.zero_points")]
+        shared = [helper.make_node("Reshape", [f"{name}.B", f"{name}.shape"], [f"{name}.table"], name=f"{name}.view"),
+                  helper.make_node("Reshape", [f"{name}.scales", f"{name}.scale_shape"], [f"{name}.table_scales"],
+                                   name=f"{name}.scale_view")]
     nodes = []
     for node in model.graph.node:  # rewritten in place: the graph stays in topological order
         if node.name == head:
-            nodes.append(helper.make_node("MatMulNBits", [node.input[0], names["B"], names["scales"]],
-                                          list(node.output), name=f"{head}.q8", domain=MS_DOMAIN, K=k, N=n_out, bits=8,
-                                          block_size=block_size, accuracy_level=accuracy_level))
-        elif node.output[0] in transposes:
-            continue
+            nodes.append(matmul)
         elif node.output[0] in tied:
-            nodes += shared + [helper.make_node(
-                "GatherBlockQuantized", [names["table"], node.input[1], names["table_scales"], names["zero_points"]],
-                list(node.output), name=f"{node.name}.q8", domain=MS_DOMAIN, bits=8, block_size=block_size,
-                gather_axis=0, quantize_axis=1)]
+            nodes += shared + [_gather_q8(f"{node.name}.q8", f"{name}.table", node.input[1], f"{name}.table_scales",
+                                          f"{name}.zero_points", list(node.output), block_size)]
             shared = []
-        else:
+        elif node.output[0] not in transposes:
             nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]  # the fp32 head weight goes
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return model, bool(tied)
+    _rewrite(model, nodes, added, {weight})
+    return bool(tied)
 
 
 def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 32) -> int:
@@ -262,7 +256,7 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
     ``GatherBlockQuantized`` in Q8_0 blocks along the row, in place; returns how many. For image models the
     embedding sits in its own graph (``embed.onnx``), where a full fp32 vocabulary table is most of the file."""
     inits = {t.name: t for t in model.graph.initializer}
-    done, nodes, added, drop = 0, [], [], set()
+    nodes, added, replaced = [], [], set()
     for node in model.graph.node:
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
@@ -276,19 +270,9 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
         added += [numpy_helper.from_array(q.reshape(t.shape), f"{name}.data"),
                   numpy_helper.from_array(scale, f"{name}.scales"),
                   numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), f"{name}.zero_points")]
-        nodes.append(helper.make_node("GatherBlockQuantized", [f"{name}.data", node.input[1], f"{name}.scales",
-                                                               f"{name}.zero_points"], list(node.output), name=name,
-                                      domain=MS_DOMAIN, bits=8, block_size=block_size, gather_axis=0,
-                                      quantize_axis=1))
-        drop.add(table.name)
-        done += 1
-    if done:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        used = {i for n in model.graph.node for i in n.input}
-        kept = [t for t in model.graph.initializer if t.name not in drop or t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept + added)
-        if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return done
+        nodes.append(_gather_q8(name, f"{name}.data", node.input[1], f"{name}.scales", f"{name}.zero_points",
+                                list(node.output), block_size))
+        replaced.add(table.name)
+    if replaced:
+        _rewrite(model, nodes, added, replaced)
+    return len(replaced)
