@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers, llama_cpp, onnxruntime) are imported insid
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -19,18 +20,32 @@ OUT = click.Path(path_type=Path)
 EXISTING = click.Path(path_type=Path, exists=True)
 
 
+def _start_console() -> None:
+    """In the supervised child (see entry): library noise to the command's log unless --verbose."""
+    from edgemed import console
+    from edgemed.supervise import ENV, LOG_ENV
+
+    if os.environ.get(ENV) and os.environ.get(LOG_ENV):
+        ctx = click.get_current_context(silent=True)
+        verbose = bool(ctx and ctx.find_root().params.get("verbose"))
+        console.setup(Path(os.environ[LOG_ENV]), verbose=verbose)
+
+
 def handled(fn):
     """Turn an EdgemedError into one line on stderr and its exit code, with no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from edgemed.console import user_err
+
+        _start_console()
         try:
             return fn(*args, **kwargs)
         except EdgemedError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e}", file=user_err())
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; no partial output was kept", err=True)
+            click.echo("interrupted; no partial output was kept", file=user_err())
             sys.exit(130)
 
     return wrapper
@@ -38,9 +53,26 @@ def handled(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgemed")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show the libraries' own output (otherwise it goes to a log file).")
+def main(verbose: bool) -> None:
     """Fine-tune medical vision-language models, export them for offline use, and prove the export kept the
     fine-tune."""
+
+
+def entry() -> None:
+    """The `edgemed` program: runs the command in a supervised child, so a native crash ends in one clear line."""
+    from edgemed.supervise import ENV
+
+    argv = sys.argv[1:]
+    words = [a for a in argv if not a.startswith("-")]
+    if os.environ.get(ENV) or not words:  # --help, --version: nothing native runs
+        main()
+        return
+    from edgemed import console, supervise
+
+    command = words[0]
+    log = console.new_log_path(command if command.isidentifier() else "edgemed")
+    sys.exit(supervise.run([sys.executable, "-m", "edgemed.cli", *argv], command, log))
 
 
 # ---------------------------------------------------------------- models and data
@@ -209,10 +241,11 @@ def eval_cmd(model: Path, data_path: Path, others: tuple[Path, ...], report: Pat
 def verify(bundle: Path) -> None:
     """Check every file of an export bundle against its manifest; exit 1 on any mismatch."""
     from edgemed.bundle import verify as run
+    from edgemed.console import user_err
 
     problems = run(bundle)
     for p in problems:
-        click.echo(f"FAIL {p}", err=True)
+        click.echo(f"FAIL {p}", file=user_err())
     if problems:
         sys.exit(1)
     click.echo(f"OK {bundle}")
@@ -270,6 +303,31 @@ def ask(export_dir: Path, question: str, image: Path | None, system: str | None,
     click.echo()
 
 
+# ---------------------------------------------------------------- the machine
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Write the findings as JSON on stdout (for scripts).")
+@click.option("--refresh", is_flag=True, help="Run the runtime probes again instead of using their cached verdict.")
+@handled
+def doctor(as_json: bool, refresh: bool) -> None:
+    """Preflight check of this workstation: CPU features that really work, runtimes, memory, models, offline."""
+    import json
+
+    from edgemed.doctor import run_doctor
+
+    report = run_doctor(refresh=refresh)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for c in report.checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+            click.echo(f"{mark} {c.name:<22} {c.detail}")
+            if not c.ok and c.fix:
+                click.echo(f"     {'':<22} fix: {c.fix}")
+        click.echo(f"\nsummary: {report.summary()}")
+    if not report.ok:
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------- the whole pipeline
 @main.command()
 @click.option("--out", type=OUT, default=Path("edgemed-demo"), show_default=True)
@@ -284,4 +342,4 @@ def demo(out: Path, overwrite: bool, steps: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="edgemed")

@@ -250,8 +250,9 @@ def _device_and_method(recipe: Recipe, strict: bool) -> tuple[str, bool]:
 
 
 def mixed_precision(recipe: Recipe, device: str, use_4bit: bool) -> str:
-    """accelerate's mixed_precision: bf16 autocast where the hardware has it (CUDA bf16, or a CPU with
-    AVX512-bf16/AMX, where bf16 matmuls measured 3.5x faster than fp32 here); LoRA weights stay fp32."""
+    """accelerate's mixed_precision: bf16 autocast where the hardware has it (CUDA bf16, or a CPU where a probe
+    measured PyTorch's bf16 matmul at least 1.2x faster than fp32: CPUID alone is no proof); LoRA weights stay
+    fp32."""
     import torch
 
     if recipe.mixed_precision != "auto":
@@ -260,7 +261,9 @@ def mixed_precision(recipe: Recipe, device: str, use_4bit: bool) -> str:
         return {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.quant.compute_dtype, "no")
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    from edgemed.probe import probe_torch
+
+    return "bf16" if probe_torch().use_bf16 else "no"
 
 
 def _resolve_paths(recipe: Recipe) -> tuple[Path, list[tuple[Stage, list[Any], list[Any]]]]:

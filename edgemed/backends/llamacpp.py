@@ -20,6 +20,7 @@ from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
 from edgemed.backends.base import GenParams, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
+from edgemed.probe import apply_mode, llamacpp_mode
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,6 +81,8 @@ class LlamaCppBackend:
         n_threads = int(n_threads or os.cpu_count() or 1)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
+        self.cpu_mode = llamacpp_mode()  # AMX / repacked kernels only where a probe proved they run here
+        apply_mode(self.cpu_mode, mp)
         self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
         if kv_type == "auto":
             kv_type = "f32" if self.quant == "f32" else "f16"
