@@ -79,6 +79,10 @@ def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields
         "libraries": library_versions(),
         **fields,
     }
+    if kind in ("gguf", "onnx"):  # the machine that made an export (the doctor's one line)
+        from edgemed.doctor import machine_summary
+
+        manifest.setdefault("machine", machine_summary())
     if hash_files:
         manifest["files"] = file_hashes(folder)
     return save_manifest(folder, manifest)

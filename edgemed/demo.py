@@ -8,13 +8,13 @@ export, turn each export into a verified bundle, and write a report with plots. 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemed.console import log_path
 from edgemed.errors import ArtifactError
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -45,8 +45,11 @@ class Steps:
     def __init__(self, total: int):
         from rich.console import Console
 
+        from edgemed.console import user_err
+
         # a report wider than 80 columns when not on a terminal (CI logs, nohup), rich's own width otherwise
-        self.console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+        err = user_err()
+        self.console = Console(file=err, width=None if err.isatty() else 140)
         self.total = total
         self.n = 0
         self.times: dict[str, float] = {}
@@ -122,9 +125,12 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
             raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    s = Steps(9 if onnx else 8)
+    s = Steps(10 if onnx else 9)
     t_start = time.time()
     rows: list[Row] = []
+    with s.step("check this machine (edgemed doctor)"):
+        machine = _check_machine()
+        s.console.print(f"      {machine}")
     with s.step("embedded default image model (SmolLM2-135M decoder + random vision tower)"):
         base = embedded.materialize(embedded.IMAGE)
     with s.step("synthetic phantom-radiograph VQA set"):
@@ -178,12 +184,27 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
         _finalize(gguf, out / "parity-gguf.json", rows, "llamacpp")
         for q, (folder, _) in onnx_dirs.items():
             _finalize(folder, out / f"parity-onnx-{q}.json", rows, "onnx")
-        report = write_report(out, rows, run, time.time() - t_start)
+        report = write_report(out, rows, run, time.time() - t_start, machine)
     s.console.print(summary_table(rows))
+    log = log_path()
     s.console.print(f"\nreport: {report}\ntotal: {time.time() - t_start:.0f} s\n"
+                    + (f"log:    {log} (the libraries' own output)\n" if log else "")
+                    + f"machine: {machine}\n"
                     f"next:   edgemed serve {gguf}   (OpenAI-compatible API on http://127.0.0.1:8080/v1)\n"
                     f"        edgemed ask {gguf} \"Is there a lesion?\" --image {test[0].image}")
     return report
+
+
+def _check_machine() -> str:
+    """Run the doctor's checks (the runtime probes too, in child processes); stop here if a step would fail."""
+    from edgemed.doctor import run_doctor
+
+    report = run_doctor()
+    bad = [c for c in report.checks if c.required and not c.ok]
+    if bad:
+        raise ArtifactError("this machine cannot run the demo: " + "; ".join(
+            f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad) + "; see `edgemed doctor`")
+    return report.summary()
 
 
 def _parity_row(result: Any, quant: str) -> dict[str, Any]:
@@ -229,7 +250,7 @@ def summary_table(rows: list[Row]) -> Any:
     return t
 
 
-def write_report(out: Path, rows: list[Row], run: Path, seconds: float) -> Path:
+def write_report(out: Path, rows: list[Row], run: Path, seconds: float, machine: str = "") -> Path:
     """Markdown report with the loss curve, accuracy per format and size against accuracy."""
     import matplotlib
 
@@ -254,7 +275,9 @@ def write_report(out: Path, rows: list[Row], run: Path, seconds: float) -> Path:
     fig.tight_layout()
     fig.savefig(out / "size_vs_accuracy.png")
     plt.close(fig)
-    lines = ["# edgemed demo report", "", f"Total time: {seconds:.0f} s.", "",
+    log = log_path()
+    lines = ["# edgemed demo report", "", f"Total time: {seconds:.0f} s.", "", f"Machine: {machine}", "",
+             *([f"Log of the libraries' output: {log}", ""] if log else []),
              "| model / export | accuracy | closed | open | top-1 | KL mean | parity | size MB | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

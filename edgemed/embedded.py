@@ -86,7 +86,9 @@ def _say(quiet: bool, msg: str) -> None:
     if not quiet:
         import click
 
-        click.echo(msg, err=True)
+        from edgemed.console import user_err
+
+        click.echo(msg, file=user_err())
 
 
 def _build_text(out: Path, quiet: bool) -> None:

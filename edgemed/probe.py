@@ -251,13 +251,20 @@ def build_probe_files(folder: Path) -> Path:
     if (folder / "done").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # these files are an implementation detail: no progress bars for them
-    with atomic_dir(folder, overwrite=True) as tmp:
-        _write_text_probe(tmp / "text-f32.gguf")
-        tiny = REGISTRY["llava"].build_tiny(tmp / "tiny-llava", 0)
-        for q in MMPROJ_QUANTS:
-            export_gguf(tiny, ["f16"], tmp / f"vision-{q}", mmproj_quant=q)
-        (tmp / "done").write_text(str(PROBE_VERSION))
+    try:
+        with atomic_dir(folder, overwrite=True) as tmp:
+            _write_text_probe(tmp / "text-f32.gguf")
+            tiny = REGISTRY["llava"].build_tiny(tmp / "tiny-llava", 0)
+            for q in MMPROJ_QUANTS:
+                export_gguf(tiny, ["f16"], tmp / f"vision-{q}", mmproj_quant=q)
+            (tmp / "done").write_text(str(PROBE_VERSION))
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
     return folder
 
 

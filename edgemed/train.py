@@ -463,6 +463,8 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Example], 
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from edgemed.console import user_err
+
     set_seed(recipe.seed)
     loaded, prefix = build_model(recipe, base, device, use_4bit)
     model, arch = loaded.model, loaded.arch
@@ -511,7 +513,8 @@ def _train(recipe: Recipe, base: Path, stages: list[tuple[Stage, list[Example], 
             accel.load_state(str(_latest(ckpt_root)))
             sched.load_state_dict(torch.load(_latest(ckpt_root) / SCHEDULER, weights_only=True))
         model.train()
-        bar = tqdm(total=steps, initial=start_step, desc=f"{stage.name}", disable=not main, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start_step, desc=f"{stage.name}", disable=not main, dynamic_ncols=True,
+                   file=user_err())
         step = start_step
         micro = step * recipe.optim.grad_accum
         t0, tok0 = time.time(), 0

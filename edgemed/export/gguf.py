@@ -495,6 +495,8 @@ def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: st
     import numpy as np
     from tqdm import tqdm
 
+    from edgemed.console import user_err
+
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         try:
@@ -505,7 +507,8 @@ def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: st
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for e, t in tqdm(list(zip(plan, types, strict=True)), desc=desc, unit="tensor", leave=False):
+            for e, t in tqdm(list(zip(plan, types, strict=True)), desc=desc, unit="tensor", leave=False,
+                             file=user_err()):
                 data = e.make() if e.make else ckpt.get(e.key)
                 if e.transform:
                     data = e.transform(data)
