@@ -875,6 +875,10 @@ def serve(config: ServeConfig) -> None:
     check_config(config)
     app = create_app(config)
     log.info("serving %s on http://%s:%d", config.export_dir, config.host, config.port)
+    from edgemed.console import log_path, user_err
+
+    print(f"serving {config.export_dir} on http://{config.host}:{config.port}/v1 (Ctrl-C stops)"
+          + (f"; server log: {log_path()}" if log_path() else ""), file=user_err(), flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=5)
 
