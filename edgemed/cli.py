@@ -19,8 +19,16 @@ OUT = click.Path(path_type=Path)
 EXISTING = click.Path(path_type=Path, exists=True)
 
 
+INTERNAL_ERROR = 3  # exit code of an error edgemed did not expect (a bug, not a bad input)
+
+
 def handled(fn):
-    """Turn an EdgemedError into one line on stderr and its exit code, with no traceback."""
+    """Turn an EdgemedError into one line on stderr and its exit code, with no traceback.
+
+    The last resort: an exception that is not an EdgemedError is a bug (every reader of a user file converts its
+    parser's failures, see edgemed.files), but a user still sees one line, not a traceback; the traceback goes to
+    a log file that the line names, so the bug is not hidden.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,8 +40,37 @@ def handled(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; no partial output was kept", err=True)
             sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last resort described above
+            log = _log_crash(fn.__name__)
+            where = f"the traceback is in {log}" if log else "no log file could be written"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            click.echo(f"error: internal error in `{fn.__name__.replace('_cmd', '').replace('_', ' ')}` "
+                       f"({type(e).__name__}: {first}); this is a bug in edgemed, not in your input: {where}; "
+                       "please report it with that file", err=True)
+            sys.exit(INTERNAL_ERROR)
 
     return wrapper
+
+
+def _log_crash(command: str) -> Path | None:
+    """Write the current exception's traceback to ``$EDGEMED_HOME/logs`` (or the temp folder); its path."""
+    import datetime as dt
+    import os
+    import tempfile
+    import traceback
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    home = Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
+    for folder in (home / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"edgemed-crash-{stamp}-{os.getpid()}.log"
+            # the command's name only, not its arguments: a question given to `ask` may hold patient data
+            path.write_text(f"edgemed {__version__} {command}\n{traceback.format_exc()}")
+            return path
+        except OSError:
+            continue
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,7 +124,7 @@ def data_demo(out: Path, seed: int, n_train: int, n_val: int, n_test: int, overw
 @main.command()
 @click.argument("recipe", type=EXISTING)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. --set optim.max_steps=20 (repeatable).")
+              help="Override a recipe value, e.g. --set stages.0.max_steps=20 (repeatable).")
 @click.option("--out", type=OUT, required=True, help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when the recipe's method cannot run here.")

@@ -23,8 +23,16 @@ from typing import Any
 
 from edgemed.archs import arch_for_dir
 from edgemed.archs.base import ArchSpec, GGUFSpec
-from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, sha256_file, tree_sha256, write_manifest
-from edgemed.errors import ArtifactError, ExportError
+from edgemed.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    atomic_file,
+    sha256_file,
+    source_manifest,
+    tree_sha256,
+    write_manifest,
+)
+from edgemed.errors import ExportError
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
 LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
@@ -135,20 +143,7 @@ def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
 
 
 def _source_manifest(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); the folder is damaged, make it again") from e
-    kind = manifest.get("kind")
-    if kind == "run":
-        raise ExportError(f"{model_dir}: is a training run folder (adapters only); run `edgemed merge {model_dir} "
-                          "--out MODEL_DIR` and export MODEL_DIR")
-    if kind != "model":
-        raise ExportError(f"{model_dir}: is a {kind!r} folder; export takes a merged model folder (kind 'model')")
-    return manifest
+    return source_manifest(model_dir)
 
 
 def _load_config(model_dir: Path) -> Any:

@@ -80,7 +80,7 @@ import onnx
 import torch
 
 from edgemed.archs import ArchSpec, arch_for_dir
-from edgemed.artifacts import MANIFEST, atomic_dir, tree_sha256, write_manifest
+from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, ExportError
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
@@ -118,6 +118,7 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
     if out is None:
         raise ExportError("no output folder given; pass --out DIR")
     spec = arch_for_dir(model_dir)
+    source_manifest(model_dir)  # a run, an export or a folder missing listed files is refused before any work
     _refuse_quantized(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -807,7 +808,7 @@ def _parent(model_dir: Path) -> dict[str, Any]:
     """The model folder this export was made from (tiny test folders and hub checkpoints have no manifest)."""
     kind = None
     if (model_dir / MANIFEST).is_file():
-        kind = json.loads((model_dir / MANIFEST).read_text()).get("kind")
+        kind = read_manifest(model_dir).get("kind")
     return {"path": str(model_dir.absolute()), "kind": kind, "tree_sha256": tree_sha256(model_dir)}
 
 
