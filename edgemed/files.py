@@ -50,6 +50,8 @@ def reading(path: Path | str, expected: str, error: type[EdgemedError] = Artifac
     except EdgemedError:
         raise
     except Exception as e:  # noqa: BLE001 - see the docstring: only a file read is inside the block
+        if isinstance(e, MemoryError) or "OutOfMemory" in type(e).__name__:
+            raise  # the machine's limit, not the file's fault
         raise error(f"{path}: cannot read it as {expected} ({_reason(e)}); {todo}") from e
 
 

@@ -53,6 +53,8 @@ class DataSpec(_Strict):
     validation: str | None = None
     format: Literal["auto", "vqa", "text", "vqa-rad", "slake"] = "auto"
     image_root: str | None = None
+    allow_outside_images: bool = Field(False, description="Let image paths lead out of the image folder "
+                                       "(image_root, or the data file's folder); refused by default")
     limit: int | None = Field(None, ge=1, description="Use only the first N training records")
 
 

@@ -20,6 +20,7 @@ from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
 from edgemed.backends.base import GenParams, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
+from edgemed.files import check_gguf, reading
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,7 +81,9 @@ class LlamaCppBackend:
         n_threads = int(n_threads or os.cpu_count() or 1)
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
-        self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
+        check_gguf(self.path)  # a cut or foreign file is named here, not left to llama.cpp's loader
+        with reading(self.path, "a GGUF model llama.cpp can load", todo="export it again"):
+            self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
         if kv_type == "auto":
             kv_type = "f32" if self.quant == "f32" else "f16"
         if kv_type not in KV_TYPES:
@@ -118,6 +121,7 @@ class LlamaCppBackend:
 
         if not mmproj.is_file():
             raise ArtifactError(f"{mmproj} is missing; the export is incomplete, export again")
+        check_gguf(mmproj)
         p = mtmd_cpp.mtmd_context_params_default()
         p.use_gpu = False
         p.n_threads = n_threads
