@@ -272,18 +272,28 @@ def verify(bundle: Path) -> None:
 @click.option("--max-image-pixels", type=int, default=50_000_000, show_default=True,
               help="Largest image (width x height) accepted, checked before decoding.")
 @click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
+@click.option("--allow-host", multiple=True, metavar="NAME",
+              help="Accept requests whose Host is NAME, beside loopback names (repeatable; '*' accepts any).")
+@click.option("--allow-origin", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable; also "
+                   "EDGEMED_ORIGINS, comma-separated). None by default.")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
-          max_body_mb: float, max_image_pixels: int, threads: int | None) -> None:
+          max_body_mb: float, max_image_pixels: int, threads: int | None, allow_host: tuple[str, ...],
+          allow_origin: tuple[str, ...]) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
+    import os
+
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
 
+    origins = [*allow_origin, *(o.strip() for o in os.environ.get("EDGEMED_ORIGINS", "").split(",") if o.strip())]
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
-                    max_image_pixels=max_image_pixels, n_threads=threads))
+                    max_image_pixels=max_image_pixels, n_threads=threads, allow_hosts=list(allow_host),
+                    allow_origins=origins))
 
 
 @main.command()
