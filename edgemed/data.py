@@ -166,7 +166,7 @@ def _outside(image: Path, base: Path) -> bool:
     unless the caller allows more, as ``serve --allow-dir`` does for the server."""
     try:
         return not image.resolve().is_relative_to(base.resolve())
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte in the name
         return True
 
 
@@ -195,6 +195,12 @@ def _read_lines(path: Path) -> list[tuple[int, str | None]]:
     return out
 
 
+def _parse_failure(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return getattr(e, "msg", None) or str(e).split("\n")[0][:120] or type(e).__name__
+
+
 def _parse_jsonl(path: Path, problems: _Problems) -> tuple[list[tuple[str, dict]], int]:
     """Parse every line into (source, object); bad lines go to ``problems``. Also returns the line count."""
     objs: list[tuple[str, dict]] = []
@@ -209,6 +215,10 @@ def _parse_jsonl(path: Path, problems: _Problems) -> tuple[list[tuple[str, dict]
         except json.JSONDecodeError as e:
             problems.add(where, f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON "
                                 "object, e.g. {\"question\": \"...\", \"answer\": \"...\"}")
+            continue
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, or nesting deeper than json's
+            problems.add(where, f"not a usable JSON record ({_parse_failure(e)}); each line must hold one JSON "
+                                "object of strings")
             continue
         if not isinstance(obj, dict):
             problems.add(where, f"is a JSON {_type_name(obj)}, not an object; each line must hold one JSON object")
@@ -288,8 +298,8 @@ def _load_json_list(path: Path, name: str) -> list:
         raise DataError(f"{path}: no such file; give the {name} JSON file as downloaded")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); download the {name} file again") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an over-long integer, nested too deep
+        raise DataError(f"{path}: not valid JSON ({_parse_failure(e)}); download the {name} file again") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (the {name} layout), got a JSON "
                         f"{_type_name(data)}; is this the right file?")
@@ -367,9 +377,9 @@ def _sniff_jsonl(path: Path) -> str:
     for lineno, text in _read_lines(path):
         try:
             obj = json.loads(text or "")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); cannot tell the format; fix the line "
-                            "or pass fmt/--format") from e
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({_parse_failure(e)}); cannot tell the format; fix "
+                            "the line or pass fmt/--format") from None
         if isinstance(obj, dict) and "question" in obj:
             return "vqa"
         if isinstance(obj, dict) and "text" in obj:
