@@ -33,6 +33,7 @@ from edgemed.artifacts import (
     write_manifest,
 )
 from edgemed.errors import ExportError
+from edgemed.files import reading
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
 LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
@@ -218,17 +219,29 @@ class Checkpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for f in files:
-            with open(folder / f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for k, info in header.items():
-                if k == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                self.where[k] = (f, 8 + n + start, end - start)
-                self.shapes[k] = tuple(info["shape"])
-                self.dtypes[k] = info["dtype"]
+            with reading(folder / f, "a safetensors file", todo="the checkpoint is damaged; write it again"):
+                self._read_header(f)
         self.keys = list(self.where)
+
+    def _read_header(self, f: str) -> None:
+        path = self.folder / f
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            size = path.stat().st_size
+            if n < 2 or 8 + n > size:
+                raise ExportError(f"{path}: not a safetensors file, or cut short (header of {n} bytes in a file of "
+                                  f"{size}); write the checkpoint again")
+            header = json.loads(fh.read(n))
+        for k, info in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ExportError(f"{path}: tensor {k!r} lies past the end of the file (cut short); write the "
+                                  "checkpoint again")
+            self.where[k] = (f, 8 + n + start, end - start)
+            self.shapes[k] = tuple(info["shape"])
+            self.dtypes[k] = info["dtype"]
 
     def get(self, key: str):
         """One tensor as float32 numpy."""

@@ -82,6 +82,7 @@ import torch
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, ExportError
+from edgemed.files import reading
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -183,9 +184,10 @@ def _load(model_dir: Path, spec: ArchSpec) -> tuple[Any, Any, Any]:
     from transformers import AutoProcessor, AutoTokenizer
 
     cls = getattr(transformers, spec.model_class)
-    model = cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if spec.is_vision else tok
+    with reading(model_dir, "a transformers model folder (config, safetensors weights, tokenizer)"):
+        model = cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if spec.is_vision else tok
     return model, proc, tok
 
 
