@@ -55,9 +55,15 @@ def reading(path: Path | str, expected: str, error: type[EdgemedError] = Artifac
         raise error(f"{path}: cannot read it as {expected} ({_reason(e)}); {todo}") from e
 
 
+def _a_file(path: Path | str, expected: str, error: type[EdgemedError]) -> None:
+    if Path(path).is_dir():
+        raise error(f"{path}: is a folder; expected {expected}")
+
+
 def read_text(path: Path | str, expected: str, error: type[EdgemedError] = ArtifactError,
               todo: str = "make or export it again") -> str:
     """A UTF-8 text file (a leading byte-order mark dropped)."""
+    _a_file(path, expected, error)
     with reading(path, expected, error, todo):
         return Path(path).read_bytes().decode("utf-8-sig")
 
@@ -79,6 +85,7 @@ def safetensors_keys(path: Path | str, error: type[EdgemedError] = ArtifactError
     """Tensor names and shapes of a safetensors file, checked against the file's size (header only)."""
     from safetensors import safe_open
 
+    _a_file(path, "a safetensors file", error)
     with reading(path, "a safetensors file", error), safe_open(str(path), "np") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - no __iter__
 
@@ -87,6 +94,7 @@ def load_safetensors(path: Path | str, error: type[EdgemedError] = ArtifactError
     """Every tensor of a safetensors file as torch tensors."""
     from safetensors.torch import load_file
 
+    _a_file(path, "a safetensors file", error)
     with reading(path, "a safetensors file", error):
         return load_file(str(path))
 
@@ -97,6 +105,7 @@ def check_gguf(path: Path | str) -> None:
     import gguf
 
     path = Path(path)
+    _a_file(path, "a GGUF file", ArtifactError)
     with reading(path, "a GGUF file", todo="the file is damaged or cut short; export it again"):
         if _head(path, 4) != b"GGUF":
             raise ArtifactError(f"{path}: not a GGUF file (no GGUF magic at the start); export it again")
@@ -116,5 +125,6 @@ def onnx_session(path: Path | str, *args: Any, **kw: Any) -> Any:
     """An onnxruntime InferenceSession of ``path``; a damaged graph becomes an ArtifactError naming the file."""
     import onnxruntime as ort
 
+    _a_file(path, "an ONNX graph", ArtifactError)
     with reading(path, "an ONNX graph", todo="the file is damaged or cut short; export it again"):
         return ort.InferenceSession(str(path), *args, **kw)
