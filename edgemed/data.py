@@ -375,8 +375,10 @@ def read_slake(json_path: Path | str, image_dir: Path | str, lang: str | None = 
 
 def _sniff_jsonl(path: Path) -> str:
     for lineno, text in _read_lines(path):
+        if text is None:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8")
         try:
-            obj = json.loads(text or "")
+            obj = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise DataError(f"{path}:{lineno}: not valid JSON ({_parse_failure(e)}); cannot tell the format; fix "
                             "the line or pass fmt/--format") from None
@@ -384,6 +386,9 @@ def _sniff_jsonl(path: Path) -> str:
             return "vqa"
         if isinstance(obj, dict) and "text" in obj:
             return "text"
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: is a JSON {_type_name(obj)}, not an object; each line must hold one "
+                            "JSON object")
         raise DataError(f"{path}:{lineno}: the first record has neither 'question' (VQA) nor 'text' (text corpus); "
                         "fix the file or pass fmt/--format")
     raise AssertionError("unreachable: _read_lines raises on empty files")

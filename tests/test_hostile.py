@@ -321,7 +321,7 @@ ROWS: dict[str, tuple[str, Callable[[Path, Fx], Case]]] = {
     "image: DICOM cut short": ("image", lambda t, f: with_needles(ask_image(
         t, f, "cut.dcm", lambda p: cut(dicom(p), 200)), "cut.dcm", "dicom")),
     "image: PNG header claiming 20000x20000": ("image", lambda t, f: with_needles(ask_image(
-        t, f, "bomb.png", bomb_png), "bomb.png", "over the limit")),
+        t, f, "bomb.png", bomb_png), "bomb.png", "decompression bomb")),
     "image: GIF": ("image", lambda t, f: with_needles(ask_image(
         t, f, "a.gif", lambda p: Image.new("RGB", (4, 4)).save(p, "GIF")), "a.gif", "not a png")),
     "image: a folder": ("image", lambda t, f: with_needles(ask_image(t, f, "dir.png", lambda p: p.mkdir()),

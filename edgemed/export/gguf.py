@@ -79,11 +79,11 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     """
     model_dir = Path(model_dir)
     quants = _check_quants(quants, mmproj_quant)
+    source = _source_manifest(model_dir)  # a run, an export or a folder missing listed files: refused first
     spec = arch_for_dir(model_dir)
     if spec.gguf_arch is None or spec.gguf is None:
         why = spec.no_gguf_reason or f"llama.cpp has no support for {spec.family}"
         raise ExportError(f"{model_dir}: {why}; use `edgemed export onnx {model_dir} --out DIR` instead")
-    source = _source_manifest(model_dir)
     config = _load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     _refuse_quantized(model_dir, config, ckpt)

@@ -118,8 +118,8 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
     model_dir = Path(model_dir)
     if out is None:
         raise ExportError("no output folder given; pass --out DIR")
-    spec = arch_for_dir(model_dir)
     source_manifest(model_dir)  # a run, an export or a folder missing listed files is refused before any work
+    spec = arch_for_dir(model_dir)
     _refuse_quantized(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
