@@ -481,17 +481,16 @@ ALLOWED_ORIGIN = "http://localhost:3000"
 
 
 @pytest.fixture(scope="module")
-def http(fx, tmp_path_factory):
+def http(tiny_model):
+    """The API over a tiny image model (so that image URLs reach their checks), on a loopback base URL."""
     from fastapi.testclient import TestClient
 
     from edgemed.backends.pytorch import TorchBackend
     from edgemed.serve import ServeConfig, create_app
 
-    backend = TorchBackend(fx.merged)
-    allowed = tmp_path_factory.mktemp("allowed")
-    png(allowed / "x.png")
-    config = ServeConfig(export_dir=fx.merged, max_tokens_cap=4, max_body_bytes=1 << 20,
-                         allow_origins=[ALLOWED_ORIGIN])
+    folder = tiny_model("llava")
+    backend = TorchBackend(folder)
+    config = ServeConfig(export_dir=folder, max_tokens_cap=4, max_body_bytes=1 << 20, allow_origins=[ALLOWED_ORIGIN])
     with TestClient(create_app(config, backend), base_url="http://127.0.0.1:8080") as client:
         yield client
     backend.close()
