@@ -204,11 +204,14 @@ def default_probes(reference: Path, adapter: Path | None, is_vision: bool, max_p
 
     picked: list[Probe] = []
     run = _run_manifest(reference, adapter)
+    specs = {s.get("name"): s.get("data") or {} for s in ((run or {}).get("recipe") or {}).get("stages") or []}
     for stage, info in ((run or {}).get("data") or {}).items():
         val = (info or {}).get("validation")
         if not val or not Path(val).is_file():
             continue
-        for r in read_dataset(val):
+        spec = specs.get(stage, {})  # read as the run read it (format, image folder, images allowed outside it)
+        for r in read_dataset(val, spec.get("format") or "auto", spec.get("image_root"),
+                              bool(spec.get("allow_outside_images"))):
             if isinstance(r, TextRecord):
                 words = r.text.split()
                 picked.append(Probe("Continue this abstract: " + " ".join(words[:24]), None, None,
