@@ -989,6 +989,9 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     check_config(config)
+    if config.host in _WILDCARDS and not config.allow_hosts:
+        log.warning("listening on %s, but only loopback Host names are accepted: give --allow-host NAME for each "
+                    "name or address clients use to reach this machine", config.host or "all addresses")
     app = create_app(config)
     log.info("serving %s on http://%s:%d", config.export_dir, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", access_log=False,
