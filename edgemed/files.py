@@ -16,10 +16,6 @@ from typing import Any
 
 from edgemed.errors import ArtifactError, EdgemedError
 
-# what a parser raises on bad bytes; a RecursionError is a file nested deeper than the parser recurses
-PARSE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, RecursionError,
-                MemoryError, UnicodeError, AttributeError, RuntimeError)
-
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, IsADirectoryError):
