@@ -115,7 +115,7 @@ def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None, comp
             f"{folder}: no {MANIFEST}; this is not a folder written by edgemed "
             "(run `edgemed finetune`, `edgemed merge` or `edgemed export` to make one)"
         )
-    manifest = read_json(path, "an edgemed manifest (a JSON object)", todo="the folder is damaged, make it again")
+    manifest = read_json(path, "an edgemed manifest", todo="the folder is damaged, make it again")
     if kinds and manifest.get("kind") not in kinds:
         raise ArtifactError(
             f"{folder}: is a {manifest.get('kind')!r} folder, expected {' or '.join(kinds)}"

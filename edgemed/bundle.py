@@ -102,7 +102,7 @@ def verify(folder: Path | str) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing; this folder is not an edgemed bundle"]
     try:
-        manifest = read_json(path, "an edgemed manifest (a JSON object)")
+        manifest = read_json(path, "an edgemed manifest")
     except ArtifactError as e:
         return [str(e)]
     problems = []

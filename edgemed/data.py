@@ -553,7 +553,8 @@ def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Ima
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = ds.get("SOPClassUID")
         raise DataError(f"{name}: DICOM file has no pixel data (SOP class {getattr(sop, 'name', sop)}); it may "
-                        "be a report, presentation state or header-only file; give an image instance instead")
+                        "be a report, presentation state or header-only file, or an image cut short; give an image "
+                        "instance instead")
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise DataError(f"{name}: DICOM file has pixel data but no Rows/Columns; the file is damaged, export it again")
@@ -594,6 +595,8 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         DataError: missing, unsupported, corrupt or oversized file, or DICOM without pixel data.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file; give a PNG, JPEG or DICOM file")
     if not path.is_file():
         raise DataError(f"{path}: no such image file; check the path (relative image paths are resolved against "
                         "the JSONL's folder or the image root)")

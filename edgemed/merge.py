@@ -54,7 +54,7 @@ def _lora_pairs(run_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
     if not adapter.is_dir():  # read_manifest has refused a run whose manifest lists adapter files that are gone
         return {}, 0.0
     cfg_path = adapter / "adapter_config.json"
-    cfg = read_json(cfg_path, "a PEFT adapter config (JSON object)", todo="fine-tune again")
+    cfg = read_json(cfg_path, "a PEFT adapter config", todo="fine-tune again")
     if cfg.get("use_dora") or cfg.get("use_rslora"):
         raise ArtifactError(f"{adapter}: DoRA/rsLoRA adapters are not supported by merge; train plain LoRA")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
@@ -81,7 +81,7 @@ def _lora_pairs(run_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
 def _shards(base: Path) -> list[str]:
     index = base / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index, "a safetensors index (JSON object)").get("weight_map")
+        weight_map = read_json(index, "a safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ArtifactError(f"{index}: has no 'weight_map' of tensor name -> shard file; the checkpoint is "
                                 "damaged")

@@ -37,7 +37,7 @@ def bnb_quantized(model_dir: Path) -> bool:
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         return False
-    qc = read_json(cfg, "a model config (JSON object)").get("quantization_config") or {}
+    qc = read_json(cfg, "a model config").get("quantization_config") or {}
     if not isinstance(qc, dict):
         return False
     return qc.get("quant_method") == "bitsandbytes" or bool(qc.get("load_in_4bit") or qc.get("load_in_8bit"))
@@ -151,7 +151,7 @@ def load_run(run_dir: Path, *, dtype: str = "float32", device: str | None = None
 def check_adapter_matches(run_dir: Path, manifest: dict[str, Any], base_dir: Path) -> None:
     """Refuse to apply a run to a base whose architecture or shapes differ from the one it was trained on."""
     want = manifest.get("base_model", {})
-    cfg = read_json(Path(base_dir) / "config.json", "a model config (JSON object)")
+    cfg = read_json(Path(base_dir) / "config.json", "a model config")
     if want.get("model_type") and cfg.get("model_type") != want["model_type"]:
         raise ArtifactError(f"{run_dir}: adapter trained on a {want['model_type']!r} model, but {base_dir} is "
                             f"{cfg.get('model_type')!r}; give the base it was trained on")

@@ -142,7 +142,8 @@ def read_probes(path: Path | str) -> list[Probe]:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
-            problems.append(f"{where}: not a JSON object ({getattr(e, 'msg', None) or type(e).__name__})")
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else getattr(e, "msg", None) or type(e).__name__
+            problems.append(f"{where}: not a JSON object ({why})")
             continue
         if not isinstance(obj, dict):
             problems.append(f"{where}: is a JSON {type(obj).__name__}, not an object")

@@ -57,7 +57,7 @@ def arch_for_dir(model_dir: Path | str) -> ArchSpec:
         raise ArchError(f"{model_dir}: no config.json; give a transformers model folder")
     from edgemed.files import read_json
 
-    model_type = read_json(cfg, "a model config (JSON object)", ArchError, "give a transformers model folder"
+    model_type = read_json(cfg, "a model config", ArchError, "give a transformers model folder"
                            ).get("model_type")
     if not isinstance(model_type, str):
         raise ArchError(f"{cfg}: has no model_type string (got {model_type!r}); give a transformers model folder")
