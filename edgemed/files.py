@@ -105,11 +105,7 @@ def check_gguf(path: Path | str) -> None:
     with reading(path, "a GGUF file", todo="the file is damaged or cut short; export it again"):
         if _head(path, 4) != b"GGUF":
             raise ArtifactError(f"{path}: not a GGUF file (no GGUF magic at the start); export it again")
-        reader = gguf.GGUFReader(path)
-        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
-        if end > path.stat().st_size:
-            raise ArtifactError(f"{path}: cut short: its tensors need {end} bytes, the file has "
-                                f"{path.stat().st_size}; export it again")
+        gguf.GGUFReader(path)  # maps every tensor: one that runs past the end of the file fails here
 
 
 def _head(path: Path, n: int) -> bytes:
