@@ -41,6 +41,11 @@ def handled(fn):
             click.echo("interrupted; no partial output was kept", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the last resort described above
+            if isinstance(e, OSError) and e.filename is not None:
+                # the machine refused a file operation (disk full, permissions, read-only): not a bug; name the file
+                click.echo(f"error: {e.filename}: {e.strerror or e}; free space, fix the permissions or choose "
+                           "another path", err=True)
+                sys.exit(2)
             log = _log_crash(fn.__name__)
             where = f"the traceback is in {log}" if log else "no log file could be written"
             first = (str(e).strip().splitlines() or [""])[0][:200]

@@ -642,6 +642,24 @@ def test_a_bug_prints_one_line_and_logs_the_traceback(tmp_path, monkeypatch):
     assert len(logs) == 1 and str(logs[0]) in line and "Traceback" in logs[0].read_text()
 
 
+def test_a_refused_file_operation_names_the_file(tmp_path, monkeypatch):
+    """Disk full or permission denied deep inside a stage: one line naming the file, exit 2, no crash log."""
+    import errno
+
+    import edgemed.data
+
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "train.jsonl"))
+
+    monkeypatch.setattr(edgemed.data, "generate_demo_set", full)
+    r = CliRunner().invoke(main, ["data", "demo", "--out", str(tmp_path / "x")])
+    line = r.output.strip()
+    assert r.exit_code == 2 and line.startswith("error: ") and "\n" not in line, r.output
+    assert "train.jsonl: No space left on device" in line and not (tmp_path / "home" / "logs").exists()
+
+
 # ---------------------------------------------------------------------------------------------- properties
 _WORK = Path(tempfile.mkdtemp(prefix="edgemed-hostile-"))
 _KEYS = ["question", "answer", "image", "answer_type", "system", "role", "task", "text", "title"]
