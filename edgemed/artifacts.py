@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemed.errors import ArtifactError
+from edgemed.files import read_json
 
 MANIFEST = "manifest.json"
 KINDS = ("run", "model", "gguf", "onnx")
@@ -104,8 +105,11 @@ def save_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Read an artifact's manifest, checking that it exists and is of one of ``kinds``."""
+def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None, complete: bool = True
+                  ) -> dict[str, Any]:
+    """Read an artifact's manifest, checking that it exists, is of one of ``kinds`` and, with ``complete``, that
+    every file it lists is present: a manifest says what the folder holds, so a folder that lost part of it (a
+    run without its adapter) is refused rather than used as if the part had never been made."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such folder; give the folder that edgemed wrote")
@@ -115,14 +119,41 @@ def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None) -> d
             f"{folder}: no {MANIFEST}; this is not a folder written by edgemed "
             "(run `edgemed finetune`, `edgemed merge` or `edgemed export` to make one)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); the folder is damaged, make it again") from e
+    manifest = read_json(path, "an edgemed manifest", todo="the folder is damaged, make it again")
     if kinds and manifest.get("kind") not in kinds:
         raise ArtifactError(
             f"{folder}: is a {manifest.get('kind')!r} folder, expected {' or '.join(kinds)}"
         )
+    listed = manifest.get("files")
+    if listed is not None and not isinstance(listed, dict):
+        raise ArtifactError(f"{path}: 'files' must map file names to sha256, got {type(listed).__name__}; the "
+                            "folder is damaged, make it again")
+    if complete and listed:
+        missing = sorted(rel for rel in listed if not (folder / rel).is_file())
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ArtifactError(
+                f"{folder}: incomplete: {', '.join(missing[:3])}{more} listed in its {MANIFEST} "
+                f"{'is' if len(missing) == 1 else 'are'} missing; restore {'it' if len(missing) == 1 else 'them'} "
+                "or make the folder again")
+    return manifest
+
+
+def source_manifest(model_dir: Path | str) -> dict[str, Any] | None:
+    """The manifest of a folder an exporter reads (None for a plain transformers folder), checked complete and of
+    kind "model": a run holds adapters only, and an export is not an exporter's input."""
+    from edgemed.errors import ExportError
+
+    model_dir = Path(model_dir)
+    if not (model_dir / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(model_dir)
+    kind = manifest.get("kind")
+    if kind == "run":
+        raise ExportError(f"{model_dir}: is a training run folder (adapters only); run `edgemed merge {model_dir} "
+                          "--out MODEL_DIR` and export MODEL_DIR")
+    if kind != "model":
+        raise ExportError(f"{model_dir}: is a {kind!r} folder; export takes a merged model folder (kind 'model')")
     return manifest
 
 
@@ -136,7 +167,8 @@ def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _writable_parent(target)
+    sweep_dead(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -172,7 +204,8 @@ def atomic_file(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _writable_parent(target)
+    sweep_dead(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     try:
         yield tmp
@@ -180,3 +213,45 @@ def atomic_file(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, target)
+
+
+def _writable_parent(target: Path) -> None:
+    """Create ``target``'s parent folder, refusing one that cannot be written before any work starts."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"{target}: cannot create its folder {target.parent} ({e.strerror or e}); choose an "
+                            "--out in a writable folder") from None
+    if not target.parent.is_dir():
+        raise ArtifactError(f"{target}: {target.parent} is not a folder; choose another --out")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{target}: the folder {target.parent} is not writable; choose an --out in a writable "
+                            "folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: keep its folder
+    return True
+
+
+def sweep_dead(target: Path) -> list[Path]:
+    """Remove the debris of killed writers of ``target``: ``.NAME.partial-PID`` and ``.NAME.old-PID`` whose
+    process is gone (a live writer's folder, or this process's own, is left alone). Returns what was removed."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = p.name[len(target.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

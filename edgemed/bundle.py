@@ -14,6 +14,7 @@ from typing import Any
 
 from edgemed.artifacts import MANIFEST, file_hashes, manifest_seal, read_manifest, save_manifest, sha256_file
 from edgemed.errors import ArtifactError
+from edgemed.files import read_json
 
 CARD = "README.md"
 
@@ -26,7 +27,7 @@ def lineage(folder: Path) -> dict[str, Any]:
     while current is not None and current not in seen:
         seen.add(current)
         try:
-            m = read_manifest(current)
+            m = read_manifest(current, complete=False)
         except ArtifactError:
             break
         kind = m.get("kind")
@@ -101,13 +102,15 @@ def verify(folder: Path | str) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing; this folder is not an edgemed bundle"]
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{path}: not valid JSON ({e})"]
+        manifest = read_json(path, "an edgemed manifest")
+    except ArtifactError as e:
+        return [str(e)]
     problems = []
     if manifest.get("seal") != manifest_seal(manifest):
         problems.append(f"{path}: edited after it was sealed (seal does not match its contents)")
     listed = manifest.get("files") or {}
+    if not isinstance(listed, dict):
+        return problems + [f"{path}: 'files' is not a mapping of file names to sha256"]
     if not listed:
         problems.append(f"{path}: lists no files")
     for rel, digest in sorted(listed.items()):

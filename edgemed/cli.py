@@ -20,6 +20,9 @@ OUT = click.Path(path_type=Path)
 EXISTING = click.Path(path_type=Path, exists=True)
 
 
+INTERNAL_ERROR = 3  # exit code of an error edgemed did not expect (a bug, not a bad input)
+
+
 def _start_console() -> None:
     """In the supervised child (see entry): library noise to the command's log unless --verbose."""
     from edgemed import console
@@ -32,7 +35,12 @@ def _start_console() -> None:
 
 
 def handled(fn):
-    """Turn an EdgemedError into one line on stderr and its exit code, with no traceback."""
+    """Turn an EdgemedError into one line on stderr and its exit code, with no traceback.
+
+    The last resort: an exception that is not an EdgemedError is a bug (every reader of a user file converts its
+    parser's failures, see edgemed.files), but a user still sees one line, not a traceback; the traceback goes to
+    a log file that the line names, so the bug is not hidden.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,8 +55,41 @@ def handled(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; no partial output was kept", file=user_err())
             sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last resort described above
+            if isinstance(e, OSError) and e.filename is not None:
+                # the machine refused a file operation (disk full, permissions, read-only): not a bug; name the file
+                click.echo(f"error: {e.filename}: {e.strerror or e}; free space, fix the permissions or choose "
+                           "another path", file=user_err())
+                sys.exit(2)
+            log = _log_crash(fn.__name__)
+            where = f"the traceback is in {log}" if log else "no log file could be written"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            click.echo(f"error: internal error in `{fn.__name__.replace('_cmd', '').replace('_', ' ')}` "
+                       f"({type(e).__name__}: {first}); this is a bug in edgemed, not in your input: {where}; "
+                       "please report it with that file", file=user_err())
+            sys.exit(INTERNAL_ERROR)
 
     return wrapper
+
+
+def _log_crash(command: str) -> Path | None:
+    """Write the current exception's traceback to ``$EDGEMED_HOME/logs`` (or the temp folder); its path."""
+    import datetime as dt
+    import tempfile
+    import traceback
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    home = Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
+    for folder in (home / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"edgemed-crash-{stamp}-{os.getpid()}.log"
+            # the command's name only, not its arguments: a question given to `ask` may hold patient data
+            path.write_text(f"edgemed {__version__} {command}\n{traceback.format_exc()}")
+            return path
+        except OSError:
+            continue
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +160,7 @@ def data_demo(out: Path, seed: int, n_train: int, n_val: int, n_test: int, overw
 @main.command()
 @click.argument("recipe", type=EXISTING)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. --set optim.max_steps=20 (repeatable).")
+              help="Override a recipe value, e.g. --set stages.0.max_steps=20 (repeatable).")
 @click.option("--out", type=OUT, required=True, help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when the recipe's method cannot run here.")
@@ -268,18 +309,28 @@ def verify(bundle: Path) -> None:
 @click.option("--max-image-pixels", type=int, default=50_000_000, show_default=True,
               help="Largest image (width x height) accepted, checked before decoding.")
 @click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
+@click.option("--allow-host", multiple=True, metavar="NAME",
+              help="Accept requests whose Host is NAME, beside loopback names (repeatable; '*' accepts any).")
+@click.option("--allow-origin", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable; also "
+                   "EDGEMED_ORIGINS, comma-separated). None by default.")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
-          max_body_mb: float, max_image_pixels: int, threads: int | None) -> None:
+          max_body_mb: float, max_image_pixels: int, threads: int | None, allow_host: tuple[str, ...],
+          allow_origin: tuple[str, ...]) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
+    import os
+
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
 
+    origins = [*allow_origin, *(o.strip() for o in os.environ.get("EDGEMED_ORIGINS", "").split(",") if o.strip())]
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
-                    max_image_pixels=max_image_pixels, n_threads=threads))
+                    max_image_pixels=max_image_pixels, n_threads=threads, allow_hosts=list(allow_host),
+                    allow_origins=origins))
 
 
 @main.command()

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgemed.artifacts import atomic_dir, sha256_file
 from edgemed.errors import DataError
+from edgemed.files import reading
 
 DEFAULT_MAX_PIXELS = 50_000_000
 PIL_FORMATS = ("PNG", "JPEG")  # the only raster formats decoded: a smaller attack surface for the server
@@ -160,6 +161,19 @@ def _resolve_image(value: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _outside(image: Path, base: Path) -> bool:
+    """True when ``image`` (links followed) is not under ``base``: a data file names images inside its folder
+    unless the caller allows more, as ``serve --allow-dir`` does for the server."""
+    try:
+        return not image.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte in the name
+        return True
+
+
+_OUTSIDE_HINT = ("move it under that folder, set image_root, or allow it explicitly (recipe: "
+                 "data.allow_outside_images: true)")
+
+
 def _read_lines(path: Path) -> list[tuple[int, str | None]]:
     """(line number, text or None if not UTF-8) for every non-blank line."""
     path = Path(path)
@@ -181,6 +195,12 @@ def _read_lines(path: Path) -> list[tuple[int, str | None]]:
     return out
 
 
+def _parse_failure(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return getattr(e, "msg", None) or str(e).split("\n")[0][:120] or type(e).__name__
+
+
 def _parse_jsonl(path: Path, problems: _Problems) -> tuple[list[tuple[str, dict]], int]:
     """Parse every line into (source, object); bad lines go to ``problems``. Also returns the line count."""
     objs: list[tuple[str, dict]] = []
@@ -196,6 +216,10 @@ def _parse_jsonl(path: Path, problems: _Problems) -> tuple[list[tuple[str, dict]
             problems.add(where, f"not valid JSON ({e.msg} at column {e.colno}); each line must hold one JSON "
                                 "object, e.g. {\"question\": \"...\", \"answer\": \"...\"}")
             continue
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, or nesting deeper than json's
+            problems.add(where, f"not a usable JSON record ({_parse_failure(e)}); each line must hold one JSON "
+                                "object of strings")
+            continue
         if not isinstance(obj, dict):
             problems.add(where, f"is a JSON {_type_name(obj)}, not an object; each line must hold one JSON object")
             continue
@@ -204,12 +228,14 @@ def _parse_jsonl(path: Path, problems: _Problems) -> tuple[list[tuple[str, dict]
 
 
 # ---------------------------------------------------------------- JSONL readers
-def read_vqa_jsonl(path: Path | str, image_root: Path | str | None = None) -> list[VQARecord]:
+def read_vqa_jsonl(path: Path | str, image_root: Path | str | None = None, allow_outside: bool = False
+                   ) -> list[VQARecord]:
     """Read an edgemed VQA JSONL file, checking every line (see the module docstring for the schema).
 
     Args:
         path: The JSONL file.
         image_root: Folder that relative image paths are resolved against (default: the JSONL's folder).
+        allow_outside: Accept image paths that lead out of that folder (absolute, ``..``, or a link).
 
     Returns:
         The records, in file order.
@@ -234,7 +260,9 @@ def read_vqa_jsonl(path: Path | str, image_root: Path | str | None = None) -> li
         image = None
         if image_s is not None:
             image = _resolve_image(image_s, base)
-            if not image.is_file():
+            if not allow_outside and _outside(image, base):
+                problems.add(where, f"image {image_s!r} is outside the data folder {base}; {_OUTSIDE_HINT}")
+            elif not image.is_file():
                 problems.add(where, f"image file {image} does not exist (key 'image' = {image_s!r}, resolved "
                                     f"against {base}); fix the path or pass image_root / --image-root")
         if len(problems.items) == n_before:
@@ -270,8 +298,8 @@ def _load_json_list(path: Path, name: str) -> list:
         raise DataError(f"{path}: no such file; give the {name} JSON file as downloaded")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); download the {name} file again") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an over-long integer, nested too deep
+        raise DataError(f"{path}: not valid JSON ({_parse_failure(e)}); download the {name} file again") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (the {name} layout), got a JSON "
                         f"{_type_name(data)}; is this the right file?")
@@ -281,7 +309,7 @@ def _load_json_list(path: Path, name: str) -> list:
 
 
 def _read_public(path: Path | str, image_dir: Path | str, name: str, keys: dict[str, str],
-                 keep: Callable[[dict], bool], task_key: str) -> list[VQARecord]:
+                 keep: Callable[[dict], bool], task_key: str, allow_outside: bool = False) -> list[VQARecord]:
     """Shared body of the VQA-RAD and SLAKE readers; ``keys`` maps image/question/answer/answer_type names."""
     path, image_dir = Path(path), Path(image_dir)
     if not image_dir.is_dir():
@@ -306,7 +334,9 @@ def _read_public(path: Path | str, image_dir: Path | str, name: str, keys: dict[
         image = None
         if image_s is not None:
             image = image_dir / image_s
-            if not image.is_file():
+            if not allow_outside and _outside(image, image_dir):
+                problems.add(label, f"image {image_s!r} is outside the image folder {image_dir}; {_OUTSIDE_HINT}")
+            elif not image.is_file():
                 problems.add(label, f"image file {image} does not exist; check the image folder "
                                     f"(got {image_dir})")
         if len(problems.items) == n_before:
@@ -318,7 +348,7 @@ def _read_public(path: Path | str, image_dir: Path | str, name: str, keys: dict[
     return records
 
 
-def read_vqa_rad(json_path: Path | str, image_dir: Path | str) -> list[VQARecord]:
+def read_vqa_rad(json_path: Path | str, image_dir: Path | str, allow_outside: bool = False) -> list[VQARecord]:
     """Read VQA-RAD as downloaded: ``VQA_RAD Dataset Public.json`` and its image folder.
 
     Each record has ``image_name``, ``question``, ``answer`` (string or number) and ``answer_type``
@@ -326,10 +356,11 @@ def read_vqa_rad(json_path: Path | str, image_dir: Path | str) -> list[VQARecord
     ``question_type`` (e.g. "pres", "pos").
     """
     keys = {"image": "image_name", "question": "question", "answer": "answer", "answer_type": "answer_type"}
-    return _read_public(json_path, image_dir, "VQA-RAD", keys, lambda o: True, "question_type")
+    return _read_public(json_path, image_dir, "VQA-RAD", keys, lambda o: True, "question_type", allow_outside)
 
 
-def read_slake(json_path: Path | str, image_dir: Path | str, lang: str | None = "en") -> list[VQARecord]:
+def read_slake(json_path: Path | str, image_dir: Path | str, lang: str | None = "en", allow_outside: bool = False
+               ) -> list[VQARecord]:
     """Read SLAKE as downloaded: ``train.json``/``validate.json``/``test.json`` and its ``imgs`` folder.
 
     Args:
@@ -339,20 +370,25 @@ def read_slake(json_path: Path | str, image_dir: Path | str, lang: str | None = 
     """
     keys = {"image": "img_name", "question": "question", "answer": "answer", "answer_type": "answer_type"}
     return _read_public(json_path, image_dir, "SLAKE", keys,
-                        lambda o: lang is None or o.get("q_lang") == lang, "content_type")
+                        lambda o: lang is None or o.get("q_lang") == lang, "content_type", allow_outside)
 
 
 def _sniff_jsonl(path: Path) -> str:
     for lineno, text in _read_lines(path):
+        if text is None:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8")
         try:
-            obj = json.loads(text or "")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); cannot tell the format; fix the line "
-                            "or pass fmt/--format") from e
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({_parse_failure(e)}); cannot tell the format; fix "
+                            "the line or pass fmt/--format") from None
         if isinstance(obj, dict) and "question" in obj:
             return "vqa"
         if isinstance(obj, dict) and "text" in obj:
             return "text"
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: is a JSON {_type_name(obj)}, not an object; each line must hold one "
+                            "JSON object")
         raise DataError(f"{path}:{lineno}: the first record has neither 'question' (VQA) nor 'text' (text corpus); "
                         "fix the file or pass fmt/--format")
     raise AssertionError("unreachable: _read_lines raises on empty files")
@@ -369,8 +405,8 @@ def _sniff_json(path: Path) -> str:
                     "(SLAKE); pass fmt/--format, or convert it to edgemed VQA JSONL")
 
 
-def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None
-                 ) -> list[VQARecord] | list[TextRecord]:
+def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None,
+                 allow_outside: bool = False) -> list[VQARecord] | list[TextRecord]:
     """Read any supported data file.
 
     Args:
@@ -378,6 +414,7 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
         fmt: One of "auto", "vqa", "text", "vqa-rad", "slake". "auto" looks at the first record.
         image_root: Image folder. Defaults: the JSONL's folder; for VQA-RAD ``<json folder>/VQA_RAD Image
             Folder``; for SLAKE ``<json folder>/imgs``.
+        allow_outside: Accept image paths that lead out of the image folder (refused by default).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -393,22 +430,25 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
             raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .jsonl or .json, "
                             f"or pass fmt/--format (one of {', '.join(FORMATS[1:])})")
     if fmt == "vqa":
-        return read_vqa_jsonl(path, image_root)
+        return read_vqa_jsonl(path, image_root, allow_outside)
     if fmt == "text":
         return read_text_jsonl(path)
     if fmt == "vqa-rad":
-        return read_vqa_rad(path, image_root if image_root is not None else path.parent / VQA_RAD_IMAGES)
-    return read_slake(path, image_root if image_root is not None else path.parent / SLAKE_IMAGES)
+        return read_vqa_rad(path, image_root if image_root is not None else path.parent / VQA_RAD_IMAGES,
+                            allow_outside)
+    return read_slake(path, image_root if image_root is not None else path.parent / SLAKE_IMAGES,
+                      allow_outside=allow_outside)
 
 
-def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None) -> str:
+def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None,
+                   allow_outside: bool = False) -> str:
     """One sha256 over a data file and every image it references (for manifests).
 
     Images enter by their path relative to the data file's folder and their content, so moving the whole
     data set elsewhere keeps the hash; editing any line or any image changes it.
     """
     path = Path(path)
-    records = read_dataset(path, fmt, image_root)
+    records = read_dataset(path, fmt, image_root, allow_outside)
     h = hashlib.sha256(b"edgemed-dataset-v1\n")
     h.update(f"data\0{sha256_file(path)}\n".encode())
     images = sorted({r.image for r in records if isinstance(r, VQARecord) and r.image is not None})
@@ -421,6 +461,13 @@ def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str |
 # ---------------------------------------------------------------- images
 def _is_dicom(head: bytes, suffix: str = "") -> bool:
     return head[128:132] == b"DICM" or suffix.lower() in (".dcm", ".dicom")
+
+
+def _dicom_signature(head: bytes) -> bool:
+    """A Part 10 file has "DICM" at byte 128; a file without the preamble (older PACS exports) starts with an
+    element of group 0002 (file meta) or 0008 (identification). Anything else named .dcm is not DICOM: pydicom's
+    forced read would take its bytes for elements and report "no pixel data" instead."""
+    return head[128:132] == b"DICM" or (len(head) >= 8 and int.from_bytes(head[:2], "little") in (0x0002, 0x0008))
 
 
 def _too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> DataError:
@@ -492,17 +539,22 @@ def _window_to_8bit(x: np.ndarray, ds: Any) -> np.ndarray:
 
 def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, pixel_array
 
+    head = src.read(132)
+    src.seek(0)
+    if not _dicom_signature(head):
+        raise DataError(f"{name}: not a DICOM file (no DICM marker at byte 128, and it does not start with a DICOM "
+                        "element); give a DICOM image, or a PNG or JPEG with its own suffix")
     try:
         ds = pydicom.dcmread(src, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - InvalidDicomError, struct.error, EOFError...: all mean a bad file
         raise DataError(f"{name}: not a readable DICOM file ({e}); export it again from the PACS") from e
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = ds.get("SOPClassUID")
         raise DataError(f"{name}: DICOM file has no pixel data (SOP class {getattr(sop, 'name', sop)}); it may "
-                        "be a report, presentation state or header-only file; give an image instance instead")
+                        "be a report, presentation state or header-only file, or an image cut short; give an image "
+                        "instance instead")
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
         raise DataError(f"{name}: DICOM file has pixel data but no Rows/Columns; the file is damaged, export it again")
@@ -543,16 +595,18 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         DataError: missing, unsupported, corrupt or oversized file, or DICOM without pixel data.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file; give a PNG, JPEG or DICOM file")
     if not path.is_file():
         raise DataError(f"{path}: no such image file; check the path (relative image paths are resolved against "
                         "the JSONL's folder or the image root)")
     with open(path, "rb") as f:
         head = f.read(132)
-        if _is_dicom(head, path.suffix):
-            f.seek(0)
-            return _load_dicom(f, str(path), max_pixels)  # type: ignore[arg-type]
         f.seek(0)
-        return _load_raster(f, str(path), max_pixels)  # type: ignore[arg-type]
+        with reading(path, "an image", DataError, "give a PNG, JPEG or DICOM file"):
+            if _is_dicom(head, path.suffix):
+                return _load_dicom(f, str(path), max_pixels)  # type: ignore[arg-type]
+            return _load_raster(f, str(path), max_pixels)  # type: ignore[arg-type]
 
 
 def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -571,9 +625,10 @@ def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEF
     kind = (mime or "").split(";")[0].strip().lower()
     if kind and kind not in IMAGE_MIMES:
         raise DataError(f"{name}: unsupported media type {mime!r}; allowed: {', '.join(IMAGE_MIMES)}")
-    if kind in DICOM_MIMES or _is_dicom(data[:132]):
-        return _load_dicom(io.BytesIO(data), name, max_pixels)
-    return _load_raster(io.BytesIO(data), name, max_pixels)
+    with reading(name, "an image", DataError, "send a PNG, JPEG or DICOM image"):
+        if kind in DICOM_MIMES or _is_dicom(data[:132]):
+            return _load_dicom(io.BytesIO(data), name, max_pixels)
+        return _load_raster(io.BytesIO(data), name, max_pixels)
 
 
 # ---------------------------------------------------------------- synthetic demo set

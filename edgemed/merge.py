@@ -10,7 +10,6 @@ would bake quantisation error into the deployed weights.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from edgemed.archs import arch_for_dir
 from edgemed.artifacts import atomic_dir, read_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError
+from edgemed.files import load_safetensors, read_json, reading, safetensors_keys
 from edgemed.modeling import ADAPTER, TRAINED, refuse_bnb, run_base
 
 _COPY_SKIP = ("model.safetensors", "model.safetensors.index.json", "manifest.json")
@@ -50,29 +50,42 @@ def checkpoint_to_module_names(base: Path, keys: list[str]) -> dict[str, str]:
 
 def _lora_pairs(run_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
     """LoRA (A, B) per target weight name (module-tree names) and the scale alpha/r."""
-    from safetensors.torch import load_file
-
     adapter = run_dir / ADAPTER
-    if not adapter.is_dir():
+    if not adapter.is_dir():  # read_manifest has refused a run whose manifest lists adapter files that are gone
         return {}, 0.0
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg_path = adapter / "adapter_config.json"
+    cfg = read_json(cfg_path, "a PEFT adapter config", todo="fine-tune again")
     if cfg.get("use_dora") or cfg.get("use_rslora"):
         raise ArtifactError(f"{adapter}: DoRA/rsLoRA adapters are not supported by merge; train plain LoRA")
-    scale = cfg["lora_alpha"] / cfg["r"]
-    state = load_file(adapter / "adapter_model.safetensors")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, int | float):
+        raise ArtifactError(f"{cfg_path}: needs a positive integer 'r' and a number 'lora_alpha' (got r={r!r}, "
+                            f"lora_alpha={alpha!r}); fine-tune again")
+    scale = alpha / r
+    state = load_safetensors(adapter / "adapter_model.safetensors")
     pairs: dict[str, list[Any]] = {}
     for k, v in state.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
         if not m:
             raise ArtifactError(f"{adapter}: unexpected adapter tensor {k!r}; only LoRA A/B weights can merge")
         pairs.setdefault(m.group(1) + ".weight", [None, None])["AB".index(m.group(2))] = v
+    for k, (a, b) in pairs.items():
+        if a is None or b is None:
+            raise ArtifactError(f"{adapter}: {k!r} has lora_{'A' if a is None else 'B'} missing; fine-tune again")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ArtifactError(f"{adapter}: LoRA pair of {k!r} has shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                "B @ A needs A (r, in) and B (out, r); the adapter is damaged, fine-tune again")
     return {k: (a, b) for k, (a, b) in pairs.items()}, scale
 
 
 def _shards(base: Path) -> list[str]:
     index = base / "model.safetensors.index.json"
     if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ArtifactError(f"{index}: has no 'weight_map' of tensor name -> shard file; the checkpoint is "
+                                "damaged")
+        return sorted(set(weight_map.values()))
     if (base / "model.safetensors").is_file():
         return ["model.safetensors"]
     raise ArtifactError(f"{base}: no model.safetensors or index; the base must be a safetensors checkpoint")
@@ -81,29 +94,35 @@ def _shards(base: Path) -> list[str]:
 def merge_weights(base: Path, run_dir: Path, out: Path) -> dict[str, int]:
     """Stream the base shards into ``out`` with LoRA and trained tensors applied; returns counts."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     pairs, scale = _lora_pairs(run_dir)
-    trained = load_file(run_dir / TRAINED) if (run_dir / TRAINED).is_file() else {}
+    trained = load_safetensors(run_dir / TRAINED) if (run_dir / TRAINED).is_file() else {}
     shards = _shards(base)
     all_keys = []
     for shard in shards:
-        with safe_open(base / shard, "pt") as f:
-            all_keys.extend(f.keys())
+        all_keys.extend(safetensors_keys(base / shard))
     names = checkpoint_to_module_names(base, all_keys)
     used_lora, used_trained = set(), set()
     for shard in shards:
         merged: dict[str, Any] = {}
-        with safe_open(base / shard, "pt") as f:
+        with reading(base / shard, "a safetensors file"), safe_open(base / shard, "pt") as f:
             metadata = f.metadata()
             for key in f.keys():
                 w = f.get_tensor(key)
                 name = names[key]
                 if name in trained:
+                    if trained[name].shape != w.shape:
+                        raise ArtifactError(f"{run_dir / TRAINED}: {name!r} has shape {tuple(trained[name].shape)}, "
+                                            f"the base's is {tuple(w.shape)}; the run was trained on another base")
                     w = trained[name].to(w.dtype)
                     used_trained.add(name)
                 if name in pairs:
                     a, b = pairs[name]
+                    if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                        raise ArtifactError(f"{run_dir / ADAPTER}: LoRA pair of {name!r} makes a "
+                                            f"{b.shape[0]}x{a.shape[1]} change for a {tuple(w.shape)} weight; the "
+                                            "adapter was trained on another base or is damaged")
                     w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
                     used_lora.add(name)
                 merged[key] = w.contiguous()

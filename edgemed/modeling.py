@@ -7,7 +7,6 @@ naming the base model and its sha256.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest, tree_sha256
 from edgemed.errors import ArtifactError, ExportError
+from edgemed.files import load_safetensors, read_json, reading
 
 ADAPTER = "adapter"
 TRAINED = "trained.safetensors"
@@ -37,7 +37,9 @@ def bnb_quantized(model_dir: Path) -> bool:
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    qc = read_json(cfg, "a model config").get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        return False
     return qc.get("quant_method") == "bitsandbytes" or bool(qc.get("load_in_4bit") or qc.get("load_in_8bit"))
 
 
@@ -90,10 +92,11 @@ def load_base(model_dir: Path, *, dtype: str = "float32", quant: Any | None = No
         kwargs["dtype"] = torch_dtype(quant.compute_dtype) if quant.compute_dtype != "float32" else None
         if device:
             kwargs["device_map"] = {"": device}
-    model = model_class(arch).from_pretrained(model_dir, **{k: v for k, v in kwargs.items() if v is not None})
+    with reading(model_dir, "a transformers model folder (config, safetensors weights, tokenizer)"):
+        model = model_class(arch).from_pretrained(model_dir, **{k: v for k, v in kwargs.items() if v is not None})
+        proc, tok = load_processor(model_dir, arch)
     if device and quant is None:
         model.to(device)
-    proc, tok = load_processor(model_dir, arch)
     return Loaded(model=model, processor=proc, tokenizer=tok, arch=arch, base_dir=model_dir)
 
 
@@ -117,7 +120,6 @@ def load_run(run_dir: Path, *, dtype: str = "float32", device: str | None = None
              base_dir: Path | None = None) -> Loaded:
     """A run folder as a model: its 16/32-bit base with the LoRA adapter and trained tensors applied (unmerged)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, ("run",))
@@ -129,7 +131,7 @@ def load_run(run_dir: Path, *, dtype: str = "float32", device: str | None = None
     model = loaded.model
     trained = run_dir / TRAINED
     if trained.is_file():
-        state = load_file(trained)
+        state = load_safetensors(trained)
         missing = set(state) - set(dict(model.named_parameters()))
         if missing:
             raise ArtifactError(f"{trained}: names {sorted(missing)[:3]} are not in the base model; "
@@ -139,7 +141,8 @@ def load_run(run_dir: Path, *, dtype: str = "float32", device: str | None = None
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].dtype))
     if (run_dir / ADAPTER).is_dir():
-        model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
+        with reading(run_dir / ADAPTER, "a PEFT LoRA adapter folder", todo="fine-tune again"):
+            model = PeftModel.from_pretrained(model, run_dir / ADAPTER)
     model.eval()
     loaded.model = model
     return loaded
@@ -148,7 +151,7 @@ def load_run(run_dir: Path, *, dtype: str = "float32", device: str | None = None
 def check_adapter_matches(run_dir: Path, manifest: dict[str, Any], base_dir: Path) -> None:
     """Refuse to apply a run to a base whose architecture or shapes differ from the one it was trained on."""
     want = manifest.get("base_model", {})
-    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    cfg = read_json(Path(base_dir) / "config.json", "a model config")
     if want.get("model_type") and cfg.get("model_type") != want["model_type"]:
         raise ArtifactError(f"{run_dir}: adapter trained on a {want['model_type']!r} model, but {base_dir} is "
                             f"{cfg.get('model_type')!r}; give the base it was trained on")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, read_manifest, write_manifest
+from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, read_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, DataError, EdgemedError, ParityError
 
 GREEDY_TOKENS = 16  # answers to the probes are short; 16 tokens show where two runtimes part
@@ -141,8 +141,9 @@ def read_probes(path: Path | str) -> list[Probe]:
         where = f"{path}:{n}"
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            problems.append(f"{where}: not a JSON object ({getattr(e, 'msg', e)})")
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else getattr(e, "msg", None) or type(e).__name__
+            problems.append(f"{where}: not a JSON object ({why})")
             continue
         if not isinstance(obj, dict):
             problems.append(f"{where}: is a JSON {type(obj).__name__}, not an object")
@@ -204,11 +205,14 @@ def default_probes(reference: Path, adapter: Path | None, is_vision: bool, max_p
 
     picked: list[Probe] = []
     run = _run_manifest(reference, adapter)
+    specs = {s.get("name"): s.get("data") or {} for s in ((run or {}).get("recipe") or {}).get("stages") or []}
     for stage, info in ((run or {}).get("data") or {}).items():
         val = (info or {}).get("validation")
         if not val or not Path(val).is_file():
             continue
-        for r in read_dataset(val):
+        spec = specs.get(stage, {})  # read as the run read it (format, image folder, images allowed outside it)
+        for r in read_dataset(val, spec.get("format") or "auto", spec.get("image_root"),
+                              bool(spec.get("allow_outside_images"))):
             if isinstance(r, TextRecord):
                 words = r.text.split()
                 picked.append(Probe("Continue this abstract: " + " ".join(words[:24]), None, None,
@@ -790,6 +794,10 @@ def _localise(result: ParityResult, ref, ref_dir: Path, export_dir: Path, manife
               probes: list[Probe], bos: int | None, accs: dict[str, _Acc], pairs: dict[str, tuple[str, str]],
               cands: list[tuple[str, str, dict[str, Any]]], overrides, kw: dict[str, Any]) -> None:
     """Say which stage lost it: tokenizer/template, merge, conversion or quantisation."""
+    foreign = _foreign_reference(manifest, ref_dir)
+    if foreign:  # no stage of this export can be blamed for differing from another model
+        result.verdict = [foreign]
+        return
     verdict: list[str] = []
     failed = [r for r in result.rows if not r.passed]
     ident = sorted({c for r in failed for c in r.causes() if c in ("template", "tokenizer", "bos", "vocab")})
@@ -848,6 +856,26 @@ def _localise(result: ParityResult, ref, ref_dir: Path, export_dir: Path, manife
     if not verdict and merge_ok:
         verdict.append("undetermined: no single stage explains the failure; see the rows above")
     result.verdict = verdict
+
+
+def _foreign_reference(manifest: dict[str, Any], ref_dir: Path) -> str | None:
+    """Why ``ref_dir`` is not the model the export was made from (its manifest's parent, by sha256), or None."""
+    parent = manifest.get("parent") or {}
+    if manifest.get("kind") not in ("gguf", "onnx") or not parent.get("path"):
+        return None
+    want = parent.get("tree_sha256")
+    same_path = Path(parent["path"]).resolve() == Path(ref_dir).resolve()
+    if want is None and same_path:
+        return None
+    have = tree_sha256(ref_dir)
+    if have == want:
+        return None
+    if same_path:
+        return (f"reference: {ref_dir} changed since this export was made from it (sha256 {have[:12]}…, the export "
+                f"records {str(want)[:12]}…); the failure says nothing about the exporter: export the model again")
+    return (f"reference: {ref_dir} is not the model this export came from (its manifest names {parent['path']}"
+            f"{f', sha256 {want[:12]}…' if want else ''}); the failure says nothing about the exporter: compare with "
+            "that model (leave --reference out) or export this one")
 
 
 def _why(row: Row, causes: tuple[str, ...]) -> str:

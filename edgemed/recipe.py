@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgemed.errors import RecipeError
+from edgemed.files import read_text
 
 
 class _Strict(BaseModel):
@@ -52,6 +53,8 @@ class DataSpec(_Strict):
     validation: str | None = None
     format: Literal["auto", "vqa", "text", "vqa-rad", "slake"] = "auto"
     image_root: str | None = None
+    allow_outside_images: bool = Field(False, description="Let image paths lead out of the image folder "
+                                       "(image_root, or the data file's folder); refused by default")
     limit: int | None = Field(None, ge=1, description="Use only the first N training records")
 
 
@@ -133,7 +136,7 @@ def apply_overrides(doc: dict[str, Any], overrides: tuple[str, ...] | list[str])
     """Apply ``key=value`` overrides (values parsed as YAML scalars) to a recipe document."""
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.max_steps=20")
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.0.max_steps=20")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw else ""
@@ -143,12 +146,36 @@ def apply_overrides(doc: dict[str, Any], overrides: tuple[str, ...] | list[str])
     return doc
 
 
+def _section(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class of the recipe section that holds ``loc``'s last key (for naming the keys it allows)."""
+    import typing
+
+    node: Any = Recipe
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue  # a list item: the list's element type was taken with the list's key
+        field = getattr(node, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        for arg in (ann, *typing.get_args(ann)):
+            inner = typing.get_args(arg)[0] if typing.get_origin(arg) is list else arg
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                node = inner
+                break
+        else:
+            return None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
 def _format_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key")
+            section = _section(tuple(e["loc"]))
+            allowed = f" (allowed here: {', '.join(section.model_fields)})" if section else ""
+            parts.append(f"{loc}: unknown key{allowed}")
         elif e["type"] == "missing":
             parts.append(f"{loc}: required key missing")
         else:
@@ -159,10 +186,13 @@ def _format_errors(err: ValidationError) -> str:
 def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is reported in one RecipeError."""
     path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file")
+    text = read_text(path, "a recipe (UTF-8 YAML text)", RecipeError, "give the recipe's YAML file, saved as UTF-8")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
+        doc = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML is nested too deeply to be a recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -174,8 +204,8 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -
         return Recipe.model_validate(doc)
     except ValidationError as e:
         n = len(e.errors())
-        raise RecipeError(f"{path}: {n} problem{'s' * (n > 1)}: {_format_errors(e)}; "
-                          f"see recipes/README.md for the keys") from None
+        raise RecipeError(f"{path}: {n} problem{'s' * (n > 1)}: {_format_errors(e)}; the recipes shipped in "
+                          "edgemed/recipes/ show every section") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -41,6 +41,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgemed.backends.base import GenParams
 from edgemed.errors import DataError, EdgemedError, ServeError
+from edgemed.limits import (
+    DEFAULT_MAX_TOKENS_CAP,
+    MAX_JSON_DEPTH,
+    LimitError,
+    MaxTokens,
+    Seed,
+    Temperature,
+    TopP,
+    gen_params,
+    json_depth_ok,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -65,13 +76,15 @@ class ServeConfig:
     api_key: str | None = None
     max_concurrency: int = 1  # generations at once: one replica of the model per slot when the server opens it
     max_queue: int = 16  # requests waiting for a slot; one more is answered 429
-    max_tokens_cap: int = 512
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     request_timeout: float = 120.0  # seconds from arrival to the last token, queueing included
     allow_dirs: list[Path] = field(default_factory=list)  # folders from which file:// images may be read
     verify: bool = True  # check the bundle's files against its manifest before serving
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000  # width x height; larger images are refused before decoding
     n_threads: int | None = None  # CPU threads of the runtime (default: the runtime's choice)
+    allow_hosts: list[str] = field(default_factory=list)  # Host names accepted beside loopback ("*": any)
+    allow_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -102,6 +115,10 @@ def check_config(config: ServeConfig) -> None:
     for d in config.allow_dirs:
         if not Path(d).is_dir():
             problems.append(f"--allow-dir {d} is not a folder")
+    for o in config.allow_origins:
+        if o != "*" and (not (urlparse(o).scheme and urlparse(o).netloc) or o.endswith("/")):
+            problems.append(f"--allow-origin {o!r} is not an origin; write scheme://host[:port], e.g. "
+                            "http://localhost:3000, with no path")
     if problems:
         raise ServeError("cannot serve: " + "; ".join(problems))
 
@@ -206,6 +223,100 @@ def _image_or_400(data: bytes, mime: str, config: ServeConfig) -> Image.Image:
         raise _Api(413 if code == "image_too_large" else 400, str(e), code) from None
 
 
+# ---------------------------------------------------------------------------------------------- the front door
+LOOPBACK_NAMES = ("localhost",)
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8080`` -> ``::1``, ``localhost:8080`` -> ``localhost``."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def host_allowed(host_header: str | None, config: ServeConfig) -> bool:
+    """Whether a request's Host names this server: loopback names, the bound address, or an --allow-host.
+
+    A DNS-rebinding page reaches 127.0.0.1 under its own domain name, and its requests carry that name as Host;
+    refusing unknown names is what makes such a page unable to read answers.
+    """
+    if host_header is None:  # HTTP/1.0 without Host: not a browser, which always sends it
+        return True
+    name = _host_name(host_header)
+    allowed = [h.lower() for h in config.allow_hosts]
+    if "*" in allowed or name in allowed or name.endswith(".localhost") or name in LOOPBACK_NAMES:
+        return True
+    if config.host not in _WILDCARDS and name == _host_name(config.host):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(origin: str, config: ServeConfig) -> bool:
+    """Whether a browser page from ``origin`` may call the API: only origins listed with --allow-origin."""
+    return "*" in config.allow_origins or origin.rstrip("/") in config.allow_origins
+
+
+class FrontDoor:
+    """ASGI middleware in front of every endpoint: Host and Origin checks, and CORS for the listed origins.
+
+    Written as plain ASGI (not Starlette's BaseHTTPMiddleware) so that streamed answers and disconnect
+    detection pass through untouched. Refusals are OpenAI-shaped JSON with status 403.
+    """
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host, origin = headers.get("host"), headers.get("origin")
+        if not host_allowed(host, self.config):
+            return await self._refuse(send, f"Host {host!r} is not a name of this server; only loopback names are "
+                                      "accepted (start it with --allow-host NAME to accept another)", "host_refused")
+        fetch_site = headers.get("sec-fetch-site", "")
+        if origin is not None and not origin_allowed(origin, self.config) or (
+                origin is None and fetch_site in ("cross-site", "same-site")):
+            return await self._refuse(send, f"cross-origin requests from {origin or 'another site'!r} are refused; "
+                                      "list the origin with --allow-origin (or EDGEMED_ORIGINS) to allow a web app",
+                                      "origin_refused")
+        if origin is not None and scope["method"] == "OPTIONS":  # a CORS preflight from an allowed origin
+            return await self._respond(send, 204, b"", self._cors(origin) + [
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", b"authorization, content-type"),
+                (b"access-control-max-age", b"600")])
+        if origin is None:
+            return await self.app(scope, receive, send)
+        cors = self._cors(origin)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cors)
+
+    @staticmethod
+    def _cors(origin: str) -> list[tuple[bytes, bytes]]:
+        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+    async def _refuse(self, send, message: str, code: str) -> None:
+        log.warning("refused a request: %s", code)  # the reason only: no header values or body in the log
+        body = json.dumps(_Api(403, message, code, "permission_error").body()).encode()
+        await self._respond(send, 403, body, [(b"content-type", b"application/json")])
+
+    @staticmethod
+    async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 # ---------------------------------------------------------------------------------------------- requests
 class _ImageURL(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -237,12 +348,12 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # greedy unless asked: answers are reproducible
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = 0.0  # greedy unless asked: answers are reproducible
+    top_p: TopP = 1.0
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -319,13 +430,12 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Pr
         raise _Api(400, f"one image per request is supported (got {len(images)})", "too_many_images")
     if images and not backend.is_vision:
         raise _Api(400, "this model is a text model and takes no image; send text only", "image_not_supported")
-    max_tokens = req.max_completion_tokens or req.max_tokens or config.max_tokens_cap
-    if max_tokens > config.max_tokens_cap:
-        raise _Api(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}; ask for "
-                   "fewer (or restart with a larger --max-tokens-cap)", "max_tokens_exceeded")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise _Api(400, "stop takes up to 4 non-empty strings", "invalid_stop")
+    try:  # the limits every front end shares (edgemed.limits)
+        params = gen_params(req.max_completion_tokens or req.max_tokens or config.max_tokens_cap, req.temperature,
+                            req.top_p, req.seed, stop, cap=config.max_tokens_cap)
+    except LimitError as e:
+        raise _Api(400, str(e), e.code) from None
     image = image_from_url(images[0], config) if images else None
     system = "\n".join(p for p in system_parts if p) or None
     try:
@@ -335,8 +445,6 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Pr
             text = _render_history(backend, system, turns)
     except EdgemedError as e:
         raise _Api(400, str(e), "invalid_prompt") from None
-    params = GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                       stop=stop)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _Prompt(text, image, params, req.stream, include_usage)
 
@@ -478,7 +586,7 @@ def _model_id(folder: Path | str) -> str:
     folder = Path(folder)
     try:
         name = json.loads((folder / "manifest.json").read_text()).get("name")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # no manifest, not JSON, not an object
         name = None
     return str(name or folder.resolve().name)
 
@@ -739,6 +847,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     app = FastAPI(title="edgemed", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.edgemed = state
+    app.add_middleware(FrontDoor, config=config)
 
     def error(e: _Api) -> JSONResponse:
         if e.status == 429:
@@ -842,10 +951,17 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
 async def _parse(request: Request, state: _State) -> _Prompt:
     """The request's prompt, or a 4xx _Api error saying what is wrong with it."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        # text/plain and form bodies are what a web page can send cross-site without a preflight: never accepted
+        raise _Api(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", "unsupported_media_type")
     body = await _read_body(request, state.config.max_body_bytes)
+    if not json_depth_ok(body):
+        raise _Api(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; a chat request "
+                   "needs fewer than 10", "invalid_json")
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer of over 4300 digits
         raise _Api(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
     if not isinstance(obj, dict):
         raise _Api(400, f"the request body must be a JSON object, got {type(obj).__name__}", "invalid_request")
@@ -873,6 +989,9 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     check_config(config)
+    if config.host in _WILDCARDS and not config.allow_hosts:
+        log.warning("listening on %s, but only loopback Host names are accepted: give --allow-host NAME for each "
+                    "name or address clients use to reach this machine", config.host or "all addresses")
     app = create_app(config)
     log.info("serving %s on http://%s:%d", config.export_dir, config.host, config.port)
     from edgemed.console import log_path, user_err
@@ -889,6 +1008,7 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
     """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export."""
     from edgemed.data import load_image
 
+    params = gen_params(max_tokens, temperature, 1.0, seed)  # the same limits as a request to the server
     pil = None
     if image is not None:
         pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
@@ -897,8 +1017,7 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
         prompt = backend.render(question, image=pil is not None, system=system)
-        yield from backend.generate(prompt, pil, GenParams(max_tokens=max_tokens, temperature=temperature,
-                                                                   seed=seed))
+        yield from backend.generate(prompt, pil, params)
     finally:
         backend.close()
 

@@ -279,11 +279,12 @@ def _resolve_paths(recipe: Recipe) -> tuple[Path, list[tuple[Stage, list[Any], l
     stages = []
     for st in recipe.stages:
         root = Path(st.data.image_root) if st.data.image_root else None
-        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root)
+        outside = st.data.allow_outside_images
+        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root, allow_outside=outside)
         if st.data.limit:
             train = train[:st.data.limit]
-        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root) if st.data.validation \
-            else []
+        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root,
+                           allow_outside=outside) if st.data.validation else []
         stages.append((st, train, val[:recipe.max_eval_records]))
     return base, stages
 
@@ -628,7 +629,8 @@ def _save_outputs(model: Any, loaded: Loaded, recipe: Recipe, base: Path, stages
         base_model={"path": str(base), "sha256": tree_sha256(base), "model_type": cfg.get("model_type"),
                     "id": recipe.model.id},
         data={st.name: {"train": str(Path(st.data.train).absolute()), "train_sha256": dataset_sha256(
-            Path(st.data.train)), "validation": st.data.validation} for st, _, _ in stages},
+            Path(st.data.train), st.data.format, st.data.image_root, st.data.allow_outside_images),
+            "validation": st.data.validation} for st, _, _ in stages},
         method={"asked": recipe.method, "used": "qlora" if use_4bit else "lora", "device": device},
         trainable=report, final=final_val, seconds=round(seconds, 1),
         parent={"kind": "model", "path": str(base)},

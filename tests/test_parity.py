@@ -34,6 +34,17 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def as_if_exported_from(export: Path, ref: Path) -> Path:
+    """Make ``export`` claim ``ref`` as its parent: what an exporter that mis-wrote tensors of ``ref`` leaves (an
+    export of another model, compared with ``ref``, is reported as a wrong reference instead)."""
+    from edgemed.artifacts import read_manifest, save_manifest, tree_sha256
+
+    m = read_manifest(export)
+    m["parent"] = {**(m.get("parent") or {}), "path": str(ref), "tree_sha256": tree_sha256(ref)}
+    save_manifest(export, m)
+    return export
+
+
 def edit_tensors(folder: Path, fn) -> list[str]:
     """Apply ``fn(name, tensor) -> tensor or None`` to every tensor of a model folder; returns the names changed."""
     from safetensors.torch import load_file, save_file
@@ -316,10 +327,14 @@ def test_gguf_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
     # random tiny logits are nearly flat, so it takes a grossly wrong tensor to move KL past the f16 bound
     # that real weights need (test_gguf_real_weights_perturbed_fails shows a small error on real weights)
     perturb_one(src, scale=10.0)
-    bad_export = _export(src, tmp_path / "bad")
+    bad_export = as_if_exported_from(_export(src, tmp_path / "bad"), ref)
     bad = run_parity(bad_export, reference=ref, probes=probes)
     assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
     assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
+    # the same export compared as what it is, the export of another model: the reference is named, not the exporter
+    other = run_parity(_export(src, tmp_path / "other"), reference=ref, probes=probes)
+    assert other.verdict and other.verdict[0].startswith("reference:") and "not the model" in other.verdict[0]
+    assert not any(v.startswith("conversion") for v in other.verdict), other.verdict
 
 
 @needs_gguf
@@ -366,7 +381,8 @@ def test_onnx_clean_export_passes_and_perturbed_fails(arch, tiny_model, tmp_path
         assert ok.rows[0].metrics["image_cos"] > 0.9999, ok.table()
     src = copy_model(ref, tmp_path / "src")
     perturb_one(src, scale=10.0)
-    bad = run_parity(export_onnx(src, "fp32", tmp_path / "bad"), reference=ref, probes=probes)
+    bad = run_parity(as_if_exported_from(export_onnx(src, "fp32", tmp_path / "bad"), ref), reference=ref,
+                     probes=probes)
     assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
     assert any(v.startswith("conversion") for v in bad.verdict), bad.verdict
 
@@ -439,7 +455,7 @@ def test_gguf_projector_from_another_model_fails(tiny_model, tmp_path):
     probes = probe_file(tmp_path, image=True)
     cand = copy_model(ref, tmp_path / "cand")
     assert edit_tensors(cand, lambda k, t: donor[k] if "multi_modal_projector" in k else None)
-    bad = run_parity(_export(cand, tmp_path / "bad"), reference=ref, probes=probes)
+    bad = run_parity(as_if_exported_from(_export(cand, tmp_path / "bad"), ref), reference=ref, probes=probes)
     assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
     assert bad.rows[0].metrics["image_cos"] < 0.5
     assert any("image path" in v for v in bad.verdict), bad.verdict

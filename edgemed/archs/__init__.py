@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgemed.archs.base import ArchSpec
@@ -56,10 +55,12 @@ def arch_for_dir(model_dir: Path | str) -> ArchSpec:
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise ArchError(f"{model_dir}: no config.json; give a transformers model folder")
-    try:
-        model_type = json.loads(cfg.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ArchError(f"{cfg}: cannot read model_type ({e})") from e
+    from edgemed.files import read_json
+
+    model_type = read_json(cfg, "a model config", ArchError, "give a transformers model folder"
+                           ).get("model_type")
+    if not isinstance(model_type, str):
+        raise ArchError(f"{cfg}: has no model_type string (got {model_type!r}); give a transformers model folder")
     spec = arch_for_model_type(model_type, str(model_dir))
     if spec.prepare is not None:
         spec.prepare()

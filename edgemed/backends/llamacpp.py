@@ -20,6 +20,7 @@ from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
 from edgemed.backends.base import GenParams, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
+from edgemed.files import check_gguf, reading
 from edgemed.probe import apply_mode, llamacpp_mode
 
 if TYPE_CHECKING:
@@ -83,7 +84,9 @@ class LlamaCppBackend:
         mp.n_gpu_layers = 0
         self.cpu_mode = llamacpp_mode()  # AMX / repacked kernels only where a probe proved they run here
         apply_mode(self.cpu_mode, mp)
-        self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
+        check_gguf(self.path)  # a cut or foreign file is named here, not left to llama.cpp's loader
+        with reading(self.path, "a GGUF model llama.cpp can load", todo="export it again"):
+            self._model = _internals.LlamaModel(path_model=str(self.path), params=mp, verbose=verbose)
         if kv_type == "auto":
             kv_type = "f32" if self.quant == "f32" else "f16"
         if kv_type not in KV_TYPES:
@@ -121,6 +124,7 @@ class LlamaCppBackend:
 
         if not mmproj.is_file():
             raise ArtifactError(f"{mmproj} is missing; the export is incomplete, export again")
+        check_gguf(mmproj)
         p = mtmd_cpp.mtmd_context_params_default()
         p.use_gpu = False
         p.n_threads = n_threads

@@ -27,6 +27,7 @@ from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
 from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
+from edgemed.files import onnx_session
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,7 +94,7 @@ class OnnxBackend:
             path = self.folder / g["file"]
             if not path.is_file():
                 raise ArtifactError(f"{path}: missing; the export folder is incomplete, export it again")
-            self.sessions[part] = ort.InferenceSession(str(path), opts, providers=provs)
+            self.sessions[part] = onnx_session(path, opts, providers=provs)
         self.providers = self.sessions["decoder"].get_providers()
         self._dec = self.graphs["decoder"]
         self._dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}

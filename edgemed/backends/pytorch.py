@@ -19,6 +19,7 @@ from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
 from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
 from edgemed.errors import ArtifactError, DataError
+from edgemed.files import reading
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,11 +57,12 @@ def _load(folder: Path, dtype: str, device: str) -> tuple[Any, Any, Any, ArchSpe
 
     arch = arch_for_dir(folder)
     cls = getattr(transformers, arch.model_class)
-    model = cls.from_pretrained(folder, dtype=_torch_dtype(dtype), local_files_only=True).to(device)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if arch.is_vision:
-        proc = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        return model, proc, proc.tokenizer, arch
+    with reading(folder, "a transformers model folder"):
+        model = cls.from_pretrained(folder, dtype=_torch_dtype(dtype), local_files_only=True).to(device)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if arch.is_vision:
+            proc = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            return model, proc, proc.tokenizer, arch
     return model, tok, tok, arch
 
 

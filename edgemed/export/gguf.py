@@ -23,8 +23,17 @@ from typing import Any
 
 from edgemed.archs import arch_for_dir
 from edgemed.archs.base import ArchSpec, GGUFSpec
-from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, sha256_file, tree_sha256, write_manifest
-from edgemed.errors import ArtifactError, ExportError
+from edgemed.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    atomic_file,
+    sha256_file,
+    source_manifest,
+    tree_sha256,
+    write_manifest,
+)
+from edgemed.errors import ExportError
+from edgemed.files import reading
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
 LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
@@ -70,11 +79,11 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     """
     model_dir = Path(model_dir)
     quants = _check_quants(quants, mmproj_quant)
+    source = _source_manifest(model_dir)  # a run, an export or a folder missing listed files: refused first
     spec = arch_for_dir(model_dir)
     if spec.gguf_arch is None or spec.gguf is None:
         why = spec.no_gguf_reason or f"llama.cpp has no support for {spec.family}"
         raise ExportError(f"{model_dir}: {why}; use `edgemed export onnx {model_dir} --out DIR` instead")
-    source = _source_manifest(model_dir)
     config = _load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     _refuse_quantized(model_dir, config, ckpt)
@@ -135,20 +144,7 @@ def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
 
 
 def _source_manifest(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); the folder is damaged, make it again") from e
-    kind = manifest.get("kind")
-    if kind == "run":
-        raise ExportError(f"{model_dir}: is a training run folder (adapters only); run `edgemed merge {model_dir} "
-                          "--out MODEL_DIR` and export MODEL_DIR")
-    if kind != "model":
-        raise ExportError(f"{model_dir}: is a {kind!r} folder; export takes a merged model folder (kind 'model')")
-    return manifest
+    return source_manifest(model_dir)
 
 
 def _load_config(model_dir: Path) -> Any:
@@ -223,17 +219,29 @@ class Checkpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         for f in files:
-            with open(folder / f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for k, info in header.items():
-                if k == "__metadata__":
-                    continue
-                start, end = info["data_offsets"]
-                self.where[k] = (f, 8 + n + start, end - start)
-                self.shapes[k] = tuple(info["shape"])
-                self.dtypes[k] = info["dtype"]
+            with reading(folder / f, "a safetensors file", todo="the checkpoint is damaged; write it again"):
+                self._read_header(f)
         self.keys = list(self.where)
+
+    def _read_header(self, f: str) -> None:
+        path = self.folder / f
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            size = path.stat().st_size
+            if n < 2 or 8 + n > size:
+                raise ExportError(f"{path}: not a safetensors file, or cut short (header of {n} bytes in a file of "
+                                  f"{size}); write the checkpoint again")
+            header = json.loads(fh.read(n))
+        for k, info in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ExportError(f"{path}: tensor {k!r} lies past the end of the file (cut short); write the "
+                                  "checkpoint again")
+            self.where[k] = (f, 8 + n + start, end - start)
+            self.shapes[k] = tuple(info["shape"])
+            self.dtypes[k] = info["dtype"]
 
     def get(self, key: str):
         """One tensor as float32 numpy."""

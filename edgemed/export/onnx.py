@@ -80,8 +80,9 @@ import onnx
 import torch
 
 from edgemed.archs import ArchSpec, arch_for_dir
-from edgemed.artifacts import MANIFEST, atomic_dir, tree_sha256, write_manifest
+from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, ExportError
+from edgemed.files import reading
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -117,6 +118,7 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
     model_dir = Path(model_dir)
     if out is None:
         raise ExportError("no output folder given; pass --out DIR")
+    source_manifest(model_dir)  # a run, an export or a folder missing listed files is refused before any work
     spec = arch_for_dir(model_dir)
     _refuse_quantized(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,9 +184,10 @@ def _load(model_dir: Path, spec: ArchSpec) -> tuple[Any, Any, Any]:
     from transformers import AutoProcessor, AutoTokenizer
 
     cls = getattr(transformers, spec.model_class)
-    model = cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if spec.is_vision else tok
+    with reading(model_dir, "a transformers model folder (config, safetensors weights, tokenizer)"):
+        model = cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True) if spec.is_vision else tok
     return model, proc, tok
 
 
@@ -807,7 +810,7 @@ def _parent(model_dir: Path) -> dict[str, Any]:
     """The model folder this export was made from (tiny test folders and hub checkpoints have no manifest)."""
     kind = None
     if (model_dir / MANIFEST).is_file():
-        kind = json.loads((model_dir / MANIFEST).read_text()).get("kind")
+        kind = read_manifest(model_dir).get("kind")
     return {"path": str(model_dir.absolute()), "kind": kind, "tree_sha256": tree_sha256(model_dir)}
 
 
