@@ -62,6 +62,7 @@ class VQARecord:
         role: Optional free-form persona tag, passed through to recipes.
         task: Optional task name, used to break scores down by task.
         source: Where the record came from, "file:N" (N: line of a JSONL, record number of a JSON list).
+        id: The record's own id in its data file (qid, study id), where the reader knows it (edgemed.datasets).
     """
 
     question: str
@@ -72,6 +73,7 @@ class VQARecord:
     role: str | None = None
     task: str | None = None
     source: str = ""
+    id: str | None = None
 
 
 @dataclass(frozen=True)
