@@ -464,82 +464,28 @@ def _load_raster(fp: io.IOBase | Path, name: str, max_pixels: int) -> Image.Imag
     return _to_rgb(im)
 
 
-def _first(v: Any) -> float:
-    """First value of a possibly multi-valued DICOM element, as float."""
-    if isinstance(v, str | bytes) or not hasattr(v, "__len__"):
-        return float(v)
-    return float(v[0])
+def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int, frame: int | None = None,
+                render: str = "voi") -> Image.Image:
+    from edgemed.dicom import load_dicom  # the DICOM display pipeline (modality LUT, VOI, frames, colour)
+
+    return load_dicom(src, name, max_pixels, frame=frame, render=render)
 
 
-def _window_to_8bit(x: np.ndarray, ds: Any) -> np.ndarray:
-    """Map modality values to 0..255: the DICOM linear VOI window (PS3.3 C.11.2.1.2.1) from the first
-    WindowCenter/WindowWidth, or min..max when absent or invalid.
-
-    Written out because pydicom's apply_windowing returns values in the input's bit range, not 8 bit.
-    """
-    c = w = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        except (TypeError, ValueError, IndexError):
-            c = w = None
-    if c is not None and w is not None and w >= 1:
-        if w == 1:
-            return np.where(x > c - 0.5, 255.0, 0.0)
-        y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
-        return np.clip(y, 0.0, 255.0)
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(x)
-
-
-def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, pixel_array
-
-    try:
-        ds = pydicom.dcmread(src, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as e:
-        raise DataError(f"{name}: not a readable DICOM file ({e}); export it again from the PACS") from e
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        sop = ds.get("SOPClassUID")
-        raise DataError(f"{name}: DICOM file has no pixel data (SOP class {getattr(sop, 'name', sop)}); it may "
-                        "be a report, presentation state or header-only file; give an image instance instead")
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    if not rows or not cols:
-        raise DataError(f"{name}: DICOM file has pixel data but no Rows/Columns; the file is damaged, export it again")
-    if int(rows) * int(cols) > max_pixels:
-        raise _too_many_pixels(name, int(cols), int(rows), max_pixels)
-    try:
-        arr = pixel_array(ds, index=0)  # first frame only: a multi-frame series gives its first image
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types (missing codec, bad length, ...)
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        todo = ("install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress it "
-                "(gdcmconv --raw)") if getattr(ts, "is_compressed", False) else "the file is damaged, export it again"
-        raise DataError(f"{name}: cannot decode the DICOM pixel data (transfer syntax "
-                        f"{getattr(ts, 'name', ts)}): {e}; {todo}") from e
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (pydicom converts YBR to RGB)
-        a = arr[..., :3].astype(np.float64)
-        if arr.dtype != np.uint8:
-            a = _window_to_8bit(a, {})
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "RGB")
-    x = apply_modality_lut(arr, ds).astype(np.float64)
-    u8 = np.clip(np.rint(_window_to_8bit(x, ds)), 0, 255).astype(np.uint8)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        u8 = 255 - u8  # MONOCHROME1: low values are bright
-    return Image.fromarray(u8, "L").convert("RGB")
-
-
-def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, *, frame: int | None = None,
+               render: str = "voi") -> Image.Image:
     """Load a PNG, JPEG or DICOM file as an 8-bit RGB image.
 
-    DICOM is recognised by the "DICM" marker at byte 128 or a ``.dcm`` suffix. Its values pass through the
-    modality LUT (RescaleSlope/Intercept), then the first WindowCenter/WindowWidth (min..max if absent);
-    MONOCHROME1 is inverted. Multi-frame DICOM gives its first frame.
+    DICOM is recognised by the "DICM" marker at byte 128 or a ``.dcm`` suffix and decoded by
+    ``edgemed.dicom.load_dicom``: modality LUT, then the VOI LUT or window (LINEAR, LINEAR_EXACT, SIGMOID;
+    min..max if absent), MONOCHROME1 inverted, YBR and palette colour to RGB, per-frame values of enhanced
+    multi-frame files.
 
     Args:
         path: The image file.
         max_pixels: Refuse images declaring more pixels than this, before decoding them.
+        frame: DICOM frame of a multi-frame file (default: the first).
+        render: DICOM rendering: "voi" (the file's display settings) or "ct-windows" (MedGemma's three CT
+            windows as RGB, for CT).
 
     Raises:
         DataError: missing, unsupported, corrupt or oversized file, or DICOM without pixel data.
@@ -552,13 +498,13 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         head = f.read(132)
         if _is_dicom(head, path.suffix):
             f.seek(0)
-            return _load_dicom(f, str(path), max_pixels)  # type: ignore[arg-type]
+            return _load_dicom(f, str(path), max_pixels, frame, render)  # type: ignore[arg-type]
         f.seek(0)
         return _load_raster(f, str(path), max_pixels)  # type: ignore[arg-type]
 
 
 def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     name: str = "uploaded image") -> Image.Image:
+                     name: str = "uploaded image", *, frame: int | None = None, render: str = "voi") -> Image.Image:
     """Load an image sent as bytes (e.g. a data: URL) with the same rules as :func:`load_image`.
 
     Args:
@@ -567,6 +513,8 @@ def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEF
             between PNG and JPEG.
         max_pixels: Refuse images declaring more pixels than this, before decoding them.
         name: How error messages name the image.
+        frame: DICOM frame of a multi-frame file (default: the first).
+        render: DICOM rendering, as for :func:`load_image`.
     """
     if not data:
         raise DataError(f"{name}: no bytes; send a PNG, JPEG or DICOM image")
@@ -574,7 +522,7 @@ def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEF
     if kind and kind not in IMAGE_MIMES:
         raise DataError(f"{name}: unsupported media type {mime!r}; allowed: {', '.join(IMAGE_MIMES)}")
     if kind in DICOM_MIMES or _is_dicom(data[:132]):
-        return _load_dicom(io.BytesIO(data), name, max_pixels)
+        return _load_dicom(io.BytesIO(data), name, max_pixels, frame, render)
     return _load_raster(io.BytesIO(data), name, max_pixels)
 
 
