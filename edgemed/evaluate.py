@@ -95,9 +95,10 @@ def evaluate(backend_or_path: Any, records: list, *, max_tokens: int | None = No
     backend = open_model(Path(backend_or_path), **open_kw) if own else backend_or_path
     t0 = time.time()
     answers: list[str] = []
+    render = getattr(getattr(backend, "arch", None), "dicom_render", "voi")  # CT DICOM as the family expects
     try:
         for n, r in enumerate(records):
-            image = load_image(r.image) if (r.image is not None and backend.is_vision) else None
+            image = load_image(r.image, render=render) if (r.image is not None and backend.is_vision) else None
             prompt = backend.render(r.question, image=image is not None, system=r.system)
             answers.append("".join(backend.generate(prompt, image=image,
                                                     params=GenParams(max_tokens=budget, temperature=0.0))))

@@ -77,7 +77,7 @@ def encode_vqa(loaded: Loaded, recipe: Recipe, record: Any) -> Example:
     # the rendered template already holds BOS where the model wants one (Gemma, Llama 3): add no specials
     kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}
     if has_image:
-        kwargs["images"] = [load_image(record.image)]
+        kwargs["images"] = [load_image(record.image, render=loaded.arch.dicom_render)]
     if loaded.arch.is_vision:
         full = loaded.processor(text=prompt + answer, **kwargs)
         n_prompt = loaded.processor(text=prompt, **kwargs)["input_ids"].shape[1]

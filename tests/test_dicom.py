@@ -221,3 +221,12 @@ def test_no_tag_value_in_messages_or_logs(tmp_path, caplog):
     text = caplog.text + str(e.value) + " ".join(str(w.message) for w in seen)
     assert "Verysecret" not in text and "7734" not in text
     assert "no pixel data" in str(e.value)
+
+
+def test_ct_rendering_is_chosen_by_the_arch():
+    from edgemed.archs import REGISTRY
+    from edgemed.dicom import RENDERS
+
+    assert REGISTRY["gemma3"].dicom_render == "ct-windows"  # MedGemma's family
+    assert all(a.dicom_render in RENDERS for a in REGISTRY.values())
+    assert {a.dicom_render for n, a in REGISTRY.items() if n != "gemma3"} == {"voi"}
