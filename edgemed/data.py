@@ -38,7 +38,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 PIL_FORMATS = ("PNG", "JPEG")  # the only raster formats decoded: a smaller attack surface for the server
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", "application/dicom", "application/octet-stream")
 DICOM_MIMES = ("application/dicom",)
-FORMATS = ("auto", "vqa", "text", "vqa-rad", "slake")
+FORMATS = ("auto", "vqa", "text", "vqa-rad", "slake", "pathvqa", "r2gen")
 ANSWER_TYPES = ("closed", "open")
 MAX_LISTED = 10  # bad lines spelt out in one error; the rest are counted
 
@@ -371,8 +371,8 @@ def _sniff_json(path: Path) -> str:
                     "(SLAKE); pass fmt/--format, or convert it to edgemed VQA JSONL")
 
 
-def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None
-                 ) -> list[VQARecord] | list[TextRecord]:
+def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None, *,
+                 split: str | None = None, trust_pickle: bool = False) -> list[VQARecord] | list[TextRecord]:
     """Read any supported data file.
 
     Args:
@@ -380,10 +380,18 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
         fmt: One of "auto", "vqa", "text", "vqa-rad", "slake". "auto" looks at the first record.
         image_root: Image folder. Defaults: the JSONL's folder; for VQA-RAD ``<json folder>/VQA_RAD Image
             Folder``; for SLAKE ``<json folder>/imgs``.
+        split: "pathvqa"/"r2gen" and a VQA-RAD split go to ``edgemed.datasets`` (R2Gen's default here: train).
+        trust_pickle: Allow PathVQA's release pickles.
     """
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in ("pathvqa", "r2gen") or (fmt == "vqa-rad" and split is not None):
+        from edgemed.datasets import read_data  # the public layouts as downloaded
+
+        if fmt == "r2gen" and split is None:
+            split = "train"
+        return read_data(path, fmt, image_root=image_root, split=split, trust_pickle=trust_pickle)
     if not path.is_file():
         raise DataError(f"{path}: no such data file; give a .jsonl (edgemed) or .json (VQA-RAD, SLAKE) file")
     if fmt == "auto":

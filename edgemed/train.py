@@ -276,11 +276,13 @@ def _resolve_paths(recipe: Recipe) -> tuple[Path, list[tuple[Stage, list[Any], l
     stages = []
     for st in recipe.stages:
         root = Path(st.data.image_root) if st.data.image_root else None
-        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root)
+        kw = {"trust_pickle": st.data.trust_pickle}
+        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root, split=st.data.split, **kw)
         if st.data.limit:
             train = train[:st.data.limit]
-        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root) if st.data.validation \
-            else []
+        val_split = st.data.validation_split or ("val" if st.data.format == "r2gen" else None)
+        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root, split=val_split, **kw) \
+            if st.data.validation else []
         stages.append((st, train, val[:recipe.max_eval_records]))
     return base, stages
 
