@@ -361,6 +361,13 @@ def _sniff_jsonl(path: Path) -> str:
 
 
 def _sniff_json(path: Path) -> str:
+    from edgemed.datasets import detect_format
+
+    try:
+        if detect_format(path) == "r2gen":  # an object of train/val/test lists, not a list of records
+            return "r2gen"
+    except DataError:
+        pass  # not R2Gen: the VQA-RAD / SLAKE checks below say what is wrong
     items = _load_json_list(path, "VQA-RAD or SLAKE")
     first = items[0] if isinstance(items[0], dict) else {}
     if "image_name" in first:
@@ -386,12 +393,6 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt in ("pathvqa", "r2gen") or (fmt == "vqa-rad" and split is not None):
-        from edgemed.datasets import read_data  # the public layouts as downloaded
-
-        if fmt == "r2gen" and split is None:
-            split = "train"
-        return read_data(path, fmt, image_root=image_root, split=split, trust_pickle=trust_pickle)
     if not path.is_file():
         raise DataError(f"{path}: no such data file; give a .jsonl (edgemed) or .json (VQA-RAD, SLAKE) file")
     if fmt == "auto":
@@ -399,9 +400,17 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
             fmt = _sniff_jsonl(path)
         elif path.suffix.lower() == ".json":
             fmt = _sniff_json(path)
+        elif path.suffix.lower() in (".pkl", ".parquet"):
+            fmt = "pathvqa"
         else:
             raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .jsonl or .json, "
                             f"or pass fmt/--format (one of {', '.join(FORMATS[1:])})")
+    if fmt in ("pathvqa", "r2gen") or (fmt == "vqa-rad" and split is not None):
+        from edgemed.datasets import read_data  # the public layouts as downloaded
+
+        if fmt == "r2gen" and split is None:
+            split = "train"
+        return read_data(path, fmt, image_root=image_root, split=split, trust_pickle=trust_pickle)
     if fmt == "vqa":
         return read_vqa_jsonl(path, image_root)
     if fmt == "text":
@@ -411,14 +420,15 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
     return read_slake(path, image_root if image_root is not None else path.parent / SLAKE_IMAGES)
 
 
-def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None) -> str:
+def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None, **read_kw: Any
+                   ) -> str:
     """One sha256 over a data file and every image it references (for manifests).
 
     Images enter by their path relative to the data file's folder and their content, so moving the whole
     data set elsewhere keeps the hash; editing any line or any image changes it.
     """
     path = Path(path)
-    records = read_dataset(path, fmt, image_root)
+    records = read_dataset(path, fmt, image_root, **read_kw)
     h = hashlib.sha256(b"edgemed-dataset-v1\n")
     h.update(f"data\0{sha256_file(path)}\n".encode())
     images = sorted({r.image for r in records if isinstance(r, VQARecord) and r.image is not None})

@@ -624,7 +624,8 @@ def _save_outputs(model: Any, loaded: Loaded, recipe: Recipe, base: Path, stages
         base_model={"path": str(base), "sha256": tree_sha256(base), "model_type": cfg.get("model_type"),
                     "id": recipe.model.id},
         data={st.name: {"train": str(Path(st.data.train).absolute()), "train_sha256": dataset_sha256(
-            Path(st.data.train)), "validation": st.data.validation} for st, _, _ in stages},
+            Path(st.data.train), st.data.format, st.data.image_root, split=st.data.split,
+            trust_pickle=st.data.trust_pickle), "validation": st.data.validation} for st, _, _ in stages},
         method={"asked": recipe.method, "used": "qlora" if use_4bit else "lora", "device": device},
         trainable=report, final=final_val, seconds=round(seconds, 1),
         parent={"kind": "model", "path": str(base)},

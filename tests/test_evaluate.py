@@ -176,3 +176,52 @@ def test_rescore_reports(tmp_path):
     rep = rescore(pred, data, task="report")
     assert rep["bleu_1"] == pytest.approx(1.0) and rep["rouge_l"] == pytest.approx(1.0) and rep["n"] == 2
     assert rep["cider"] > 0
+
+
+def _r2gen(folder, n_train=4, n_val=2, n_test=3):
+    """An R2Gen annotation.json with generated report text whose findings depend on the picture."""
+    import numpy as np
+    from PIL import Image
+
+    ann = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        ann[split] = []
+        for i in range(n):
+            sid = f"{split}{i}"
+            (folder / "images" / sid).mkdir(parents=True)
+            bright = i % 2 == 0
+            for view in (0, 1):
+                Image.fromarray(np.full((40, 40, 3), 220 if bright else 20, dtype=np.uint8)).save(
+                    folder / "images" / sid / f"{view}.png")
+            report = "Large right effusion. Heart enlarged." if bright else "The heart is normal. No effusion."
+            ann[split].append({"id": sid, "report": report, "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
+                               "split": split})
+    path = folder / "annotation.json"
+    path.write_text(json.dumps(ann))
+    return path
+
+
+def test_report_finetune_and_retention_table(tiny_model, tmp_path):
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    ann = _r2gen(tmp_path / "iu")
+    recipe = Recipe.model_validate({
+        "model": {"path": str(tiny_model("llava"))}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "optim": {"lr": 1e-3, "batch_size": 2}, "eval_every": 1, "save_every": 100,
+        "stages": [{"name": "report", "max_steps": 2, "train": {"projector": "train", "decoder": "lora"},
+                    "data": {"train": str(ann), "validation": str(ann), "format": "r2gen"}}]})
+    run = finetune(recipe, tmp_path / "run")
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["global_step"] for e in log] == [1, 2]  # trained on the train split's report text
+    res = evaluate_many([tiny_model("llava"), run], ann, task="report", max_tokens=8, report=tmp_path / "r.json")
+    base, tuned = res.results
+    assert base["overall"]["n"] == 3 and set(base["overall"]) >= {"bleu_1", "bleu_4", "rouge_l", "cider"}
+    assert tuned["vs"] == base["label"] and tuned["retention"]["lost"] is None  # no flips for reports
+    assert tuned["retention"]["ci_low"] <= tuned["retention"]["delta"] <= tuned["retention"]["ci_high"]
+    assert tuned["delta_points"] == pytest.approx(100 * (tuned["overall"]["rouge_l"] - base["overall"]["rouge_l"]))
+    table = res.table()
+    assert "BLEU-4" in table and "ROUGE-L" in table and "CIDEr" in table
+    assert [p["reference"] for p in base["predictions"]][:2] == ["large right effusion . heart enlarged .",
+                                                                 "the heart is normal . no effusion ."]
+    assert json.loads((tmp_path / "r.json").read_text())["task"] == "report"
