@@ -225,3 +225,13 @@ def test_report_finetune_and_retention_table(tiny_model, tmp_path):
     assert [p["reference"] for p in base["predictions"]][:2] == ["large right effusion . heart enlarged .",
                                                                  "the heart is normal . no effusion ."]
     assert json.loads((tmp_path / "r.json").read_text())["task"] == "report"
+
+
+def test_eval_compare_cli_prints_ci_flips_and_mcnemar(tiny_model, tmp_path):
+    ref = tiny_model("llama")
+    data = write_vqa(tmp_path / "d", n=3, image=False)
+    r = CliRunner().invoke(main, ["eval", str(ref), "--data", str(data), "--compare", str(ref),
+                                  "--protocol", "llava-med"])
+    assert r.exit_code == 0, r.output
+    assert "protocol llava-med" in r.output and "McNemar p" in r.output
+    assert f"{ref.name} vs {ref.name}: +0.0 points (95% CI +0.0 to +0.0, n = 3), 0 of 3 answers flipped" in r.output
