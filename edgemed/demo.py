@@ -204,7 +204,17 @@ def _finalize(folder: Path, parity_json: Path, rows: list[Row], backend: str) ->
     mine = [r for r in rows if r.path == folder]
     finalize(folder, {"parity.json": parity_json, "eval.json": folder.parent / f"eval-{folder.name}.json"},
              summary={r.name: f"accuracy {_pct(r.accuracy.get('overall'))}, parity "
-                      f"{'pass' if r.parity.get('passed') else 'FAIL'}" for r in mine})
+                      f"{'pass' if r.parity.get('passed') else 'FAIL'}{_retention_note(r, rows)}" for r in mine})
+
+
+def _retention_note(row: Row, rows: list[Row]) -> str:
+    """"; vs the fine-tuned model: <change, CI, flips, McNemar p>" for the model card, or "" without answers."""
+    from edgemed.scoring import compare
+
+    ref = next((r for r in rows if r.backend == "pytorch" and r.name.startswith("fine-tuned") and r.items), None)
+    if ref is None or not row.items or len(row.items) != len(ref.items):
+        return ""
+    return f"; vs the fine-tuned PyTorch model: {compare(ref.items, row.items).text()}"
 
 
 def _retention_lines(rows: list[Row]) -> list[str]:

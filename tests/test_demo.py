@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgemed.demo import Row, _retention_lines
+from edgemed.demo import Row, _retention_lines, _retention_note
 
 
 def _items(hits):
@@ -20,3 +20,5 @@ def test_retention_lines_name_flips_and_interval():
     assert line.startswith("- GGUF q8_0 (llama.cpp): +0.0 points (95% CI")
     assert "2 of 4 answers flipped (1 lost, 1 gained" in line and "McNemar exact p = 1" in line
     assert _retention_lines([before]) == []
+    assert _retention_note(q8, [before, tuned, q8]).startswith("; vs the fine-tuned PyTorch model: +0.0 points")
+    assert _retention_note(q8, [before, q8]) == ""
