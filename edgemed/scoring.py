@@ -502,9 +502,14 @@ def report_metrics(references: dict[str, str], hypotheses: dict[str, str], meteo
     if not references:
         raise ParityError("report metrics need at least one report")
     ids = sorted(references)
-    # an empty hypothesis breaks the scorers' n-gram code; one placeholder token scores (near) zero instead
-    gts = {i: [references[i] or "."] for i in ids}
-    res = {i: [hypotheses[i].strip() or "."] for i in ids}
+
+    def one_line(text: str) -> str:
+        # METEOR's jar reads one line per segment and "|||" as its field mark: a generated newline or "|||"
+        # would leave it waiting forever. An empty text breaks the n-gram code: "." scores (near) zero instead.
+        return " ".join(text.replace("|||", " ").split()) or "."
+
+    gts = {i: [one_line(references[i])] for i in ids}
+    res = {i: [one_line(hypotheses[i])] for i in ids}
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     cider, cider_each = Cider().compute_score(gts, res)

@@ -199,6 +199,9 @@ def test_report_metrics_by_hand(monkeypatch):
     half = report_metrics(refs, {"a": "no acute disease .", "b": "small effusion"}, meteor=False)
     assert half["bleu_1"] < 1.0 and half["cider"] < perfect["cider"]
     assert half["per_item"]["rouge_l"][0] == pytest.approx(1.0) and half["per_item"]["rouge_l"][1] < 1.0
+    # newlines and "|||" in a generated report are flattened (METEOR's line protocol would hang on them)
+    odd = report_metrics(refs, {"a": "no acute\ndisease .", "b": "small ||| left effusion ."}, meteor=False)
+    assert odd["bleu_1"] == pytest.approx(1.0) and odd["rouge_l"] == pytest.approx(1.0)
     monkeypatch.setattr(scoring.shutil, "which", lambda name: None)
     r = report_metrics(refs, dict(refs))
     assert r["meteor"] is None and "no Java runtime" in r["meteor_skipped"]
