@@ -260,20 +260,47 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
 
 
 @main.command("eval")
-@click.argument("model", type=EXISTING)
-@click.option("--data", "data_path", type=EXISTING, required=True, help="VQA JSONL test file.")
+@click.argument("model", type=EXISTING, required=False)
+@click.option("--data", "data_path", type=EXISTING, required=True,
+              help="Test file: edgemed JSONL, VQA-RAD/SLAKE JSON, PathVQA pkl/parquet, R2Gen annotation.json.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "vqa-rad", "slake", "pathvqa", "r2gen"]),
+              help="Layout of --data (default: recognised from the file).")
+@click.option("--protocol", default="edgemed", show_default=True,
+              help="VQA scoring rules: edgemed, pefomed, llava-med, medgemma (docs/evaluation.md).")
+@click.option("--task", type=click.Choice(["vqa", "report"]), default="vqa", show_default=True)
+@click.option("--split", help="Split inside --data: VQA-RAD train/test/all, R2Gen train/val/test (default test).")
+@click.option("--predictions", type=EXISTING, help="Score this PRED.jsonl ({id, answer} per line); no model runs.")
+@click.option("--trust-pickle", is_flag=True, help="Read PathVQA's release .pkl files (a pickle can run code).")
+@click.option("--image-root", type=EXISTING, help="Image folder, where the layout's default does not fit.")
 @click.option("--compare", "others", multiple=True, type=EXISTING, help="More models or exports to compare.")
 @click.option("--report", type=OUT)
 @click.option("--limit", type=int, help="Evaluate only the first N records.")
+@click.option("--max-tokens", type=int, help="Answer budget (default 12 for VQA, 160 for reports).")
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
 @handled
-def eval_cmd(model: Path, data_path: Path, others: tuple[Path, ...], report: Path | None, limit: int | None,
-             threads: int | None) -> None:
-    """Medical VQA accuracy (closed and open) of a model or export; with --compare, a retention table."""
-    from edgemed.evaluate import evaluate_many
+def eval_cmd(model: Path | None, data_path: Path, fmt: str | None, protocol: str, task: str, split: str | None,
+             predictions: Path | None, trust_pickle: bool, image_root: Path | None, others: tuple[Path, ...],
+             report: Path | None, limit: int | None, max_tokens: int | None, threads: int | None) -> None:
+    """Medical VQA or report scores of a model or export; with --compare, a retention table (change, 95% CI,
+    flips, McNemar p); with --predictions, rescore saved answers."""
+    from edgemed.errors import ParityError
+    from edgemed.evaluate import evaluate_many, rescore, rescore_text
 
-    result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads)
+    if predictions is not None:
+        if model is not None or others:
+            raise ParityError("--predictions scores saved answers; give no MODEL or --compare with it")
+        click.echo(rescore_text(rescore(predictions, data_path, report=report, protocol=protocol, task=task,
+                                        fmt=fmt, split=split, trust_pickle=trust_pickle, image_root=image_root)))
+        return
+    if model is None:
+        raise ParityError("give a MODEL folder to evaluate, or --predictions PRED.jsonl to score saved answers")
+    result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads,
+                           protocol=protocol, task=task, fmt=fmt, split=split, trust_pickle=trust_pickle,
+                           image_root=image_root, max_tokens=max_tokens)
     click.echo(result.table())
+    for r in result.results:
+        if r.get("retention"):
+            click.echo(f"{r['label']} vs {r['vs']}: {r['retention']['text']}")
 
 
 @main.command()

@@ -39,7 +39,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 PIL_FORMATS = ("PNG", "JPEG")  # the only raster formats decoded: a smaller attack surface for the server
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", "application/dicom", "application/octet-stream")
 DICOM_MIMES = ("application/dicom",)
-FORMATS = ("auto", "vqa", "text", "vqa-rad", "slake")
+FORMATS = ("auto", "vqa", "text", "vqa-rad", "slake", "pathvqa", "r2gen")
 ANSWER_TYPES = ("closed", "open")
 MAX_LISTED = 10  # bad lines spelt out in one error; the rest are counted
 
@@ -63,6 +63,7 @@ class VQARecord:
         role: Optional free-form persona tag, passed through to recipes.
         task: Optional task name, used to break scores down by task.
         source: Where the record came from, "file:N" (N: line of a JSONL, record number of a JSON list).
+        id: The record's own id in its data file (qid, study id), where the reader knows it (edgemed.datasets).
     """
 
     question: str
@@ -73,6 +74,7 @@ class VQARecord:
     role: str | None = None
     task: str | None = None
     source: str = ""
+    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,13 @@ def _sniff_jsonl(path: Path) -> str:
 
 
 def _sniff_json(path: Path) -> str:
+    from edgemed.datasets import detect_format
+
+    try:
+        if detect_format(path) == "r2gen":  # an object of train/val/test lists, not a list of records
+            return "r2gen"
+    except DataError:
+        pass  # not R2Gen: the VQA-RAD / SLAKE checks below say what is wrong
     items = _load_json_list(path, "VQA-RAD or SLAKE")
     first = items[0] if isinstance(items[0], dict) else {}
     if "image_name" in first:
@@ -406,7 +415,8 @@ def _sniff_json(path: Path) -> str:
 
 
 def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None,
-                 allow_outside: bool = False) -> list[VQARecord] | list[TextRecord]:
+                 allow_outside: bool = False, *, split: str | None = None, trust_pickle: bool = False
+                 ) -> list[VQARecord] | list[TextRecord]:
     """Read any supported data file.
 
     Args:
@@ -415,6 +425,8 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
         image_root: Image folder. Defaults: the JSONL's folder; for VQA-RAD ``<json folder>/VQA_RAD Image
             Folder``; for SLAKE ``<json folder>/imgs``.
         allow_outside: Accept image paths that lead out of the image folder (refused by default).
+        split: "pathvqa"/"r2gen" and a VQA-RAD split go to ``edgemed.datasets`` (R2Gen's default here: train).
+        trust_pickle: Allow PathVQA's release pickles.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -426,9 +438,17 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
             fmt = _sniff_jsonl(path)
         elif path.suffix.lower() == ".json":
             fmt = _sniff_json(path)
+        elif path.suffix.lower() in (".pkl", ".parquet"):
+            fmt = "pathvqa"
         else:
             raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .jsonl or .json, "
                             f"or pass fmt/--format (one of {', '.join(FORMATS[1:])})")
+    if fmt in ("pathvqa", "r2gen") or (fmt == "vqa-rad" and split is not None):
+        from edgemed.datasets import read_data  # the public layouts as downloaded
+
+        if fmt == "r2gen" and split is None:
+            split = "train"
+        return read_data(path, fmt, image_root=image_root, split=split, trust_pickle=trust_pickle)
     if fmt == "vqa":
         return read_vqa_jsonl(path, image_root, allow_outside)
     if fmt == "text":
@@ -441,14 +461,14 @@ def read_dataset(path: Path | str, fmt: str = "auto", image_root: Path | str | N
 
 
 def dataset_sha256(path: Path | str, fmt: str = "auto", image_root: Path | str | None = None,
-                   allow_outside: bool = False) -> str:
+                   allow_outside: bool = False, **read_kw: Any) -> str:
     """One sha256 over a data file and every image it references (for manifests).
 
     Images enter by their path relative to the data file's folder and their content, so moving the whole
     data set elsewhere keeps the hash; editing any line or any image changes it.
     """
     path = Path(path)
-    records = read_dataset(path, fmt, image_root, allow_outside)
+    records = read_dataset(path, fmt, image_root, allow_outside, **read_kw)
     h = hashlib.sha256(b"edgemed-dataset-v1\n")
     h.update(f"data\0{sha256_file(path)}\n".encode())
     images = sorted({r.image for r in records if isinstance(r, VQARecord) and r.image is not None})
@@ -509,87 +529,33 @@ def _load_raster(fp: io.IOBase | Path, name: str, max_pixels: int) -> Image.Imag
     return _to_rgb(im)
 
 
-def _first(v: Any) -> float:
-    """First value of a possibly multi-valued DICOM element, as float."""
-    if isinstance(v, str | bytes) or not hasattr(v, "__len__"):
-        return float(v)
-    return float(v[0])
-
-
-def _window_to_8bit(x: np.ndarray, ds: Any) -> np.ndarray:
-    """Map modality values to 0..255: the DICOM linear VOI window (PS3.3 C.11.2.1.2.1) from the first
-    WindowCenter/WindowWidth, or min..max when absent or invalid.
-
-    Written out because pydicom's apply_windowing returns values in the input's bit range, not 8 bit.
-    """
-    c = w = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        try:
-            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        except (TypeError, ValueError, IndexError):
-            c = w = None
-    if c is not None and w is not None and w >= 1:
-        if w == 1:
-            return np.where(x > c - 0.5, 255.0, 0.0)
-        y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
-        return np.clip(y, 0.0, 255.0)
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(x)
-
-
-def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, pixel_array
+def _load_dicom(src: Path | io.BytesIO, name: str, max_pixels: int, frame: int | None = None,
+                render: str = "voi") -> Image.Image:
+    from edgemed.dicom import load_dicom  # the DICOM display pipeline (modality LUT, VOI, frames, colour)
 
     head = src.read(132)
     src.seek(0)
     if not _dicom_signature(head):
         raise DataError(f"{name}: not a DICOM file (no DICM marker at byte 128, and it does not start with a DICOM "
                         "element); give a DICOM image, or a PNG or JPEG with its own suffix")
-    try:
-        ds = pydicom.dcmread(src, force=True)
-    except Exception as e:  # noqa: BLE001 - InvalidDicomError, struct.error, EOFError...: all mean a bad file
-        raise DataError(f"{name}: not a readable DICOM file ({e}); export it again from the PACS") from e
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        sop = ds.get("SOPClassUID")
-        raise DataError(f"{name}: DICOM file has no pixel data (SOP class {getattr(sop, 'name', sop)}); it may "
-                        "be a report, presentation state or header-only file, or an image cut short; give an image "
-                        "instance instead")
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    if not rows or not cols:
-        raise DataError(f"{name}: DICOM file has pixel data but no Rows/Columns; the file is damaged, export it again")
-    if int(rows) * int(cols) > max_pixels:
-        raise _too_many_pixels(name, int(cols), int(rows), max_pixels)
-    try:
-        arr = pixel_array(ds, index=0)  # first frame only: a multi-frame series gives its first image
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types (missing codec, bad length, ...)
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        todo = ("install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg) or decompress it "
-                "(gdcmconv --raw)") if getattr(ts, "is_compressed", False) else "the file is damaged, export it again"
-        raise DataError(f"{name}: cannot decode the DICOM pixel data (transfer syntax "
-                        f"{getattr(ts, 'name', ts)}): {e}; {todo}") from e
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (pydicom converts YBR to RGB)
-        a = arr[..., :3].astype(np.float64)
-        if arr.dtype != np.uint8:
-            a = _window_to_8bit(a, {})
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "RGB")
-    x = apply_modality_lut(arr, ds).astype(np.float64)
-    u8 = np.clip(np.rint(_window_to_8bit(x, ds)), 0, 255).astype(np.uint8)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        u8 = 255 - u8  # MONOCHROME1: low values are bright
-    return Image.fromarray(u8, "L").convert("RGB")
+    return load_dicom(src, name, max_pixels, frame=frame, render=render)
 
 
-def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, *, frame: int | None = None,
+               render: str = "voi") -> Image.Image:
     """Load a PNG, JPEG or DICOM file as an 8-bit RGB image.
 
-    DICOM is recognised by the "DICM" marker at byte 128 or a ``.dcm`` suffix. Its values pass through the
-    modality LUT (RescaleSlope/Intercept), then the first WindowCenter/WindowWidth (min..max if absent);
-    MONOCHROME1 is inverted. Multi-frame DICOM gives its first frame.
+    DICOM is recognised by the "DICM" marker at byte 128 or a ``.dcm`` suffix and decoded by
+    ``edgemed.dicom.load_dicom``: modality LUT, then the VOI LUT or window (LINEAR, LINEAR_EXACT, SIGMOID;
+    min..max if absent), MONOCHROME1 inverted, YBR and palette colour to RGB, per-frame values of enhanced
+    multi-frame files.
 
     Args:
         path: The image file.
         max_pixels: Refuse images declaring more pixels than this, before decoding them.
+        frame: DICOM frame of a multi-frame file (default: the first).
+        render: DICOM rendering: "voi" (the file's display settings) or "ct-windows" (MedGemma's three CT
+            windows as RGB, for CT).
 
     Raises:
         DataError: missing, unsupported, corrupt or oversized file, or DICOM without pixel data.
@@ -605,12 +571,12 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         f.seek(0)
         with reading(path, "an image", DataError, "give a PNG, JPEG or DICOM file"):
             if _is_dicom(head, path.suffix):
-                return _load_dicom(f, str(path), max_pixels)  # type: ignore[arg-type]
+                return _load_dicom(f, str(path), max_pixels, frame, render)  # type: ignore[arg-type]
             return _load_raster(f, str(path), max_pixels)  # type: ignore[arg-type]
 
 
 def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     name: str = "uploaded image") -> Image.Image:
+                     name: str = "uploaded image", *, frame: int | None = None, render: str = "voi") -> Image.Image:
     """Load an image sent as bytes (e.g. a data: URL) with the same rules as :func:`load_image`.
 
     Args:
@@ -619,6 +585,8 @@ def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEF
             between PNG and JPEG.
         max_pixels: Refuse images declaring more pixels than this, before decoding them.
         name: How error messages name the image.
+        frame: DICOM frame of a multi-frame file (default: the first).
+        render: DICOM rendering, as for :func:`load_image`.
     """
     if not data:
         raise DataError(f"{name}: no bytes; send a PNG, JPEG or DICOM image")
@@ -627,7 +595,7 @@ def load_image_bytes(data: bytes, mime: str | None = None, max_pixels: int = DEF
         raise DataError(f"{name}: unsupported media type {mime!r}; allowed: {', '.join(IMAGE_MIMES)}")
     with reading(name, "an image", DataError, "send a PNG, JPEG or DICOM image"):
         if kind in DICOM_MIMES or _is_dicom(data[:132]):
-            return _load_dicom(io.BytesIO(data), name, max_pixels)
+            return _load_dicom(io.BytesIO(data), name, max_pixels, frame, render)
         return _load_raster(io.BytesIO(data), name, max_pixels)
 
 

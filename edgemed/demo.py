@@ -37,6 +37,7 @@ class Row:
     parity: dict[str, Any] = field(default_factory=dict)
     size_mb: float | None = None
     decode_tok_s: float | None = None
+    items: list[dict[str, Any]] = field(default_factory=list, repr=False)  # scored answers, for retention
 
 
 class Steps:
@@ -100,6 +101,7 @@ def measure(row: Row, records: list[Any], speed: bool = True) -> None:
         o = res["overall"]
         row.accuracy = {"overall": o["score"], "closed": o["closed"]["accuracy"], "open": o["open"]["exact"],
                         "n": o["n"]}
+        row.items = res["predictions"]
         if speed:
             row.decode_tok_s = decode_speed(backend)
     finally:
@@ -223,7 +225,32 @@ def _finalize(folder: Path, parity_json: Path, rows: list[Row], backend: str) ->
     mine = [r for r in rows if r.path == folder]
     finalize(folder, {"parity.json": parity_json, "eval.json": folder.parent / f"eval-{folder.name}.json"},
              summary={r.name: f"accuracy {_pct(r.accuracy.get('overall'))}, parity "
-                      f"{'pass' if r.parity.get('passed') else 'FAIL'}" for r in mine})
+                      f"{'pass' if r.parity.get('passed') else 'FAIL'}{_retention_note(r, rows)}" for r in mine})
+
+
+def _retention_note(row: Row, rows: list[Row]) -> str:
+    """"; vs the fine-tuned model: <change, CI, flips, McNemar p>" for the model card, or "" without answers."""
+    from edgemed.scoring import compare
+
+    ref = next((r for r in rows if r.backend == "pytorch" and r.name.startswith("fine-tuned") and r.items), None)
+    if ref is None or not row.items or len(row.items) != len(ref.items):
+        return ""
+    return f"; vs the fine-tuned PyTorch model: {compare(ref.items, row.items).text()}"
+
+
+def _retention_lines(rows: list[Row]) -> list[str]:
+    """Each export against the fine-tuned PyTorch model: change with its paired bootstrap 95% CI, flipped answers
+    and McNemar's exact p (edgemed.scoring.compare)."""
+    from edgemed.scoring import compare
+
+    ref = next((r for r in rows if r.backend == "pytorch" and r.name.startswith("fine-tuned") and r.items), None)
+    if ref is None:
+        return []
+    out = ["", "Retention against the fine-tuned PyTorch model (same questions; 95% CI by paired bootstrap):", ""]
+    for r in rows:
+        if r.backend != "pytorch" and len(r.items) == len(ref.items):
+            out.append(f"- {r.name}: {compare(ref.items, r.items).text()}")
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -286,11 +313,13 @@ def write_report(out: Path, rows: list[Row], run: Path, seconds: float, machine:
                      f"{_pct(r.accuracy.get('open'))} | {_pct(p.get('top1')) if p else '-'} | "
                      f"{_num(p.get('kl_mean'), '.4f')} | {('pass' if p.get('passed') else 'FAIL') if p else '-'} | "
                      f"{_num(r.size_mb, '.1f')} | {_num(r.decode_tok_s, '.1f')} |")
+    lines += _retention_lines(rows)
     lines += ["", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![size](size_vs_accuracy.png)", "",
               "Accuracy: closed questions (yes/no) scored as accuracy, open questions as exact match, over the "
               "held-out test split. Parity: teacher-forced comparison with the merged PyTorch model "
               "(see the parity-*.json reports)."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps([{**r.__dict__, "path": str(r.path)} for r in rows], indent=2))
+    (out / "summary.json").write_text(json.dumps([{**{k: v for k, v in r.__dict__.items() if k != "items"},
+                                                    "path": str(r.path)} for r in rows], indent=2))
     return report

@@ -51,10 +51,14 @@ class QuantSpec(_Strict):
 class DataSpec(_Strict):
     train: str
     validation: str | None = None
-    format: Literal["auto", "vqa", "text", "vqa-rad", "slake"] = "auto"
+    format: Literal["auto", "vqa", "text", "vqa-rad", "slake", "pathvqa", "r2gen"] = "auto"
     image_root: str | None = None
     allow_outside_images: bool = Field(False, description="Let image paths lead out of the image folder "
                                        "(image_root, or the data file's folder); refused by default")
+    split: str | None = Field(None, description="Split inside the train file: VQA-RAD train/test, R2Gen train "
+                                                "(the default for r2gen)")
+    validation_split: str | None = Field(None, description="Split inside the validation file (R2Gen default: val)")
+    trust_pickle: bool = Field(False, description="Read PathVQA's release .pkl files (a pickle can run code)")
     limit: int | None = Field(None, ge=1, description="Use only the first N training records")
 
 

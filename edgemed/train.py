@@ -77,7 +77,7 @@ def encode_vqa(loaded: Loaded, recipe: Recipe, record: Any) -> Example:
     # the rendered template already holds BOS where the model wants one (Gemma, Llama 3): add no specials
     kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}
     if has_image:
-        kwargs["images"] = [load_image(record.image)]
+        kwargs["images"] = [load_image(record.image, render=loaded.arch.dicom_render)]
     if loaded.arch.is_vision:
         full = loaded.processor(text=prompt + answer, **kwargs)
         n_prompt = loaded.processor(text=prompt, **kwargs)["input_ids"].shape[1]
@@ -280,11 +280,14 @@ def _resolve_paths(recipe: Recipe) -> tuple[Path, list[tuple[Stage, list[Any], l
     for st in recipe.stages:
         root = Path(st.data.image_root) if st.data.image_root else None
         outside = st.data.allow_outside_images
-        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root, allow_outside=outside)
+        kw = {"trust_pickle": st.data.trust_pickle}
+        train = read_dataset(Path(st.data.train), fmt=st.data.format, image_root=root, allow_outside=outside,
+                             split=st.data.split, **kw)
         if st.data.limit:
             train = train[:st.data.limit]
-        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root,
-                           allow_outside=outside) if st.data.validation else []
+        val_split = st.data.validation_split or ("val" if st.data.format == "r2gen" else None)
+        val = read_dataset(Path(st.data.validation), fmt=st.data.format, image_root=root, allow_outside=outside,
+                           split=val_split, **kw) if st.data.validation else []
         stages.append((st, train, val[:recipe.max_eval_records]))
     return base, stages
 
@@ -629,8 +632,9 @@ def _save_outputs(model: Any, loaded: Loaded, recipe: Recipe, base: Path, stages
         base_model={"path": str(base), "sha256": tree_sha256(base), "model_type": cfg.get("model_type"),
                     "id": recipe.model.id},
         data={st.name: {"train": str(Path(st.data.train).absolute()), "train_sha256": dataset_sha256(
-            Path(st.data.train), st.data.format, st.data.image_root, st.data.allow_outside_images),
-            "validation": st.data.validation} for st, _, _ in stages},
+            Path(st.data.train), st.data.format, st.data.image_root, st.data.allow_outside_images,
+            split=st.data.split, trust_pickle=st.data.trust_pickle), "validation": st.data.validation}
+            for st, _, _ in stages},
         method={"asked": recipe.method, "used": "qlora" if use_4bit else "lora", "device": device},
         trainable=report, final=final_val, seconds=round(seconds, 1),
         parent={"kind": "model", "path": str(base)},

@@ -86,6 +86,7 @@ class ArchSpec:
     prepare: Callable[[], None] | None = None  # run by arch_for_dir before a folder is loaded (registers classes)
     grid: GridSpec | None = None  # image-grid positions computed outside exported graphs (M-RoPE families)
     notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
+    dicom_render: str = "voi"  # how CT DICOM becomes RGB for this family (edgemed.dicom.RENDERS)
 
     @property
     def is_vision(self) -> bool:

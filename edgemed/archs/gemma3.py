@@ -96,6 +96,7 @@ GGUF = GGUFSpec(
 )
 
 SPEC = ArchSpec(
+    dicom_render="ct-windows",  # MedGemma: CT as three Hounsfield windows in R, G, B (its CT notebooks)
     name="gemma3",
     family="Gemma 3 image-text (MedGemma 4B, Gemma 3 4B/12B/27B)",
     model_types=("gemma3",),
