@@ -56,7 +56,8 @@ class LlamaCppBackend:
     thread_safe = False  # one request at a time per instance; calls are serialised by a lock
 
     def __init__(self, folder: Path | str, quant: str | None = None, n_threads: int | None = None,
-                 n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False, **_: Any):
+                 n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False,
+                 adapter: str | None = "default", **_: Any):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import llama_cpp
@@ -96,6 +97,7 @@ class LlamaCppBackend:
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its f16 accumulation moves fp32 logits
         cp.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=verbose)
+        self._load_adapters(manifest, adapter)
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
         self.n_vocab = self._model.n_vocab()
@@ -115,6 +117,19 @@ class LlamaCppBackend:
                           else self.tokenizer)
         if self.is_vision and self.arch.image_placeholder:  # the token the rendered prompt holds once per image
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
+
+    def _load_adapters(self, manifest: dict[str, Any], adapter: str | None) -> None:
+        """LoRA adapter files of an adapter export (``export gguf RUN_DIR``); ``adapter`` picks the one used
+        (None: the bare base). Adapters switch per request without reloading the base."""
+        from edgemed.backends.llamacpp_adapters import Adapters
+
+        self.adapters = Adapters(self._model.model, self._ctx.ctx, self.path)
+        for name, file in (manifest.get("adapters") or {}).items():
+            self.adapters.add(name, self.folder / file)
+        if adapter == "default" and "default" not in self.adapters.loaded:
+            adapter = None  # a merged export: the base is the model
+        self.adapter = adapter
+        self.adapters.use(adapter)
 
     def _load_mtmd(self, mmproj: Path, n_threads: int):
         from llama_cpp import mtmd_cpp
@@ -264,6 +279,7 @@ class LlamaCppBackend:
 
         if len(tokens) == 0:
             raise DataError("no tokens to decode")
+        self.adapters.use(self.adapter)  # under the lock: the adapter this instance (or view) answers with
         self._ctx.kv_cache_clear()
         if image is None:
             if len(tokens) >= self.n_ctx:

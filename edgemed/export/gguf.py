@@ -57,6 +57,9 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                 mmproj_quant: str = "f16") -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
+    Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
+    (:func:`edgemed.export.gguf_adapter.export_gguf_run`).
+
     Args:
         model_dir: merged transformers model folder (a kind "model" edgemed folder, or any folder with
             config.json and safetensors weights).
@@ -69,6 +72,10 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         The output folder.
     """
     model_dir = Path(model_dir)
+    if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
+        from edgemed.export.gguf_adapter import export_gguf_run
+
+        return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant)
     quants = _check_quants(quants, mmproj_quant)
     spec = arch_for_dir(model_dir)
     if spec.gguf_arch is None or spec.gguf is None:
@@ -132,6 +139,14 @@ def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
         raise ExportError(f"unknown quant {mmproj_quant!r} for --mmproj-quant; choose one of "
                           f"{', '.join(MMPROJ_QUANTS)}")
     return seen
+
+
+def _is_run(model_dir: Path) -> bool:
+    path = model_dir / MANIFEST
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("kind") == "run"
+    except json.JSONDecodeError:
+        return False  # _source_manifest names the damage
 
 
 def _source_manifest(model_dir: Path) -> dict[str, Any] | None:
