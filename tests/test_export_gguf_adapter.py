@@ -183,3 +183,29 @@ def test_image_run_mmproj_carries_the_trained_projector(tiny_model, tmp_path):
     scale = np.abs(embs["merged"]).max()
     assert np.abs(embs["adapter"] - embs["merged"]).max() <= 1e-4 * scale
     assert np.abs(embs["adapter"] - embs["base"]).max() > 1e-2 * scale, "the trained projector did not reach mmproj"
+
+
+def test_parity_without_reference_compares_with_the_run(text_run):
+    """`edgemed parity DIR` of an adapter export: the reference is the run itself (PyTorch, adapter unmerged)."""
+    from edgemed.parity import run_parity
+
+    run, out = text_run
+    result = run_parity(out, max_probes=3, n_threads=1, localise=False)
+    assert result.reference == str(run)
+    f32 = next(r for r in result.rows if r.quant == "f32")
+    assert f32.passed, f32.failures
+
+
+def test_cli_exports_a_run_and_refuses_a_bad_adapter_quant(text_run, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+
+    run, _ = text_run
+    r = CliRunner().invoke(main, ["export", "gguf", str(run), "--quant", "f16", "--adapter-quant", "q3",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "adapter quant 'q3'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["export", "gguf", str(run), "--quant", "f16", "--adapter-quant", "q8_0",
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert read_manifest(tmp_path / "o")["adapters"] == {"default": "adapter-q8_0.gguf"}

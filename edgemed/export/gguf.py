@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16") -> Path:
+                mmproj_quant: str = "f16", adapter_quant: str = "f16") -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -67,6 +67,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         out: output folder; written under a temporary name and renamed when complete.
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
+        adapter_quant: tensor type of the LoRA adapter file of a run folder (f16, q8_0 or f32).
 
     Returns:
         The output folder.
@@ -75,7 +76,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
         from edgemed.export.gguf_adapter import export_gguf_run
 
-        return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant)
+        return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant,
+                               adapter_quant=adapter_quant)
     quants = _check_quants(quants, mmproj_quant)
     spec = arch_for_dir(model_dir)
     if spec.gguf_arch is None or spec.gguf is None:
