@@ -209,3 +209,54 @@ def test_cli_exports_a_run_and_refuses_a_bad_adapter_quant(text_run, tmp_path):
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert read_manifest(tmp_path / "o")["adapters"] == {"default": "adapter-q8_0.gguf"}
+
+
+def _amplify(run, factor: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = run / "adapter" / "adapter_model.safetensors"
+    state = {k: v * factor if ".lora_B." in k else v for k, v in load_file(path).items()}
+    save_file(state, str(path))
+
+
+def test_two_adapters_on_one_base_answer_as_each_alone_under_concurrency(tiny_model, tmp_path):
+    """Mixed concurrent greedy requests for two adapters on one base instance: every answer is its adapter's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgemed.backends.base import GenParams
+
+    outs = {}
+    for name, seed in (("a", 3), ("b", 7)):
+        run = train_run(tiny_model("llama"), tmp_path, {"decoder": "lora"}, name=f"run-{name}", seed=seed)
+        _amplify(run, 40.0)  # one tiny step leaves both answering alike; a large, different change each
+        outs[name] = export_run(run, tmp_path / f"gguf-{name}", ["f32"], adapter_quant="f32")
+    out_a, out_b = outs["a"], outs["b"]
+    params = GenParams(max_tokens=8, ignore_eos=True)
+    questions = ["Is there a lesion?", "Which side is bright?", "Describe the image."]
+    alone = {}
+    for name, folder in (("a", out_a), ("b", out_b)):
+        b = _llama(folder)
+        try:
+            alone[name] = ["".join(b.generate(b.render(q), params=params)) for q in questions]
+        finally:
+            b.close()
+    assert alone["a"] != alone["b"], "the two adapters answer alike: the test could not tell them apart"
+    shared = _llama(out_a)
+    try:
+        shared.add_adapter("b", out_b)
+        views = {"a": shared.with_adapter("default"), "b": shared.with_adapter("b")}
+        jobs = [(n, i) for _ in range(3) for n in ("a", "b", "b", "a") for i in range(len(questions))]
+
+        def ask(job):
+            n, i = job
+            v = views[n]
+            return "".join(v.generate(v.render(questions[i]), params=params))
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (n, i), got in zip(jobs, answers, strict=True):
+            assert got == alone[n][i], f"adapter {n} question {i}: {got!r} served together, {alone[n][i]!r} alone"
+        with pytest.raises(EdgemedError, match="no adapter 'c'"):
+            shared.with_adapter("c")
+    finally:
+        shared.close()

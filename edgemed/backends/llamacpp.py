@@ -131,6 +131,21 @@ class LlamaCppBackend:
         self.adapter = adapter
         self.adapters.use(adapter)
 
+    def add_adapter(self, name: str, export_dir: Path | str) -> None:
+        """Load another adapter export's LoRA file on this base (``edgemed serve --adapter NAME=DIR``)."""
+        from edgemed.backends.llamacpp_adapters import add_export
+
+        add_export(self, name, Path(export_dir))
+
+    def with_adapter(self, name: str | None) -> LlamaCppBackend:
+        """A view of this backend that answers with adapter ``name`` (None: the bare base), sharing the base
+        weights, context and lock: a request switches the adapter on the context, the base is never reloaded."""
+        from edgemed.backends.llamacpp_adapters import AdapterView
+
+        if name is not None and name not in self.adapters.loaded:
+            raise ArtifactError(f"no adapter {name!r}; loaded: {', '.join(self.adapters.loaded) or 'none'}")
+        return AdapterView(self, name)  # type: ignore[return-value]
+
     def _load_mtmd(self, mmproj: Path, n_threads: int):
         from llama_cpp import mtmd_cpp
 
@@ -279,7 +294,6 @@ class LlamaCppBackend:
 
         if len(tokens) == 0:
             raise DataError("no tokens to decode")
-        self.adapters.use(self.adapter)  # under the lock: the adapter this instance (or view) answers with
         self._ctx.kv_cache_clear()
         if image is None:
             if len(tokens) >= self.n_ctx:
@@ -320,6 +334,7 @@ class LlamaCppBackend:
         import numpy as np
 
         with self._lock:
+            self.adapters.use(self.adapter)
             rows, _ = self._prefill(list(tokens), image, "all")
         return np.stack(rows).astype(np.float32)
 
@@ -342,6 +357,7 @@ class LlamaCppBackend:
         params = params or GenParams()
         tokens = self.tokenize(prompt)
         with self._lock:
+            self.adapters.use(self.adapter)
             yield from self._stream(tokens, image, params)
 
     def _sampler(self, params: GenParams):

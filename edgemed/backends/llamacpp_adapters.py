@@ -67,3 +67,59 @@ class Adapters:
         if rc != 0:
             raise ArtifactError(f"llama.cpp could not set adapter {name!r} (llama_set_adapters_lora returned {rc})")
         self.active = name
+
+
+def add_export(backend: Any, name: str, export_dir: Path) -> None:
+    """Load the LoRA file of adapter export ``export_dir`` onto ``backend``'s base, checking both were exported
+    from the same base checkpoint (the manifests' binding)."""
+    from edgemed.artifacts import read_manifest
+
+    m = read_manifest(export_dir, ("gguf",))
+    files = m.get("adapters") or {}
+    if "default" not in files:
+        raise ArtifactError(f"{export_dir}: holds no LoRA adapter file; export the run folder with "
+                            "`edgemed export gguf RUN_DIR` to get one")
+    own = read_manifest(backend.folder).get("binding", {}).get("base_tree_sha256") or read_manifest(
+        backend.folder).get("base_model_sha256")
+    theirs = (m.get("binding") or {}).get("base_tree_sha256")
+    if own and theirs and own != theirs:
+        raise ArtifactError(f"{export_dir}: its adapter was made for base {theirs[:12]}…, not the served base "
+                            f"{own[:12]}…; serve it with the base it was exported with")
+    backend.adapters.add(name, export_dir / files["default"])
+
+
+class AdapterView:
+    """One backend's base answering with one adapter: everything else is the backend's (weights, context, lock)."""
+
+    def __init__(self, backend: Any, adapter: str | None):
+        self._backend = backend
+        self.adapter = adapter
+        self.last_finish_reason: str | None = None
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, render, tokenize, image_embeddings, ...
+        return getattr(self._backend, name)
+
+    def logits(self, tokens: list[int], image: Any = None):
+        import numpy as np
+
+        b = self._backend
+        with b._lock:
+            b.adapters.use(self.adapter)
+            rows, _ = b._prefill(list(tokens), image, "all")
+        return np.stack(rows).astype(np.float32)
+
+    def generate(self, prompt: str, image: Any = None, params: Any = None):
+        from edgemed.backends.base import GenParams
+
+        b = self._backend
+        params = params or GenParams()
+        tokens = b.tokenize(prompt)
+        with b._lock:
+            b.adapters.use(self.adapter)
+            try:
+                yield from b._stream(tokens, image, params)
+            finally:
+                self.last_finish_reason = b.last_finish_reason
+
+    def close(self) -> None:
+        """A view owns nothing: closing it leaves the shared backend open."""
