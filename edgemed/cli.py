@@ -200,14 +200,18 @@ def export() -> None:
 @click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True,
               help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; repeat for several.")
 @click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0.")
+@click.option("--adapter-quant", default="f16", show_default=True,
+              help="For a run folder: LoRA adapter file type (f16, q8_0, f32); the base gets --quant.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
 @handled
-def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, out: Path, overwrite: bool,
-                    auto_quant: bool) -> None:
-    """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file."""
+def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str, out: Path,
+                    overwrite: bool, auto_quant: bool) -> None:
+    """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
+
+    Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""
     from edgemed.export.gguf import export_gguf
 
     if auto_quant:
@@ -216,7 +220,8 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant))
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
+                           adapter_quant=adapter_quant))
 
 
 @export.command("onnx")

@@ -57,7 +57,8 @@ class LlamaCppBackend:
     thread_safe = False  # one request at a time per instance; calls are serialised by a lock
 
     def __init__(self, folder: Path | str, quant: str | None = None, n_threads: int | None = None,
-                 n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False, **_: Any):
+                 n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False,
+                 adapter: str | None = "default", **_: Any):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import llama_cpp
@@ -99,6 +100,7 @@ class LlamaCppBackend:
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its f16 accumulation moves fp32 logits
         cp.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=verbose)
+        self._load_adapters(manifest, adapter)
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
         self.n_vocab = self._model.n_vocab()
@@ -118,6 +120,34 @@ class LlamaCppBackend:
                           else self.tokenizer)
         if self.is_vision and self.arch.image_placeholder:  # the token the rendered prompt holds once per image
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
+
+    def _load_adapters(self, manifest: dict[str, Any], adapter: str | None) -> None:
+        """LoRA adapter files of an adapter export (``export gguf RUN_DIR``); ``adapter`` picks the one used
+        (None: the bare base). Adapters switch per request without reloading the base."""
+        from edgemed.backends.llamacpp_adapters import Adapters
+
+        self.adapters = Adapters(self._model.model, self._ctx.ctx, self.path)
+        for name, file in (manifest.get("adapters") or {}).items():
+            self.adapters.add(name, self.folder / file)
+        if adapter == "default" and "default" not in self.adapters.loaded:
+            adapter = None  # a merged export: the base is the model
+        self.adapter = adapter
+        self.adapters.use(adapter)
+
+    def add_adapter(self, name: str, export_dir: Path | str) -> None:
+        """Load another adapter export's LoRA file on this base (``edgemed serve --adapter NAME=DIR``)."""
+        from edgemed.backends.llamacpp_adapters import add_export
+
+        add_export(self, name, Path(export_dir))
+
+    def with_adapter(self, name: str | None) -> LlamaCppBackend:
+        """A view of this backend that answers with adapter ``name`` (None: the bare base), sharing the base
+        weights, context and lock: a request switches the adapter on the context, the base is never reloaded."""
+        from edgemed.backends.llamacpp_adapters import AdapterView
+
+        if name is not None and name not in self.adapters.loaded:
+            raise ArtifactError(f"no adapter {name!r}; loaded: {', '.join(self.adapters.loaded) or 'none'}")
+        return AdapterView(self, name)  # type: ignore[return-value]
 
     def _load_mtmd(self, mmproj: Path, n_threads: int):
         from llama_cpp import mtmd_cpp
@@ -308,6 +338,7 @@ class LlamaCppBackend:
         import numpy as np
 
         with self._lock:
+            self.adapters.use(self.adapter)
             rows, _ = self._prefill(list(tokens), image, "all")
         return np.stack(rows).astype(np.float32)
 
@@ -330,6 +361,7 @@ class LlamaCppBackend:
         params = params or GenParams()
         tokens = self.tokenize(prompt)
         with self._lock:
+            self.adapters.use(self.adapter)
             yield from self._stream(tokens, image, params)
 
     def _sampler(self, params: GenParams):

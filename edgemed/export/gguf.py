@@ -63,8 +63,11 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16") -> Path:
+                mmproj_quant: str = "f16", adapter_quant: str = "f16") -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
+
+    Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
+    (:func:`edgemed.export.gguf_adapter.export_gguf_run`).
 
     Args:
         model_dir: merged transformers model folder (a kind "model" edgemed folder, or any folder with
@@ -73,11 +76,17 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         out: output folder; written under a temporary name and renamed when complete.
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
+        adapter_quant: tensor type of the LoRA adapter file of a run folder (f16, q8_0 or f32).
 
     Returns:
         The output folder.
     """
     model_dir = Path(model_dir)
+    if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
+        from edgemed.export.gguf_adapter import export_gguf_run
+
+        return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant,
+                               adapter_quant=adapter_quant)
     quants = _check_quants(quants, mmproj_quant)
     source = _source_manifest(model_dir)  # a run, an export or a folder missing listed files: refused first
     spec = arch_for_dir(model_dir)
@@ -141,6 +150,14 @@ def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
         raise ExportError(f"unknown quant {mmproj_quant!r} for --mmproj-quant; choose one of "
                           f"{', '.join(MMPROJ_QUANTS)}")
     return seen
+
+
+def _is_run(model_dir: Path) -> bool:
+    path = model_dir / MANIFEST
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("kind") == "run"
+    except json.JSONDecodeError:
+        return False  # _source_manifest names the damage
 
 
 def _source_manifest(model_dir: Path) -> dict[str, Any] | None:
