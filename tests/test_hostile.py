@@ -373,8 +373,9 @@ ROWS: dict[str, tuple[str, Callable[[Path, Fx], Case]]] = {
         t, f, ["export", "gguf"], lambda m: (m / "config.json").write_text("[]"), "config.json", "json object")),
     "model: config.json without model_type": ("checkpoint", lambda t, f: model_copy(
         t, f, ["export", "onnx"], lambda m: (m / "config.json").write_text("{}"), "model_type")),
-    "model: a run given to export": ("checkpoint", lambda t, f: Case(
-        ["export", "gguf", str(copy(f.run, t)), "--out", str(t / "out")], ("training run",), out=t / "out")),
+    # (export gguf takes a run folder: base + LoRA adapter files, tests/test_export_gguf_adapter.py)
+    "model: a run given to export onnx": ("checkpoint", lambda t, f: Case(
+        ["export", "onnx", str(copy(f.run, t)), "--out", str(t / "out")], ("training run",), out=t / "out")),
     "model: unknown quant": ("checkpoint", lambda t, f: Case(
         ["export", "gguf", str(f.merged), "--quant", "q3_x", "--out", str(t / "out")], ("q3_x", "q4_k_m"),
         out=t / "out")),
