@@ -680,17 +680,47 @@ def _pre_signature(pre: dict[str, Any] | None) -> str:
     return "|".join(sig)
 
 
-def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
-    """Vocabulary, merges, special tokens and chat template, as llama.cpp's tokenizer reads them."""
+# The tokenizer kinds edgemed writes to GGUF: how each is recognised is tokenizer_kind, how each is written is
+# add_tokenizer. Tests parametrise over this table.
+TOKENIZER_KINDS = {
+    "byte-level-bpe": "GPT-2 style byte-level BPE from tokenizer.json (SmolLM2, Llama 3, Qwen2)",
+    "sentencepiece": "SentencePiece with byte fallback, from tokenizer.model (Gemma, Llama 2 as the hub ships them)",
+    "bpe-byte-fallback": "SentencePiece-style BPE with byte fallback from tokenizer.json alone (Gemma saved by "
+                         "transformers 5, hub checkpoints without tokenizer.model)",
+}
 
+
+def tokenizer_kind(model_dir: Path) -> str:
+    """Which of :data:`TOKENIZER_KINDS` the folder's tokenizer is; an ExportError names what it has otherwise."""
     tj_path = model_dir / "tokenizer.json"
     if not tj_path.is_file():
+        if (model_dir / "tokenizer.model").is_file():
+            return "sentencepiece"
         raise ExportError(f"{model_dir}: no tokenizer.json; the model folder must hold its tokenizer "
                           "(save it with tokenizer.save_pretrained)")
-    tj = json.loads(tj_path.read_text())
-    model = tj.get("model", {})
-    if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get(
-            "type") == "ByteLevel":
+    try:
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{tj_path}: not valid JSON ({e}); save the tokenizer again") from None
+    model = tj.get("model") or {}
+    decoder = tj.get("decoder") or {}
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel":
+        return "byte-level-bpe"
+    if (model_dir / "tokenizer.model").is_file():
+        return "sentencepiece"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "bpe-byte-fallback"
+    raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} (byte_fallback "
+                      f"{bool(model.get('byte_fallback'))}) is not supported for GGUF; supported: "
+                      + "; ".join(TOKENIZER_KINDS.values()))
+
+
+def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
+    """Vocabulary, merges, special tokens and chat template, as llama.cpp's tokenizer reads them."""
+    kind = tokenizer_kind(model_dir)
+    if kind == "byte-level-bpe":
+        tj_path = model_dir / "tokenizer.json"
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
         tokens, types = _bpe_tokens(model_dir, n_vocab)
         sig = _pre_signature(tj.get("pre_tokenizer"))
         pre = BPE_PRE.get(sig)
@@ -702,21 +732,46 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
         w.add_token_list(tokens)
         w.add_token_types(types)
         _special_vocab(model_dir, True, len(tokens)).add_to_gguf(w, quiet=True)
-    elif model.get("byte_fallback") or (model_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _spm_tokens(model_dir, n_vocab)
+    else:
+        if kind == "sentencepiece":
+            tokens, scores, types = _spm_tokens(model_dir, n_vocab)
+        else:
+            tokens, scores, types = _hf_spm_tokens(model_dir, n_vocab)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_add_space_prefix(False)
+        w.add_add_space_prefix(_adds_space_prefix(model_dir))
         _special_vocab(model_dir, False, len(tokens)).add_to_gguf(w, quiet=True)
-    else:
-        raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported for GGUF; supported: "
-                          "byte-level BPE (GPT-2 style) and SentencePiece with byte fallback")
     template = _chat_template(model_dir)
     if template:
         w.add_chat_template(template)  # the exact template the model was fine-tuned with
+
+
+def _adds_space_prefix(model_dir: Path) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2's Prepend normalizer, Metaspace prepend_scheme).
+
+    Gemma's tokenizers do not. Read from tokenizer.json; a folder with only tokenizer.model keeps llama.cpp's
+    answer for SentencePiece models of this kind (no prefix), which edgemed has always written.
+    """
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        return False
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+
+    def steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        if not node:
+            return []
+        return list(node.get(key) or []) if node.get("type") == "Sequence" else [node]
+
+    for n in steps(tj.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+    for p in steps(tj.get("pre_tokenizer"), "pretokenizers"):
+        if p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never":
+            return True
+    return False
 
 
 def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
@@ -725,7 +780,25 @@ def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
 
     sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
     sv.chat_template = None
+    sv.add_special_token.update(_adds_bos_eos(model_dir))
     return sv
+
+
+def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
+    """Whether transformers puts BOS before and EOS after an encoded text, as this folder's tokenizer is loaded.
+
+    Asked of transformers itself: the answer can come from tokenizer_config.json (add_bos_token), the
+    tokenizer.json post-processor, or the tokenizer class's default, and gguf-py's reading misses the last.
+    """
+    tok = _hf_tokenizer(model_dir)
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    out: dict[str, bool] = {}
+    if tok.bos_token_id is not None:
+        out["bos"] = bool(full[:1] == [tok.bos_token_id] and plain[:1] != [tok.bos_token_id])
+    if tok.eos_token_id is not None:
+        out["eos"] = bool(full[-1:] == [tok.eos_token_id] and plain[-1:] != [tok.eos_token_id])
+    return out
 
 
 def _chat_template(model_dir: Path) -> str | None:
@@ -812,4 +885,53 @@ def _spm_tokens(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float]
         if types[i] in (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)):
             continue
         types[i] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    return tokens, scores, types
+
+
+def _hf_spm_tokens(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Pieces, scores and types of a SentencePiece-style BPE kept only as tokenizer.json (no tokenizer.model).
+
+    Texts and base types come from gguf-py's ``LlamaHfVocab``. Its scores are a -1000 placeholder, but
+    llama.cpp's SentencePiece tokenizer merges the pair of highest score first, so equal scores would merge left
+    to right. tokenizer.json keeps SentencePiece's order as the rank of each merge, so a piece's score here is
+    minus the rank of the merge that makes it (the same order as the scores in the SentencePiece model).
+    Added tokens are typed as transformers holds them: special ones CONTROL, the others USER_DEFINED (llama.cpp
+    then matches them whole, before tokenizing, as transformers does).
+    """
+    import gguf
+
+    try:
+        vocab = gguf.LlamaHfVocab(model_dir)
+    except (FileNotFoundError, TypeError) as e:
+        raise ExportError(f"{model_dir / 'tokenizer.json'}: not a SentencePiece-style BPE tokenizer gguf-py can "
+                          f"read ({e})") from None
+    base = vocab.vocab_size_base
+    order = [i for i in range(base) if i not in vocab.added_tokens_ids]
+    order += [vocab.added_tokens_dict[t] for t in vocab.added_tokens_list]
+    if max(order, default=-1) >= n_vocab:
+        raise ExportError(f"{model_dir}: the tokenizer has {max(order) + 1} tokens but the embedding only {n_vocab} "
+                          "rows; resize the model's embeddings to the tokenizer before export")
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-1000.0] * n_vocab
+    types = [int(gguf.TokenType.UNUSED)] * n_vocab
+    for i, (text, _score, ttype) in zip(order, vocab.all_tokens(), strict=True):
+        tokens[i], types[i] = text, int(ttype)
+    tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = tj["model"]["vocab"]
+    for rank, merge in enumerate(tj["model"].get("merges") or []):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        i = ids.get(a + b)
+        if i is not None and i < n_vocab and scores[i] == -1000.0:
+            scores[i] = -float(rank)
+    for i, t in enumerate(types):
+        if t == int(gguf.TokenType.NORMAL) and scores[i] == -1000.0:
+            scores[i] = 0.0  # single characters: never a merge result, any score works (SentencePiece gives 0)
+    for i, added in vocab.tokenizer.added_tokens_decoder.items():
+        if i < n_vocab and types[i] not in (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)):
+            tokens[i] = added.content.encode("utf-8")
+            scores[i] = -1000.0
+            types[i] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    unk = vocab.tokenizer.unk_token_id
+    if unk is not None and unk < n_vocab:
+        types[unk] = int(gguf.TokenType.UNKNOWN)
     return tokens, scores, types
