@@ -131,9 +131,11 @@ def export() -> None:
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, out: Path, overwrite: bool,
-                    auto_quant: bool) -> None:
+                    auto_quant: bool, chat_template: Path | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file."""
     from edgemed.export.gguf import export_gguf
 
@@ -143,7 +145,10 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant))
+    from edgemed.prompting import read_template
+
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
+                           chat_template=read_template(chat_template) if chat_template else None))
 
 
 @export.command("onnx")
@@ -174,14 +179,19 @@ def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level
               help="Override a pass threshold, e.g. --threshold kl_mean=0.05.")
 @click.option("--max-probes", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probes: Path | None,
-           report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None) -> None:
+           report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None,
+           chat_template: Path | None) -> None:
     """Compare an export with the PyTorch model it came from; exit 1 when it fails the thresholds."""
     from edgemed.parity import run_parity
+    from edgemed.prompting import read_template
 
     result = run_parity(export_dir, reference=reference, adapter=adapter, probes=probes, report=report,
-                        thresholds=thresholds, max_probes=max_probes, n_threads=threads)
+                        thresholds=thresholds, max_probes=max_probes, n_threads=threads,
+                        chat_template=read_template(chat_template) if chat_template else None)
     click.echo(result.table())
     sys.exit(0 if result.passed else 1)
 
@@ -193,13 +203,17 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
 @click.option("--report", type=OUT)
 @click.option("--limit", type=int, help="Evaluate only the first N records.")
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def eval_cmd(model: Path, data_path: Path, others: tuple[Path, ...], report: Path | None, limit: int | None,
-             threads: int | None) -> None:
+             threads: int | None, chat_template: Path | None) -> None:
     """Medical VQA accuracy (closed and open) of a model or export; with --compare, a retention table."""
     from edgemed.evaluate import evaluate_many
+    from edgemed.prompting import read_template
 
-    result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads)
+    result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads,
+                           chat_template=read_template(chat_template) if chat_template else None)
     click.echo(result.table())
 
 
@@ -235,18 +249,22 @@ def verify(bundle: Path) -> None:
 @click.option("--max-image-pixels", type=int, default=50_000_000, show_default=True,
               help="Largest image (width x height) accepted, checked before decoding.")
 @click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
-          max_body_mb: float, max_image_pixels: int, threads: int | None) -> None:
-    """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
+          max_body_mb: float, max_image_pixels: int, threads: int | None, chat_template: Path | None) -> None:
+    """Serve EXPORT_DIR offline with an OpenAI-compatible API (chat and, for base models, text completions)."""
+    from edgemed.prompting import read_template
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
 
     run(ServeConfig(export_dir=export_dir, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
-                    max_image_pixels=max_image_pixels, n_threads=threads))
+                    max_image_pixels=max_image_pixels, n_threads=threads,
+                    chat_template=read_template(chat_template) if chat_template else None))
 
 
 @main.command()
@@ -258,14 +276,21 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (with --temperature above 0).")
 @click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def ask(export_dir: Path, question: str, image: Path | None, system: str | None, max_tokens: int,
-        temperature: float, seed: int | None, threads: int | None) -> None:
-    """Ask one question (optionally about an image); the answer streams to the terminal."""
+        temperature: float, seed: int | None, threads: int | None, chat_template: Path | None) -> None:
+    """Ask one question (optionally about an image); the answer streams to the terminal.
+
+    A base model (no chat template) continues QUESTION as plain text.
+    """
+    from edgemed.prompting import read_template
     from edgemed.serve import ask as run
 
     for piece in run(export_dir, question, image=image, system=system, max_tokens=max_tokens,
-                     temperature=temperature, seed=seed, n_threads=threads):
+                     temperature=temperature, seed=seed, n_threads=threads,
+                     chat_template=read_template(chat_template) if chat_template else None):
         click.echo(piece, nl=False)
     click.echo()
 

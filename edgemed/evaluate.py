@@ -176,7 +176,8 @@ class EvalResult:
 
 
 def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path | str | None = None,
-                  limit: int | None = None, max_tokens: int = MAX_TOKENS, n_threads: int | None = None) -> EvalResult:
+                  limit: int | None = None, max_tokens: int = MAX_TOKENS, n_threads: int | None = None,
+                  chat_template: str | None = None) -> EvalResult:
     """Evaluate several models or exports on one VQA file; each file of a multi-quant GGUF folder is a row.
 
     Args:
@@ -186,6 +187,8 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         limit: only the first N records.
         max_tokens: answer budget.
         n_threads: CPU threads per runtime (default: the runtime's choice; 1 is faster on a busy machine).
+        chat_template: template text every model renders with (``--chat-template``); a model without a template
+            and without this is asked with plain text prompts.
 
     Returns:
         The result; ``.table()`` prints the retention table.
@@ -206,6 +209,7 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         quants = info["quant"].split(",") if info["kind"] == "gguf" and info["quant"] else [None]
         for q in quants:
             kw = ({"quant": q} if q else {}) | ({"n_threads": n_threads} if n_threads else {})
+            kw |= {"chat_template": chat_template} if chat_template is not None else {}
             res = evaluate(p, records, max_tokens=max_tokens, **kw)
             label = p.name + (f" {q}" if q and len(quants) > 1 else (f" {q}" if q else ""))
             out.results.append({"label": label, "path": str(p.absolute()), "quant": q or info["quant"],

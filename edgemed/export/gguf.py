@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16") -> Path:
+                mmproj_quant: str = "f16", chat_template: str | None = None) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Args:
@@ -64,6 +64,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         out: output folder; written under a temporary name and renamed when complete.
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
+        chat_template: template text to embed instead of the folder's (``--chat-template``; a base model has
+            none); it is also saved as chat_template.jinja beside the GGUF files, so every runtime renders with it.
 
     Returns:
         The output folder.
@@ -86,13 +88,14 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for q in quants:
             if q in DIRECT:
-                write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance)
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance,
+                                chat_template)
                 files[q] = f"model-{q}.gguf"
         llama = [q for q in quants if q in LLAMA_QUANTS]
         if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
             src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
             if "f16" not in files:
-                write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance)
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance, chat_template)
             for q in llama:
                 llama_quantize(src, tmp / f"model-{q}.gguf", q)
                 files[q] = f"model-{q}.gguf"
@@ -105,6 +108,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
             shutil.copy2(model_dir / name, tmp / name)
+        if chat_template is not None:
+            _replace_template(tmp, chat_template)
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
@@ -569,7 +574,7 @@ def text_kv(spec: ArchSpec, config: Any) -> dict[str, Any]:
 
 
 def write_text_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry], quant: str,
-                    path: Path, provenance: dict[str, Any]) -> Path:
+                    path: Path, provenance: dict[str, Any], chat_template: str | None = None) -> Path:
     """Write the text model at ``quant`` (f32, f16, bf16 or q8_0) to ``path``."""
     n_vocab = next(e.shape[0] for e in plan if e.name == "token_embd.weight")
     kv = text_kv(spec, config)
@@ -577,7 +582,7 @@ def write_text_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoi
     def meta(w):
         _general_kv(w, provenance, _file_type(quant), "model")
         _add_kv(w, kv)
-        add_tokenizer(w, model_dir, n_vocab)
+        add_tokenizer(w, model_dir, n_vocab, chat_template)
 
     _write(path, spec.gguf_arch, plan, ckpt, quant, False, meta, f"model-{quant}")
     return path
@@ -715,8 +720,9 @@ def tokenizer_kind(model_dir: Path) -> str:
                       + "; ".join(TOKENIZER_KINDS.values()))
 
 
-def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
-    """Vocabulary, merges, special tokens and chat template, as llama.cpp's tokenizer reads them."""
+def add_tokenizer(w, model_dir: Path, n_vocab: int, chat_template: str | None = None) -> None:
+    """Vocabulary, merges, special tokens and chat template (``chat_template`` or the folder's), as llama.cpp's
+    tokenizer reads them."""
     kind = tokenizer_kind(model_dir)
     if kind == "byte-level-bpe":
         tj_path = model_dir / "tokenizer.json"
@@ -744,7 +750,7 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
         w.add_token_types(types)
         w.add_add_space_prefix(_adds_space_prefix(model_dir))
         _special_vocab(model_dir, False, len(tokens)).add_to_gguf(w, quiet=True)
-    template = _chat_template(model_dir)
+    template = chat_template if chat_template is not None else _chat_template(model_dir)
     if template:
         w.add_chat_template(template)  # the exact template the model was fine-tuned with
 
@@ -812,6 +818,18 @@ def _chat_template(model_dir: Path) -> str | None:
             if isinstance(t, str):
                 return t
     return None
+
+
+def _replace_template(folder: Path, template: str) -> None:
+    """Make ``template`` the one transformers reads from ``folder``: chat_template.jinja, no other copy."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        p = folder / name
+        if p.is_file():
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if data.pop("chat_template", None) is not None:
+                p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _hf_tokenizer(model_dir: Path):
