@@ -717,13 +717,13 @@ async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
 async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket, deadline: float,
                arrived: float) -> AsyncIterator[str]:
     """Server-sent events of one answer; a disconnect (polled between pieces, or seen by Starlette) stops it."""
-    kind = prompt.kind
-    rid = f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
+    fmt = prompt.kind  # "chat" or "text" (not `kind`: the loop below names its items so)
+    rid = f"{'cmpl' if fmt == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
     last_check = time.monotonic()
     try:
-        if kind == "text":
+        if fmt == "text":
             if prompt.echo:
-                yield _chunk(state, rid, {"content": prompt.echo}, None, kind)
+                yield _chunk(state, rid, {"content": prompt.echo}, None, fmt)
         else:
             yield _chunk(state, rid, {"role": "assistant", "content": ""}, None)
         # aclosing: however this generator ends, the inner one's cleanup (stop the model) runs at once
@@ -731,14 +731,14 @@ async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket
             async for kind, value in gen:
                 if kind == "end":
                     reason, usage, _ = value
-                    yield _chunk(state, rid, {}, _finish(reason), kind)
+                    yield _chunk(state, rid, {}, _finish(reason), fmt)
                     if prompt.include_usage:
-                        obj = "text_completion" if kind == "text" else "chat.completion.chunk"
+                        obj = "text_completion" if fmt == "text" else "chat.completion.chunk"
                         body = {"id": rid, "object": obj, "created": int(time.time()),
                                 "model": state.model_id, "choices": [], "usage": usage}
                         yield f"data: {json.dumps(body)}\n\n"
                     break
-                yield _chunk(state, rid, {"content": value}, None, kind)
+                yield _chunk(state, rid, {"content": value}, None, fmt)
                 if time.monotonic() - last_check > 0.1:  # a cheap poll, at most ten times a second
                     last_check = time.monotonic()
                     if await request.is_disconnected():
