@@ -786,15 +786,16 @@ def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
 
     sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
     sv.chat_template = None
-    sv.add_special_token.update(_adds_bos_eos(model_dir))
+    for k, v in _adds_bos_eos(model_dir).items():  # what gguf-py read from the files wins; else transformers'
+        sv.add_special_token.setdefault(k, v)
     return sv
 
 
 def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
     """Whether transformers puts BOS before and EOS after an encoded text, as this folder's tokenizer is loaded.
 
-    Asked of transformers itself: the answer can come from tokenizer_config.json (add_bos_token), the
-    tokenizer.json post-processor, or the tokenizer class's default, and gguf-py's reading misses the last.
+    Asked of transformers itself, for what gguf-py's reading of tokenizer_config.json and the tokenizer.json
+    post-processor leaves unset (the tokenizer class's default).
     """
     tok = _hf_tokenizer(model_dir)
     plain = tok("a", add_special_tokens=False)["input_ids"]
