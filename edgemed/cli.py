@@ -206,9 +206,11 @@ def export() -> None:
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str, out: Path,
-                    overwrite: bool, auto_quant: bool) -> None:
+                    overwrite: bool, auto_quant: bool, chat_template: Path | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
 
     Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""
@@ -220,8 +222,11 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
+    from edgemed.prompting import read_template
+
     click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
-                           adapter_quant=adapter_quant))
+                           adapter_quant=adapter_quant,
+                           chat_template=read_template(chat_template) if chat_template else None))
 
 
 @export.command("onnx")
@@ -252,14 +257,19 @@ def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level
               help="Override a pass threshold, e.g. --threshold kl_mean=0.05.")
 @click.option("--max-probes", type=int, default=32, show_default=True)
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probes: Path | None,
-           report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None) -> None:
+           report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None,
+           chat_template: Path | None) -> None:
     """Compare an export with the PyTorch model it came from; exit 1 when it fails the thresholds."""
     from edgemed.parity import run_parity
+    from edgemed.prompting import read_template
 
     result = run_parity(export_dir, reference=reference, adapter=adapter, probes=probes, report=report,
-                        thresholds=thresholds, max_probes=max_probes, n_threads=threads)
+                        thresholds=thresholds, max_probes=max_probes, n_threads=threads,
+                        chat_template=read_template(chat_template) if chat_template else None)
     click.echo(result.table())
     sys.exit(0 if result.passed else 1)
 
@@ -282,14 +292,18 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
 @click.option("--limit", type=int, help="Evaluate only the first N records.")
 @click.option("--max-tokens", type=int, help="Answer budget (default 12 for VQA, 160 for reports).")
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def eval_cmd(model: Path | None, data_path: Path, fmt: str | None, protocol: str, task: str, split: str | None,
              predictions: Path | None, trust_pickle: bool, image_root: Path | None, others: tuple[Path, ...],
-             report: Path | None, limit: int | None, max_tokens: int | None, threads: int | None) -> None:
+             report: Path | None, limit: int | None, max_tokens: int | None, threads: int | None,
+             chat_template: Path | None) -> None:
     """Medical VQA or report scores of a model or export; with --compare, a retention table (change, 95% CI,
     flips, McNemar p); with --predictions, rescore saved answers."""
     from edgemed.errors import ParityError
     from edgemed.evaluate import evaluate_many, rescore, rescore_text
+    from edgemed.prompting import read_template
 
     if predictions is not None:
         if model is not None or others:
@@ -301,7 +315,8 @@ def eval_cmd(model: Path | None, data_path: Path, fmt: str | None, protocol: str
         raise ParityError("give a MODEL folder to evaluate, or --predictions PRED.jsonl to score saved answers")
     result = evaluate_many([model, *others], data_path, report=report, limit=limit, n_threads=threads,
                            protocol=protocol, task=task, fmt=fmt, split=split, trust_pickle=trust_pickle,
-                           image_root=image_root, max_tokens=max_tokens)
+                           image_root=image_root, max_tokens=max_tokens,
+                           chat_template=read_template(chat_template) if chat_template else None)
     click.echo(result.table())
     for r in result.results:
         if r.get("retention"):
@@ -346,14 +361,15 @@ def verify(bundle: Path) -> None:
 @click.option("--allow-origin", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable; also "
                    "EDGEMED_ORIGINS, comma-separated). None by default.")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
           max_body_mb: float, max_image_pixels: int, threads: int | None, allow_host: tuple[str, ...],
-          allow_origin: tuple[str, ...]) -> None:
-    """Serve EXPORT_DIR offline with an OpenAI-compatible chat API."""
-    import os
-
+          allow_origin: tuple[str, ...], chat_template: Path | None) -> None:
+    """Serve EXPORT_DIR offline with an OpenAI-compatible API (chat and, for base models, text completions)."""
+    from edgemed.prompting import read_template
     from edgemed.serve import ServeConfig
     from edgemed.serve import serve as run
 
@@ -362,7 +378,7 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
                     max_image_pixels=max_image_pixels, n_threads=threads, allow_hosts=list(allow_host),
-                    allow_origins=origins))
+                    allow_origins=origins, chat_template=read_template(chat_template) if chat_template else None))
 
 
 @main.command()
@@ -374,14 +390,21 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (with --temperature above 0).")
 @click.option("--threads", type=int, help="CPU threads of the runtime (default: the runtime's choice).")
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to render prompts with (a base model has none).")
 @handled
 def ask(export_dir: Path, question: str, image: Path | None, system: str | None, max_tokens: int,
-        temperature: float, seed: int | None, threads: int | None) -> None:
-    """Ask one question (optionally about an image); the answer streams to the terminal."""
+        temperature: float, seed: int | None, threads: int | None, chat_template: Path | None) -> None:
+    """Ask one question (optionally about an image); the answer streams to the terminal.
+
+    A base model (no chat template) continues QUESTION as plain text.
+    """
+    from edgemed.prompting import read_template
     from edgemed.serve import ask as run
 
     for piece in run(export_dir, question, image=image, system=system, max_tokens=max_tokens,
-                     temperature=temperature, seed=seed, n_threads=threads):
+                     temperature=temperature, seed=seed, n_threads=threads,
+                     chat_template=read_template(chat_template) if chat_template else None):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -219,7 +219,7 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
                   limit: int | None = None, max_tokens: int | None = None, n_threads: int | None = None,
                   protocol: str = DEFAULT_PROTOCOL, task: str = "vqa", fmt: str | None = None,
                   split: str | None = None, trust_pickle: bool = False,
-                  image_root: Path | str | None = None) -> EvalResult:
+                  image_root: Path | str | None = None, chat_template: str | None = None) -> EvalResult:
     """Evaluate several models or exports on one data file; each file of a multi-quant GGUF folder is a row.
 
     Args:
@@ -235,6 +235,8 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         split: the split inside the file (VQA-RAD: train/test/all; R2Gen: train/val/test).
         trust_pickle: allow PathVQA's release pickles.
         image_root: image folder where the layout's default does not fit.
+        chat_template: template text every model renders with (``--chat-template``); a model without a template
+            and without this is asked with plain text prompts.
 
     Returns:
         The result; ``.table()`` prints the retention table.
@@ -254,6 +256,7 @@ def evaluate_many(paths: list[Path | str], data_path: Path | str, report: Path |
         quants = info["quant"].split(",") if info["kind"] == "gguf" and info["quant"] else [None]
         for q in quants:
             kw = ({"quant": q} if q else {}) | ({"n_threads": n_threads} if n_threads else {})
+            kw |= {"chat_template": chat_template} if chat_template is not None else {}
             res = evaluate(p, records, max_tokens=max_tokens, protocol=protocol, task=task, **kw)
             label = p.name + (f" {q}" if q and len(quants) > 1 else (f" {q}" if q else ""))
             out.results.append({"label": label, "path": str(p.absolute()), "quant": q or info["quant"],

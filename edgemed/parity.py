@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edgemed import prompting
 from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, read_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, DataError, EdgemedError, ParityError
 
@@ -332,6 +333,7 @@ class ParityResult:
     verdict: list[str] = field(default_factory=list)
     smallest_passing: str | None = None
     merge: Row | None = None  # adapter vs merged, when the run folder was given
+    prompt_format: str = "chat"  # "plain": a base model without a chat template was probed with text prompts
 
     @property
     def passed(self) -> bool:
@@ -339,6 +341,7 @@ class ParityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"export": self.export, "reference": self.reference, "passed": self.passed, "probes": self.probes,
+                "prompt_format": self.prompt_format,
                 "positions": self.positions, "seconds": round(self.seconds, 1),
                 "smallest_passing": self.smallest_passing, "verdict": self.verdict,
                 "rows": [asdict(r) | {"passed": r.passed} for r in self.rows],
@@ -350,7 +353,10 @@ class ParityResult:
         head = (f"{'':2}{'file':<22}{'quant':<10}{'top1':>7}{'KL mean':>10}{'KL p99':>10}{'KL max':>9}"
                 f"{'dlogit':>8}{'greedy':>8}{'img cos':>9}  tok tmpl bos")
         lines = [f"parity: {self.export}  vs  {self.reference}  ({self.probes} probes, {self.positions} positions, "
-                 f"{self.seconds:.0f} s)", head]
+                 f"{self.seconds:.0f} s)"]
+        if self.prompt_format == "plain":
+            lines.append("prompts: plain text (the model has no chat template; give one with --chat-template FILE)")
+        lines.append(head)
 
         def fmt(r: Row) -> str:
             m, c = r.metrics, r.checks
@@ -608,7 +614,6 @@ def _gguf_file_checks(file: Path, ref, probes: list[Probe], bos_ref: int) -> tup
     import gguf
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from edgemed import prompting
 
     reader = gguf.GGUFReader(file)
 
@@ -624,6 +629,12 @@ def _gguf_file_checks(file: Path, ref, probes: list[Probe], bos_ref: int) -> tup
     eos_text = tok.convert_ids_to_tokens(int(eos_id)) if tok is not None and eos_id is not None else ""
     checks: dict[str, Any] = {"gguf_template_identical": template == ref.chat_template(), "gguf_add_bos": add_bos}
     fails: list[str] = []
+    if template is None and ref.chat_template() is None:  # a base model: plain prompts, only BOS to check
+        checks["gguf_bos"] = int(add_bos)
+        if checks["gguf_bos"] != bos_ref:
+            fails.append(f"bos: {file.name} starts prompts with {checks['gguf_bos']} BOS token(s) "
+                         f"(add_bos_token={add_bos}), the reference with {bos_ref}")
+        return checks, fails
     if template is None:
         fails.append("template: the GGUF holds no tokenizer.chat_template; llama.cpp servers would fall back to a "
                      "built-in template; export the model's own chat template")
@@ -702,7 +713,7 @@ def _opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[st
 def run_parity(export_dir: Path | str, reference: Path | str | None = None, adapter: Path | str | None = None,
                probes: Path | str | None = None, report: Path | str | None = None,
                thresholds: tuple[str, ...] | list[str] = (), max_probes: int = 32, localise: bool = True,
-               n_threads: int | None = None) -> ParityResult:
+               n_threads: int | None = None, chat_template: str | None = None) -> ParityResult:
     """Compare every file of an export with the PyTorch model it came from.
 
     Args:
@@ -716,9 +727,11 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         localise: on failure, compare the stages to say which one lost the behaviour.
         n_threads: CPU threads per runtime (default: each runtime's own choice). On a machine whose cores are
             busy with other work, 1 is often several times faster: spinning thread pools wait on each other.
+        chat_template: template text every runtime renders with (``--chat-template``), instead of the folders'.
 
     Returns:
         The result; ``passed`` is False when any row fails its thresholds.
+        A model without a chat template is probed with plain text prompts, and the result says so.
     """
     t0 = time.time()
     export_dir = Path(export_dir)
@@ -731,7 +744,9 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     ths = {q: thresholds_for(q, thresholds) for _, q, _ in cands}
     thresholds_for("f32", thresholds)  # validates overrides even when no row uses f32
     given = read_probes(probes)[:max_probes] if probes else None  # a bad file fails before any model loads
-    kw = {"n_threads": n_threads} if n_threads else {}
+    kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
     ref = open_model(ref_dir, **kw)
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, ref.is_vision, max_probes)
@@ -749,7 +764,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                 checks, fails = _gguf_file_checks(export_dir / manifest["models"][q], ref, plist, bos_ref)
                 row.checks.update(checks)
                 row.failures += fails
-        result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0)
+        result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
+                              prompt_format=prompting.prompt_format(ref.processor))
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = _merge_row(ref, Path(adapter), plist, bos, thresholds, kw)
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
@@ -768,13 +784,14 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
 
 def open_model(folder: Path, **kw: Any):
     """A backend for an edgemed folder (by its manifest) or a plain transformers folder (PyTorch)."""
-    from edgemed.backends import open_backend
+    from edgemed.backends import open_backend, use_template
 
     if (Path(folder) / MANIFEST).is_file():
         return open_backend(folder, **kw)
     from edgemed.backends.pytorch import TorchBackend
 
-    return TorchBackend(Path(folder), **kw)
+    template = kw.pop("chat_template", None)
+    return use_template(TorchBackend(Path(folder), **kw), template)
 
 
 def opened_name(manifest: dict[str, Any]) -> str:

@@ -2,10 +2,14 @@
 
 Image models get typed content (``{"type": "image"}`` parts), which their processors' templates turn into the
 family's image placeholder; text models get plain string content, as their templates expect.
+
+A base model (no chat template anywhere in its folder) is prompted with plain text: the system prompt, a blank
+line, then the question, with no turn markers, as such a model was trained to continue text.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -27,6 +31,48 @@ def messages(question: str, *, image: bool = False, system: str | None = None, t
     if answer is not None:
         out.append({"role": "assistant", "content": content(answer)})
     return out
+
+
+PLAIN = "plain"  # the prompt format of a model without a chat template, as reports name it
+CHAT = "chat"
+
+
+def has_template(template_owner: Any) -> bool:
+    """Whether a tokenizer or processor carries a chat template (a base model's does not)."""
+    owner_t = getattr(template_owner, "chat_template", None)
+    inner = getattr(template_owner, "tokenizer", None)
+    return bool(owner_t or getattr(inner, "chat_template", None))
+
+
+def prompt_format(template_owner: Any) -> str:
+    """"chat" when prompts go through the chat template, "plain" for a base model's text prompts."""
+    return CHAT if has_template(template_owner) else PLAIN
+
+
+def plain(question: str, system: str | None = None) -> str:
+    """The text prompt of a base model: the system prompt and a blank line, then the question."""
+    return f"{system}\n\n{question}" if system else question
+
+
+def read_template(path: Path | str) -> str:
+    """The text of a ``--chat-template FILE`` (a Jinja chat template), checked to parse."""
+    import jinja2
+
+    from edgemed.errors import DataError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--chat-template {path}: cannot read it ({e}); give a UTF-8 Jinja template file") from None
+    if not text.strip():
+        raise DataError(f"--chat-template {path}: the file is empty; give a Jinja chat template")
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"--chat-template {path}: not a valid Jinja template (line {e.lineno}: {e.message})"
+                        ) from None
+    return text
 
 
 def render(template_owner: Any, msgs: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:

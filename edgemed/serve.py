@@ -1,4 +1,8 @@
-"""Serve an export offline with an OpenAI-compatible chat API, and ask it one question from the terminal.
+"""Serve an export offline with an OpenAI-compatible API, and ask it one question from the terminal.
+
+``/v1/chat/completions`` renders conversations with the model's chat template; ``/v1/completions`` continues a
+plain text prompt, which is how a base model (no chat template) is used. Chat on a base model is refused with
+a 400 that says so, unless ``--chat-template FILE`` gave it a template.
 
 ``serve(config)`` runs ``create_app(config)`` under uvicorn. The runtime follows from the folder's manifest
 (``edgemed.backends.open_backend``): GGUF through llama.cpp, ONNX through onnxruntime, a model or run folder
@@ -39,6 +43,7 @@ from urllib.parse import unquote, urlparse
 from fastapi import Request  # at run time: FastAPI resolves the endpoints' annotations from this module
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgemed import prompting
 from edgemed.backends.base import GenParams
 from edgemed.errors import DataError, EdgemedError, ServeError
 from edgemed.limits import (
@@ -85,6 +90,7 @@ class ServeConfig:
     n_threads: int | None = None  # CPU threads of the runtime (default: the runtime's choice)
     allow_hosts: list[str] = field(default_factory=list)  # Host names accepted beside loopback ("*": any)
     allow_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
+    chat_template: str | None = None  # template text replacing the export's (--chat-template FILE)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -137,6 +143,8 @@ def open_export(folder: Path | str, verify: bool = True, **kw: Any) -> Backend:
     manifest) opens with PyTorch; it has no manifest to verify against, which is logged.
     """
     _offline()
+    from edgemed.backends import use_template
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ServeError(f"{folder}: no such folder; give an export, run or model folder")
@@ -150,7 +158,8 @@ def open_export(folder: Path | str, verify: bool = True, **kw: Any) -> Backend:
         log.warning("%s has no manifest.json: serving it as a plain transformers folder, unverified", folder)
         from edgemed.backends.pytorch import TorchBackend
 
-        return TorchBackend(folder, **kw)
+        template = kw.pop("chat_template", None)
+        return use_template(TorchBackend(folder, **kw), template)
     raise ServeError(f"{folder}: neither an edgemed folder (manifest.json) nor a transformers model folder "
                      "(config.json); give the folder `edgemed export`, `merge` or `finetune` wrote")
 
@@ -359,6 +368,23 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
 
 
+class CompletionRequest(BaseModel):
+    """The fields of an OpenAI (legacy) text completion request this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    echo: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+
+
 class _Api(Exception):
     """An answer other than 200: HTTP status and an OpenAI-shaped error body."""
 
@@ -386,6 +412,8 @@ class _Prompt:
     params: GenParams
     stream: bool
     include_usage: bool
+    kind: str = "chat"  # "chat" (chat.completion objects) or "text" (text_completion objects)
+    echo: str = ""  # a completion's prompt, sent before its answer when asked (echo)
 
 
 def _text_of(content: str | list[_Part] | None, images: list[str]) -> str:
@@ -426,16 +454,15 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Pr
         images += found
     if not turns or turns[-1][0] != "user":
         raise _Api(400, "the last message must be the user's question", "invalid_conversation")
+    if not prompting.has_template(getattr(backend, "processor", None)):
+        raise _Api(400, "this model has no chat template (a base model): send a plain text prompt to "
+                   "/v1/completions, or restart the server with --chat-template FILE", "no_chat_template")
     if len(images) > 1:
         raise _Api(400, f"one image per request is supported (got {len(images)})", "too_many_images")
     if images and not backend.is_vision:
         raise _Api(400, "this model is a text model and takes no image; send text only", "image_not_supported")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    try:  # the limits every front end shares (edgemed.limits)
-        params = gen_params(req.max_completion_tokens or req.max_tokens or config.max_tokens_cap, req.temperature,
-                            req.top_p, req.seed, stop, cap=config.max_tokens_cap)
-    except LimitError as e:
-        raise _Api(400, str(e), e.code) from None
+    params = _params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed, req.stop,
+                     config)
     image = image_from_url(images[0], config) if images else None
     system = "\n".join(p for p in system_parts if p) or None
     try:
@@ -447,6 +474,30 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> _Pr
         raise _Api(400, str(e), "invalid_prompt") from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return _Prompt(text, image, params, req.stream, include_usage)
+
+
+def _params(max_tokens: int | None, temperature: float, top_p: float, seed: int | None,
+            stop: str | list[str] | None, config: ServeConfig) -> GenParams:
+    """Decoding settings through the limits every front end shares (edgemed.limits), or a 400."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    try:
+        return gen_params(max_tokens or config.max_tokens_cap, temperature, top_p, seed, stops,
+                          cap=config.max_tokens_cap)
+    except LimitError as e:
+        raise _Api(400, str(e), e.code) from None
+
+
+def build_completion(req: CompletionRequest, config: ServeConfig) -> _Prompt:
+    """The prompt and decoding settings of one text completion: the prompt text as given, no template."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise _Api(400, f"one prompt per request is supported (got {len(prompts)})", "too_many_prompts")
+    if not prompts[0]:
+        raise _Api(400, "prompt is empty; send the text to continue", "invalid_prompt")
+    params = _params(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, config)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _Prompt(prompts[0], None, params, req.stream, include_usage, kind="text",
+                   echo=prompts[0] if req.echo else "")
 
 
 def _render_history(backend: Backend, system: str | None, turns: list[tuple[str, str, bool]]) -> str:
@@ -664,9 +715,14 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
         stop.set()
 
 
-def _chunk(state: _State, rid: str, delta: dict[str, Any], finish: str | None) -> str:
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def _chunk(state: _State, rid: str, delta: dict[str, Any], finish: str | None, kind: str = "chat") -> str:
+    if kind == "text":  # a text_completion chunk carries the piece as "text"
+        body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_id,
+                "choices": [{"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                             "finish_reason": finish}]}
+    else:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": state.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -746,6 +802,13 @@ async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
         raise _Api(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed") from None
     state.metrics.counts["completed"] += 1
     state.metrics.latencies.append(time.monotonic() - arrived)
+    if prompt.kind == "text":
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_id, "system_fingerprint": f"edgemed-{getattr(state.backend, 'name', '?')}",
+            "choices": [{"index": 0, "text": prompt.echo + text, "logprobs": None, "finish_reason": _finish(reason)}],
+            "usage": usage,
+        }
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": state.model_id, "system_fingerprint": f"edgemed-{getattr(state.backend, 'name', '?')}",
@@ -758,22 +821,28 @@ async def _complete(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
 async def _sse(state: _State, request: Request, prompt: _Prompt, ticket: _Ticket, deadline: float,
                arrived: float) -> AsyncIterator[str]:
     """Server-sent events of one answer; a disconnect (polled between pieces, or seen by Starlette) stops it."""
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    fmt = prompt.kind  # "chat" or "text" (not `kind`: the loop below names its items so)
+    rid = f"{'cmpl' if fmt == 'text' else 'chatcmpl'}-{uuid.uuid4().hex}"
     last_check = time.monotonic()
     try:
-        yield _chunk(state, rid, {"role": "assistant", "content": ""}, None)
+        if fmt == "text":
+            if prompt.echo:
+                yield _chunk(state, rid, {"content": prompt.echo}, None, fmt)
+        else:
+            yield _chunk(state, rid, {"role": "assistant", "content": ""}, None)
         # aclosing: however this generator ends, the inner one's cleanup (stop the model) runs at once
         async with contextlib.aclosing(_generate(state, prompt, ticket, deadline)) as gen:
             async for kind, value in gen:
                 if kind == "end":
                     reason, usage, _ = value
-                    yield _chunk(state, rid, {}, _finish(reason))
+                    yield _chunk(state, rid, {}, _finish(reason), fmt)
                     if prompt.include_usage:
-                        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                        obj = "text_completion" if fmt == "text" else "chat.completion.chunk"
+                        body = {"id": rid, "object": obj, "created": int(time.time()),
                                 "model": state.model_id, "choices": [], "usage": usage}
                         yield f"data: {json.dumps(body)}\n\n"
                     break
-                yield _chunk(state, rid, {"content": value}, None)
+                yield _chunk(state, rid, {"content": value}, None, fmt)
                 if time.monotonic() - last_check > 0.1:  # a cheap poll, at most ten times a second
                     last_check = time.monotonic()
                     if await request.is_disconnected():
@@ -826,7 +895,9 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     slots = config.max_concurrency
     # replicas share the cores: each gets its part unless --threads says otherwise
     threads = config.n_threads or (max(1, (os.cpu_count() or 1) // slots) if owns and slots > 1 else None)
-    kw = {"n_threads": threads} if threads else {}
+    kw: dict[str, Any] = {"n_threads": threads} if threads else {}
+    if config.chat_template is not None:
+        kw["chat_template"] = config.chat_template
     backend = backend or open_export(config.export_dir, verify=config.verify, **kw)
     replicas = [backend]
     if owns and slots > 1 and not getattr(backend, "thread_safe", False):
@@ -911,6 +982,14 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        return await answer(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, "text")
+
+    async def answer(request: Request, kind: str):
+        """One request to either endpoint: parse, queue, then a whole answer or a stream."""
         arrived = time.monotonic()
         deadline = arrived + config.request_timeout
         state.metrics.counts["requests"] += 1
@@ -919,7 +998,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
         ticket = None
         streaming = False
         try:
-            prompt = await _parse(request, state)
+            prompt = await _parse(request, state, kind)
             try:
                 ticket = _Ticket(state.gate)
             except _QueueFull:
@@ -949,8 +1028,9 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     return app
 
 
-async def _parse(request: Request, state: _State) -> _Prompt:
-    """The request's prompt, or a 4xx _Api error saying what is wrong with it."""
+async def _parse(request: Request, state: _State, kind: str = "chat") -> _Prompt:
+    """The request's prompt (a chat request, or a text completion for ``kind`` "text"), or a 4xx _Api error
+    saying what is wrong with it."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         # text/plain and form bodies are what a web page can send cross-site without a preflight: never accepted
@@ -965,6 +1045,11 @@ async def _parse(request: Request, state: _State) -> _Prompt:
         raise _Api(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
     if not isinstance(obj, dict):
         raise _Api(400, f"the request body must be a JSON object, got {type(obj).__name__}", "invalid_request")
+    if kind == "text":
+        try:
+            return build_completion(CompletionRequest.model_validate(obj), state.config)
+        except ValidationError as e:
+            raise _Api(400, _validation_message(e), "invalid_request") from None
     try:
         req = ChatRequest.model_validate(obj)
     except ValidationError as e:
@@ -1003,16 +1088,22 @@ def serve(config: ServeConfig) -> None:
 
 
 def ask(export_dir: Path | str, question: str, image: Path | str | None = None, system: str | None = None,
-        max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None, n_threads: int | None = None
-        ) -> Iterator[str]:
-    """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export."""
+        max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None, n_threads: int | None = None,
+        chat_template: str | None = None) -> Iterator[str]:
+    """Stream the answer to one question (about an optional PNG, JPEG or DICOM file) from an export.
+
+    A model without a chat template (and no ``chat_template`` given) continues the question as plain text.
+    """
     from edgemed.data import load_image
 
     params = gen_params(max_tokens, temperature, 1.0, seed)  # the same limits as a request to the server
     pil = None
     if image is not None:
         pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
-    backend = open_export(export_dir, verify=False, **({"n_threads": n_threads} if n_threads else {}))
+    kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
+    backend = open_export(export_dir, verify=False, **kw)
     try:
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
@@ -1022,5 +1113,5 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
         backend.close()
 
 
-__all__ = ["ChatRequest", "ServeConfig", "ask", "check_config", "create_app", "decode_image", "open_export",
-           "serve"]
+__all__ = ["ChatRequest", "CompletionRequest", "ServeConfig", "ask", "check_config", "create_app", "decode_image",
+           "open_export", "serve"]

