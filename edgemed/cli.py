@@ -125,15 +125,21 @@ def export() -> None:
 @export.command("gguf")
 @click.argument("model_dir", type=EXISTING)
 @click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True,
-              help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; repeat for several.")
+              help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, iq3_m; repeat for several.")
 @click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
+@click.option("--calibration", type=EXISTING, default=None,
+              help="Data (text or VQA JSONL, VQA-RAD, SLAKE) for the importance matrices of llama.cpp's quants; "
+                   "default: a merged fine-tune's own training data.")
+@click.option("--no-calibration", is_flag=True, help="Quantize without importance matrices.")
+@click.option("--calibration-samples", type=int, default=None, help="Calibration records to read (default 128).")
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, out: Path, overwrite: bool,
-                    auto_quant: bool) -> None:
+                    auto_quant: bool, calibration: Path | None, no_calibration: bool,
+                    calibration_samples: int | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file."""
     from edgemed.export.gguf import export_gguf
 
@@ -143,7 +149,9 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant))
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
+                           calibration=calibration, calibrate=not no_calibration,
+                           calibration_samples=calibration_samples))
 
 
 @export.command("onnx")

@@ -27,7 +27,8 @@ from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, sha256_file, tr
 from edgemed.errors import ArtifactError, ExportError
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
-LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
+LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0",
+                "iq4_xs": "MOSTLY_IQ4_XS", "q3_k_m": "MOSTLY_Q3_K_M", "iq3_m": "MOSTLY_IQ3_M"}
 QUANTS = DIRECT + tuple(LLAMA_QUANTS)
 MMPROJ_QUANTS = ("f32", "f16", "q8_0")
 
@@ -54,16 +55,21 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16") -> Path:
+                mmproj_quant: str = "f16", calibration: Path | str | None = None, calibrate: bool = True,
+                calibration_samples: int | None = None, calibration_tokens: int | None = None) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Args:
         model_dir: merged transformers model folder (a kind "model" edgemed folder, or any folder with
             config.json and safetensors weights).
-        quants: one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.
+        quants: one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, iq3_m.
         out: output folder; written under a temporary name and renamed when complete.
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
+        calibration: data file (any training-data format) for the importance matrices of llama.cpp's quants;
+            default: the training data of the run a merged model came from (see :mod:`edgemed.export.imatrix`).
+        calibrate: False exports uncalibrated even when the run's data is at hand.
+        calibration_samples, calibration_tokens: caps on the records read and the tokens per record.
 
     Returns:
         The output folder.
@@ -81,8 +87,10 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     text_plan = plan_tensors(spec, config, ckpt, "text")
     vision_plan = plan_tensors(spec, config, ckpt, "vision") if spec.is_vision else []
     provenance = _provenance(model_dir, source)
+    calib = _calibration_plan(model_dir, quants, calibration, calibrate, calibration_samples)
 
     files: dict[str, str] = {}
+    cal = None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for q in quants:
             if q in DIRECT:
@@ -93,8 +101,19 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
             src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
             if "f16" not in files:
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance)
+            if calib is not None:  # one set of matrices serves every quant
+                from edgemed.export import imatrix
+
+                records, data_path, data_sha = calib
+                cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
+                                              max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
+                                              system=imatrix.run_system_prompt(model_dir))
+                imatrix.write_imatrix(cal, tmp / imatrix.IMATRIX_FILE)
             for q in llama:
-                llama_quantize(src, tmp / f"model-{q}.gguf", q)
+                if cal is None:
+                    llama_quantize(src, tmp / f"model-{q}.gguf", q)
+                else:
+                    _calibrated_quantize(src, tmp, q, cal)
                 files[q] = f"model-{q}.gguf"
             if "f16" not in files:
                 src.unlink()
@@ -108,6 +127,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
+                       calibration=cal.provenance() if cal is not None else None,
                        name=provenance["name"], base_model=provenance["base_model"],
                        base_model_sha256=provenance["base_model_sha256"],
                        parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
@@ -116,6 +136,41 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
 
 
 # ---------------------------------------------------------------- inputs
+def _calibration_plan(model_dir: Path, quants: list[str], calibration: Path | str | None, calibrate: bool,
+                      max_samples: int | None) -> tuple[list[Any], Path, str] | None:
+    """(records, file, sha256) of the calibration data the export will use, read and checked before anything is
+    written (a bad file leaves no output); None for an uncalibrated export."""
+    from edgemed.export import imatrix
+
+    llama = [q for q in quants if q in LLAMA_QUANTS]
+    if calibration is not None and not calibrate:
+        raise ExportError("--calibration and --no-calibration contradict each other; give one")
+    path = Path(calibration) if calibration is not None else (
+        imatrix.default_calibration(model_dir) if calibrate and llama else None)
+    if path is None:
+        return None
+    records, sha = imatrix.read_calibration(path, max_samples or imatrix.MAX_SAMPLES)  # a bad file fails here
+    if not llama:
+        log.info("no llama.cpp quant asked for (%s): the calibration data is not needed", ", ".join(quants))
+        return None
+    return records, path, sha
+
+
+def _calibrated_quantize(src: Path, folder: Path, quant: str, cal: Any) -> Path:
+    """llama.cpp decides each tensor's type (uncalibrated pass); ggml's kernels quantize again with the matrices."""
+    from edgemed.export.ggml_quant import requantize
+
+    plain = folder / f".uncalibrated-{quant}.gguf"
+    llama_quantize(src, plain, quant)
+    dst = folder / f"model-{quant}.gguf"
+    try:
+        requantize(plain, src, dst, cal.matrices, {
+            "quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": Path(cal.source).name,
+            "quantize.imatrix.entries_count": len(cal.matrices), "quantize.imatrix.chunks_count": cal.samples,
+            "edgemed.calibration.imatrix_sha256": cal.sha256, "edgemed.calibration.data_sha256": cal.data_sha256})
+    finally:
+        plain.unlink(missing_ok=True)
+    return dst
 
 
 def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
