@@ -350,6 +350,7 @@ class ParityResult:
     verdict: list[str] = field(default_factory=list)
     smallest_passing: str | None = None
     merge: Row | None = None  # adapter vs merged, when the run folder was given
+    calibration: dict[str, Any] | None = None  # the export's calibration data and that the probes are disjoint
 
     @property
     def passed(self) -> bool:
@@ -361,7 +362,8 @@ class ParityResult:
                 "smallest_passing": self.smallest_passing, "verdict": self.verdict,
                 "rows": [asdict(r) | {"passed": r.passed} for r in self.rows],
                 "merge": asdict(self.merge) | {"passed": self.merge.passed} if self.merge else None,
-                "localisation": [asdict(r) | {"passed": r.passed} for r in self.localisation]}
+                "localisation": [asdict(r) | {"passed": r.passed} for r in self.localisation],
+                "calibration": self.calibration}
 
     def table(self) -> str:
         """A readable table: one line per row and stage, then each failure and the verdict."""
@@ -408,6 +410,10 @@ class ParityResult:
         if self.smallest_passing:
             lines.append(f"smallest passing quant: {self.smallest_passing}")
         lines += [f"verdict: {v}" for v in self.verdict]
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c.get('data')} ({c.get('samples')} samples); probes disjoint from it: "
+                         f"{'yes' if c.get('disjoint') else 'not checked'}")
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
@@ -786,6 +792,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     ref = open_model(ref_dir, **kw)
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, ref.is_vision, max_probes)
+        plist, calibration = _disjoint_from_calibration(manifest, plist, given is not None)
         bos = getattr(getattr(ref, "tokenizer", None), "bos_token_id", None)
         folders = {label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}
         floats = [label for label, q, _ in cands if q in FLOAT_TYPES]
@@ -800,7 +807,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                 checks, fails = _gguf_file_checks(export_dir / manifest["models"][q], ref, plist, bos_ref)
                 row.checks.update(checks)
                 row.failures += fails
-        result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0)
+        result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
+                              calibration=calibration)
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = _merge_row(ref, Path(adapter), plist, bos, thresholds, kw)
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
@@ -815,6 +823,36 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         with atomic_file(report, overwrite=True) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2, default=_jsonable) + "\n")
     return result
+
+
+def _probe_key(question: str, image: Any) -> tuple[str, str]:
+    return question.strip(), str(Path(image).resolve()) if isinstance(image, str | Path) else ""
+
+
+def _disjoint_from_calibration(manifest: dict[str, Any], probes: list[Probe], given: bool
+                               ) -> tuple[list[Probe], dict[str, Any] | None]:
+    """Probes that the export's calibration data did not hold: a given probe file that overlaps is refused, default
+    probes that overlap are dropped. Returns the probes and what the report says about it."""
+    from edgemed.data import TextRecord, read_dataset
+
+    cal = manifest.get("calibration")
+    if not cal:
+        return probes, None
+    info = {"data": cal.get("data"), "data_sha256": cal.get("data_sha256"), "samples": cal.get("samples")}
+    path = Path(cal.get("data") or "")
+    if not path.is_file():
+        return probes, info | {"disjoint": None, "note": "calibration data not at hand; overlap not checked"}
+    seen = set()
+    for r in read_dataset(path):
+        seen.add(r.text.strip() if isinstance(r, TextRecord) else _probe_key(r.question, r.image))
+    overlap = [p for p in probes if _probe_key(p.question, p.image) in seen or p.question.strip() in seen]
+    if overlap and given:
+        raise ParityError(f"{len(overlap)} of {len(probes)} probes also occur in the calibration data {path} (e.g. "
+                          f"{overlap[0].source}: {overlap[0].question[:60]!r}); judge the export on held-out probes")
+    kept = [p for p in probes if p not in overlap]
+    if not kept:
+        raise ParityError(f"every default probe occurs in the calibration data {path}; give held-out --probes")
+    return kept, info | {"disjoint": True, "dropped": len(overlap)}
 
 
 def open_model(folder: Path, **kw: Any):

@@ -542,3 +542,23 @@ def test_worse_than_its_type_is_warned_not_failed():
     row = _row("x", "q8_0", "x", _acc_from(ref, cand), thresholds_for("q8_0"))
     assert row.passed and row.warnings and "q8_0 usually measures" in row.warnings[0], (row.failures, row.warnings)
     assert not _row("x", "q4_k_m", "x", _acc_from(ref, cand), thresholds_for("q4_k_m")).warnings
+
+
+@needs_gguf
+def test_probes_must_be_disjoint_from_the_calibration_data(tiny_model, tmp_path):
+    from conftest import write_vqa
+
+    from edgemed.export.gguf import export_gguf
+
+    ref = tiny_model("llama")
+    data = write_vqa(tmp_path / "cal", n=4, image=False)
+    out = export_gguf(ref, ["q4_k_m"], tmp_path / "gguf", calibration=data)
+    with pytest.raises(ParityError, match="calibration data"):
+        run_parity(out, reference=ref, probes=data)
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "Name the lobes of the right lung."}\n{"question": "What is a pneumothorax?"}\n')
+    ok = run_parity(out, reference=ref, probes=held, report=tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration"]["disjoint"] is True and report["calibration"]["samples"] == 4
+    assert report["rows"][0]["quant"] == "q4_k_m" and "kl_mean" in report["rows"][0]["metrics"]
+    assert "disjoint from it: yes" in ok.table()
