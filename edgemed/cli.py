@@ -147,6 +147,8 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         from edgemed.parity import auto_quant as pick
 
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
+        if calibration is not None:
+            kw["calibration"] = calibration
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
     click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,

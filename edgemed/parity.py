@@ -989,7 +989,7 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                candidates: tuple[str, ...] = ("q4_k_m", "q5_k_m", "q6_k", "q8_0"),
                thresholds: tuple[str, ...] | list[str] = (), data: Path | str | None = None,
                max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
-               n_threads: int | None = None) -> Path:
+               n_threads: int | None = None, calibration: Path | str | None = None) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -1003,6 +1003,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         limit: evaluate at most this many records.
         max_probes: parity probes.
         n_threads: CPU threads per runtime.
+        calibration: calibration data (default: the run's training data); with it each quant is tried
+            calibrated and uncalibrated, by the same budget.
 
     Returns:
         The export folder; its manifest holds ``auto_quant``: the choice and why each other candidate lost.
@@ -1023,34 +1025,45 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         data = next((Path(v) for v in vals if Path(v).is_file() and Path(v).suffix == ".jsonl"), None)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.auto-", dir=out.absolute().parent))
     try:
-        trial = export_gguf(model_dir, order, work / "all")
-        result = run_parity(trial, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
-                            localise=False, n_threads=n_threads)
+        from edgemed.export.imatrix import default_calibration
+
+        # calibrated and uncalibrated candidates, judged by the same budget: smallest passing wins, calibrated first
+        trials = {"calibrated": export_gguf(model_dir, order, work / "calibrated", calibration=calibration)
+                  } if calibration is not None or default_calibration(model_dir) is not None else {}
+        trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False)
+        results = {mode: run_parity(t, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
+                                    localise=False, n_threads=n_threads) for mode, t in trials.items()}
         decisions: list[dict[str, Any]] = []
         chosen = None
         ref_score = None
         for q in order:
-            row = next(r for r in result.rows if r.quant == q)
-            why = list(row.failures)
-            if not why and data is not None:
-                from edgemed.evaluate import evaluate_many
+            for mode, trial in trials.items():
+                row = next(r for r in results[mode].rows if r.quant == q)
+                why = list(row.failures)
+                if not why and data is not None:
+                    from edgemed.evaluate import evaluate_many
 
-                if ref_score is None:
-                    ref_score = evaluate_many([model_dir], data, limit=limit, n_threads=n_threads
-                                              ).results[0]["overall"]["score"]
-                score = _eval_quant(trial, q, data, limit, n_threads)
-                drop = 100 * (ref_score - score)
-                if drop > max_drop:
-                    why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
-                               f"{100 * ref_score:.1f} (budget {max_drop})")
-            decisions.append({"quant": q, "accepted": not why, "reasons": why,
-                              "kl_mean": row.metrics["kl_mean"], "top1": row.metrics["top1"]})
-            if not why:
-                chosen = q
+                    if ref_score is None:
+                        ref_score = evaluate_many([model_dir], data, limit=limit, n_threads=n_threads
+                                                  ).results[0]["overall"]["score"]
+                    score = _eval_quant(trial, q, data, limit, n_threads)
+                    drop = 100 * (ref_score - score)
+                    if drop > max_drop:
+                        why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
+                                   f"{100 * ref_score:.1f} (budget {max_drop})")
+                decisions.append({"quant": q, "calibrated": mode == "calibrated", "accepted": not why,
+                                  "reasons": why, "kl_mean": row.metrics["kl_mean"], "top1": row.metrics["top1"],
+                                  "flip_rate": row.metrics["flip_rate"]})
+                if not why:
+                    chosen = q
+                    break
+            if chosen is not None:
                 break
         if chosen is None:
             lines = "; ".join(f"{d['quant']}: {d['reasons'][0]}" for d in decisions)
             raise ParityError(f"no candidate quant passes the budgets ({lines}); export f16 or relax --threshold")
+        trial = trials[mode]
+        result = results[mode]
         m = read_manifest(trial)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for f in trial.iterdir():
@@ -1060,7 +1073,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
             rest = {k: v for k, v in m.items() if k not in ("edgemed_manifest", "kind", "created", "libraries",
                                                             "files", "quants", "models")}
             write_manifest(tmp, "gguf", **rest, quants=[chosen], models={chosen: m["models"][chosen]},
-                           auto_quant={"chosen": chosen, "tried": decisions, "eval_data": str(data) if data else None,
+                           auto_quant={"chosen": chosen, "calibrated": mode == "calibrated", "tried": decisions,
+                                       "eval_data": str(data) if data else None,
                                        "max_drop_points": max_drop, "parity": result.to_dict()})
             (tmp / "auto_quant.txt").write_text(_explain(chosen, decisions) + "\n")
     finally:
@@ -1082,8 +1096,10 @@ def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n
 
 
 def _explain(chosen: str, decisions: list[dict[str, Any]]) -> str:
-    lines = [f"auto-quant chose {chosen}: the smallest candidate that passed parity and eval budgets."]
+    how = "calibrated" if decisions[-1].get("calibrated") else "uncalibrated"
+    lines = [f"auto-quant chose {chosen} ({how}): the smallest candidate that passed parity and eval budgets."]
     for d in decisions:
         if not d["accepted"]:
-            lines.append(f"{d['quant']} rejected: {'; '.join(d['reasons'])}")
+            cal = " (calibrated)" if d.get("calibrated") else ""
+            lines.append(f"{d['quant']}{cal} rejected: {'; '.join(d['reasons'])}")
     return "\n".join(lines)
