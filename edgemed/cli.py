@@ -126,7 +126,7 @@ def export() -> None:
 @click.argument("model_dir", type=EXISTING)
 @click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True,
               help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, iq3_m; repeat for several.")
-@click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0.")
+@click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0, q5_0.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,

@@ -126,3 +126,27 @@ def test_imatrix_file_is_in_llama_cpp_layout(tiny_model, tmp_path):
     sums, counts = np.asarray(t[f"{name}.in_sum2"].data).reshape(-1), np.asarray(t[f"{name}.counts"].data)
     assert np.allclose(sums / counts.reshape(-1)[0], cal.matrices[name], rtol=1e-5)
     assert json.loads(r.get_field("edgemed.calibration").contents())["imatrix_sha256"] == cal.sha256
+
+
+def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tmp_path):
+    from edgemed.backends import open_backend
+    from edgemed.export.gguf import export_gguf
+    from edgemed.parity import _cosines
+
+    model = tiny_model("llava")
+    data = write_vqa(tmp_path / "d", n=2, image=True)
+    f16 = export_gguf(model, ["f16"], tmp_path / "f16")
+    q5 = export_gguf(model, ["f16"], tmp_path / "q5", mmproj_quant="q5_0", calibration=data)
+    plain = export_gguf(model, ["f16"], tmp_path / "plain", mmproj_quant="q5_0", calibrate=False)
+    r = {t.name: t for t in gguf.GGUFReader(q5 / "mmproj-q5_0.gguf").tensors}
+    p = {t.name: t for t in gguf.GGUFReader(plain / "mmproj-q5_0.gguf").tensors}
+    T = gguf.GGMLQuantizationType
+    assert r["v.blk.0.attn_q.weight"].tensor_type == T.Q5_0 and r["v.patch_embd.weight"].tensor_type == T.F32
+    assert r["mm.0.weight"].tensor_type == T.Q8_0  # the projector stays 8-bit
+    assert not np.array_equal(np.asarray(r["v.blk.0.attn_q.weight"].data), np.asarray(p["v.blk.0.attn_q.weight"].data))
+    from PIL import Image
+
+    img = Image.open(data.parent / "img0.png").convert("RGB")
+    with contextlib.closing(open_backend(f16, quant="f16")) as a, \
+            contextlib.closing(open_backend(q5, quant="f16")) as b:
+        assert _cosines(a.image_embeddings(img), b.image_embeddings(img)) > 0.99

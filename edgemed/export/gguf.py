@@ -30,7 +30,7 @@ DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
 LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0",
                 "iq4_xs": "MOSTLY_IQ4_XS", "q3_k_m": "MOSTLY_Q3_K_M", "iq3_m": "MOSTLY_IQ3_M"}
 QUANTS = DIRECT + tuple(LLAMA_QUANTS)
-MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+MMPROJ_QUANTS = ("f32", "f16", "q8_0", "q5_0")  # q5_0: the vision tower's matrices, calibrated when data is given
 
 # Files the runtime needs to render prompts exactly as PyTorch did (copied beside the GGUF files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -87,7 +87,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     text_plan = plan_tensors(spec, config, ckpt, "text")
     vision_plan = plan_tensors(spec, config, ckpt, "vision") if spec.is_vision else []
     provenance = _provenance(model_dir, source)
-    calib = _calibration_plan(model_dir, quants, calibration, calibrate, calibration_samples)
+    wants = quants + (["mmproj-q5_0"] if spec.is_vision and mmproj_quant == "q5_0" else [])
+    calib = _calibration_plan(model_dir, wants, calibration, calibrate, calibration_samples)
 
     files: dict[str, str] = {}
     cal = None
@@ -96,19 +97,19 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
             if q in DIRECT:
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance)
                 files[q] = f"model-{q}.gguf"
+        if calib is not None:  # one set of matrices serves every quant and the mmproj
+            from edgemed.export import imatrix
+
+            records, data_path, data_sha = calib
+            cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
+                                          max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
+                                          system=imatrix.run_system_prompt(model_dir))
+            imatrix.write_imatrix(cal, tmp / imatrix.IMATRIX_FILE)
         llama = [q for q in quants if q in LLAMA_QUANTS]
         if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
             src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
             if "f16" not in files:
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance)
-            if calib is not None:  # one set of matrices serves every quant
-                from edgemed.export import imatrix
-
-                records, data_path, data_sha = calib
-                cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
-                                              max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
-                                              system=imatrix.run_system_prompt(model_dir))
-                imatrix.write_imatrix(cal, tmp / imatrix.IMATRIX_FILE)
             for q in llama:
                 if cal is None:
                     llama_quantize(src, tmp / f"model-{q}.gguf", q)
@@ -120,7 +121,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         mmproj = None
         if spec.is_vision:
             mmproj = f"mmproj-{mmproj_quant}.gguf"
-            write_mmproj_gguf(spec, config, model_dir, ckpt, vision_plan, mmproj_quant, tmp / mmproj, provenance)
+            write_mmproj_gguf(spec, config, model_dir, ckpt, vision_plan, mmproj_quant, tmp / mmproj, provenance,
+                              cal.matrices if cal is not None else None)
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
             shutil.copy2(model_dir / name, tmp / name)
@@ -142,7 +144,7 @@ def _calibration_plan(model_dir: Path, quants: list[str], calibration: Path | st
     written (a bad file leaves no output); None for an uncalibrated export."""
     from edgemed.export import imatrix
 
-    llama = [q for q in quants if q in LLAMA_QUANTS]
+    llama = [q for q in quants if q in LLAMA_QUANTS or q == "mmproj-q5_0"]
     if calibration is not None and not calibrate:
         raise ExportError("--calibration and --no-calibration contradict each other; give one")
     path = Path(calibration) if calibration is not None else (
@@ -491,8 +493,10 @@ def _tensor_type(name: str, shape: tuple[int, ...], quant: str, mmproj: bool = F
         return T.F32
     if quant == "bf16":
         return T.BF16
-    if quant == "q8_0":
+    if quant == "q8_0" or (quant == "q5_0" and name.startswith("mm.")):  # the projector feeds every image token
         return T.Q8_0 if shape[-1] % 32 == 0 else T.F16  # q8_0 blocks are 32 wide; convert_hf_to_gguf falls back too
+    if quant == "q5_0":
+        return T.Q5_0 if shape[-1] % 32 == 0 else T.F16
     return T.F16
 
 
@@ -506,7 +510,7 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
         4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
 
 
-def _convert(data, qtype):
+def _convert(data, qtype, imatrix=None):
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -515,13 +519,18 @@ def _convert(data, qtype):
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
-    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    if qtype in (T.Q8_0, T.BF16):
+        return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    from edgemed.export.ggml_quant import quantize  # llama.cpp's kernel, weighted by the matrix when there is one
+
+    return quantize(np.asarray(data, dtype=np.float32).reshape(-1, data.shape[-1]), qtype, imatrix).reshape(-1)
 
 
 def _file_type(quant: str) -> int:
     from gguf import LlamaFileType as F
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[quant]
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+            "q5_0": F.MOSTLY_Q5_0}[quant]
 
 
 def _add_kv(w, kv: dict[str, Any]) -> None:
@@ -544,7 +553,7 @@ def _add_kv(w, kv: dict[str, Any]) -> None:
 
 
 def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: str, mmproj: bool,
-           kv: Callable[[Any], None], desc: str) -> None:
+           kv: Callable[[Any], None], desc: str, imatrix: dict[str, Any] | None = None) -> None:
     """Write one GGUF file lazily: tensor infos first, then each tensor read, converted and written in turn."""
     import gguf
     import numpy as np
@@ -564,7 +573,7 @@ def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: st
                 data = e.make() if e.make else ckpt.get(e.key)
                 if e.transform:
                     data = e.transform(data)
-                w.write_tensor_data(_convert(data, t))
+                w.write_tensor_data(_convert(data, t, (imatrix or {}).get(e.name)))
                 del data
         finally:
             w.close()
@@ -679,7 +688,8 @@ def _processor_config(model_dir: Path) -> dict[str, Any]:
 
 
 def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry],
-                      quant: str, path: Path, provenance: dict[str, Any]) -> Path:
+                      quant: str, path: Path, provenance: dict[str, Any], imatrix: dict[str, Any] | None = None
+                      ) -> Path:
     """Write the vision tower and projector as llama.cpp's mmproj file."""
     import gguf
 
@@ -689,7 +699,7 @@ def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkp
         _general_kv(w, provenance, _file_type(quant), "mmproj")
         _add_kv(w, kv)
 
-    _write(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], plan, ckpt, quant, True, meta, "mmproj")
+    _write(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], plan, ckpt, quant, True, meta, "mmproj", imatrix)
     return path
 
 
