@@ -198,8 +198,8 @@ def export() -> None:
 @export.command("gguf")
 @click.argument("model_dir", type=EXISTING)
 @click.option("--quant", "quants", multiple=True, default=("f16",), show_default=True,
-              help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; repeat for several.")
-@click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0.")
+              help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, iq3_m; repeat for several.")
+@click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0, q5_0.")
 @click.option("--adapter-quant", default="f16", show_default=True,
               help="For a run folder: LoRA adapter file type (f16, q8_0, f32); the base gets --quant.")
 @click.option("--out", type=OUT, required=True)
@@ -208,9 +208,15 @@ def export() -> None:
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
+@click.option("--calibration", type=EXISTING, default=None,
+              help="Data (text or VQA JSONL, VQA-RAD, SLAKE) for the importance matrices of llama.cpp's quants; "
+                   "default: a merged fine-tune's own training data.")
+@click.option("--no-calibration", is_flag=True, help="Quantize without importance matrices.")
+@click.option("--calibration-samples", type=int, default=None, help="Calibration records to read (default 128).")
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str, out: Path,
-                    overwrite: bool, auto_quant: bool, chat_template: Path | None) -> None:
+                    overwrite: bool, auto_quant: bool, chat_template: Path | None, calibration: Path | None,
+                    no_calibration: bool, calibration_samples: int | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
 
     Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""
@@ -220,13 +226,17 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         from edgemed.parity import auto_quant as pick
 
         kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
+        if calibration is not None:
+            kw["calibration"] = calibration
         click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
         return
     from edgemed.prompting import read_template
 
     click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
                            adapter_quant=adapter_quant,
-                           chat_template=read_template(chat_template) if chat_template else None))
+                           chat_template=read_template(chat_template) if chat_template else None,
+                           calibration=calibration, calibrate=not no_calibration,
+                           calibration_samples=calibration_samples))
 
 
 @export.command("onnx")

@@ -38,34 +38,52 @@ GREEDY_TOKENS = 16  # answers to the probes are short; 16 tokens show where two 
 KEYS = ("kl_mean", "kl_p99", "top1_min", "greedy_match_min", "image_cos_min", "logit_diff_max")
 _MAX_KEYS = ("kl_mean", "kl_p99", "logit_diff_max")  # the figure must stay at or below the threshold
 
-# Pass thresholds per quant type, from measurements on the embedded SmolLM2-135M-Instruct over the 32 default
-# probes (1899 positions); docs/parity.md gives the figures and the reasoning. Roughly: float types at 10-20x their
-# measured KL (they must catch a mis-written tensor), quantised types at about 3x (they must pass a correct file
-# and reject one that lost the behaviour). greedy_match_min None: reported, not a gate (below 6 bits one near-tie
-# flips the rest of a free-running answer). None elsewhere: not checked.
+# Agreement is judged on decided positions only: where the reference's top-1 logit leads its runner-up by at least
+# this many nats (top-1 at least e times as likely). Where the two nearly tie, which one wins moves with float
+# summation order (an Intel CPU flipped q8_0's verdict on such positions), so those positions gate nothing; KL,
+# which weighs them by how much probability moves, still counts them.
+DECIDED_MARGIN = 1.0
+
+
 def _th(kl_mean: float, kl_p99: float, top1: float, greedy: float | None, cos: float,
         dlogit: float | None = None) -> dict[str, float | None]:
     return {"kl_mean": kl_mean, "kl_p99": kl_p99, "top1_min": top1, "greedy_match_min": greedy,
             "image_cos_min": cos, "logit_diff_max": dlogit}
 
 
+# Float exports claim exactness: their gates sit at 10-20x the measured KL, so a mis-written tensor fails.
+# Every lossy export (any GGUF quant, ONNX int8/int4) is judged against ONE budget, so a file closer to the
+# reference on every figure can never fail where a farther one passes (the old per-quant bars failed q8_0 at
+# KL 0.0062 while q4_k_m passed at 0.074). How far each file lies from what its type usually measures is reported
+# as a warning (EXPECTED), not a verdict. Measurements and reasoning: docs/parity.md.
+# top1_min is agreement on decided positions (1 - flip rate); greedy_match_min None: reported, not a gate.
+LOSSY_BUDGET = _th(0.3, 2.5, 0.9, None, 0.95)  # rejects q4_0 (KL 0.62) and int4 without its base (KL 1.87)
 THRESHOLDS: dict[str, dict[str, float | None]] = {
     "f32": _th(1e-5, 1e-4, 0.99, 0.9, 0.999, 0.05),  # measured GGUF f32: KL 1e-11, |dlogit| < 1e-3
     "f16": _th(2e-4, 2e-3, 0.98, 0.75, 0.995),  # measured: KL 1.0e-5 / p99 8.3e-5, top-1 100%, greedy 100%
     "bf16": _th(1e-3, 1e-2, 0.98, 0.75, 0.99),  # measured: KL 3.0e-4 / 3.3e-3, top-1 99.7%, greedy 100%
-    "q8_0": _th(0.02, 0.1, 0.92, 0.25, 0.99),  # measured: KL 6.8e-3 / 2.6e-2, top-1 95.9%, greedy 50%
-    "q6_k": _th(0.06, 0.3, 0.9, 0.2, 0.98),  # measured: KL 2.2e-2 / 0.11, top-1 94.2%, greedy 44%
-    "q5_k_m": _th(0.3, 2.5, 0.8, None, 0.95),  # measured: KL 0.17 / 1.9, top-1 84.2% (mostly q5_1 at width 576)
-    "q4_k_m": _th(0.3, 2.5, 0.8, None, 0.95),  # measured: KL 0.098 / 0.40, top-1 90.2% (mostly q5_0 at width 576)
-    "q4_0": _th(0.3, 2.5, 0.8, None, 0.95),  # the q4_k_m budget; measured KL 0.62 / 7.4, top-1 65%: rejected
     "onnx-fp32": _th(1e-5, 1e-4, 0.99, 0.9, 0.999, 0.05),
     "onnx-fp16": _th(2e-4, 2e-3, 0.98, 0.75, 0.995),
-    "onnx-int8": _th(0.02, 0.1, 0.92, 0.25, 0.99),
-    "onnx-int4": _th(0.3, 2.5, 0.8, None, 0.95),
+} | {q: dict(LOSSY_BUDGET) for q in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "iq3_m",
+                                    "onnx-int8", "onnx-int4")}
+# What each lossy type usually measures on the embedded SmolLM2-135M (about 3x the measured KL; docs/parity.md):
+# beyond it parity warns that the file is worse than its type should be (e.g. ONNX int4 many times worse than a
+# GGUF q4_k_m of the same size).
+EXPECTED: dict[str, dict[str, float]] = {
+    "q8_0": {"kl_mean": 0.02, "kl_p99": 0.1},  # measured: KL 6.8e-3 / 2.6e-2
+    "q6_k": {"kl_mean": 0.06, "kl_p99": 0.3},  # measured: KL 2.2e-2 / 0.11
+    "q5_k_m": {"kl_mean": 0.3, "kl_p99": 2.5},  # measured: KL 0.17 / 1.9 (mostly q5_1 at width 576)
+    "q4_k_m": {"kl_mean": 0.3, "kl_p99": 2.5},  # measured: KL 0.098 / 0.40 (mostly q5_0 at width 576)
+    "q4_0": {"kl_mean": 0.3, "kl_p99": 2.5},
+    "iq4_xs": {"kl_mean": 0.3, "kl_p99": 2.5},
+    "q3_k_m": {"kl_mean": 0.3, "kl_p99": 2.5},
+    "iq3_m": {"kl_mean": 0.3, "kl_p99": 2.5},
+    "onnx-int8": {"kl_mean": 0.02, "kl_p99": 0.1},  # the q8_0 class
+    "onnx-int4": {"kl_mean": 0.1, "kl_p99": 1.0},  # GGUF q4_k_m, the same size, measures 0.01-0.1
 }
 FLOAT_TYPES = ("f32", "f16", "bf16", "onnx-fp32", "onnx-fp16")
 # smallest file first: the order auto-quant tries them in
-SIZE_ORDER = ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32")
+SIZE_ORDER = ("iq3_m", "q3_k_m", "iq4_xs", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32")
 
 GENERAL_PROMPTS = (
     "What are the typical radiographic signs of community-acquired pneumonia?",
@@ -270,13 +288,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare_logits(ref: np.ndarray, cand: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-position KL(ref || cand), top-1 agreement and largest absolute logit difference."""
+    """Per-position KL(ref || cand), top-1 agreement, largest absolute logit difference, and the reference's margin
+    (its top-1 logit minus its runner-up's, in nats) that says whether the position is decided."""
     v = min(ref.shape[-1], cand.shape[-1])
     ref, cand = ref[:, :v], cand[:, :v]
     lr, lc = _log_softmax(ref), _log_softmax(cand)
     kl = (np.exp(lr) * (lr - lc)).sum(axis=-1)
+    srt = np.sort(ref, axis=-1)
     return {"kl": np.maximum(kl, 0.0), "top1": (ref.argmax(-1) == cand.argmax(-1)),
-            "diff": np.abs(ref.astype(np.float64) - cand).max(axis=-1)}
+            "diff": np.abs(ref.astype(np.float64) - cand).max(axis=-1),
+            "margin": (srt[:, -1] - srt[:, -2]).astype(np.float64) if v > 1 else np.full(len(ref), np.inf)}
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> float:
@@ -309,6 +330,7 @@ class Row:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     worst: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # worse than its type usually measures; not a verdict
 
     @property
     def passed(self) -> bool:
@@ -334,6 +356,7 @@ class ParityResult:
     smallest_passing: str | None = None
     merge: Row | None = None  # adapter vs merged, when the run folder was given
     prompt_format: str = "chat"  # "plain": a base model without a chat template was probed with text prompts
+    calibration: dict[str, Any] | None = None  # the export's calibration data and that the probes are disjoint
 
     @property
     def passed(self) -> bool:
@@ -346,14 +369,17 @@ class ParityResult:
                 "smallest_passing": self.smallest_passing, "verdict": self.verdict,
                 "rows": [asdict(r) | {"passed": r.passed} for r in self.rows],
                 "merge": asdict(self.merge) | {"passed": self.merge.passed} if self.merge else None,
-                "localisation": [asdict(r) | {"passed": r.passed} for r in self.localisation]}
+                "localisation": [asdict(r) | {"passed": r.passed} for r in self.localisation],
+                "calibration": self.calibration}
 
     def table(self) -> str:
         """A readable table: one line per row and stage, then each failure and the verdict."""
-        head = (f"{'':2}{'file':<22}{'quant':<10}{'top1':>7}{'KL mean':>10}{'KL p99':>10}{'KL max':>9}"
+        head = (f"{'':2}{'file':<22}{'quant':<10}{'KL mean':>10}{'KL p99':>10}{'flips':>7}{'top1':>7}{'KL max':>9}"
                 f"{'dlogit':>8}{'greedy':>8}{'img cos':>9}  tok tmpl bos")
         lines = [f"parity: {self.export}  vs  {self.reference}  ({self.probes} probes, {self.positions} positions, "
-                 f"{self.seconds:.0f} s)"]
+                 f"{self.seconds:.0f} s)",
+                 f"flips: top-1 changes on positions the reference decides by >= {DECIDED_MARGIN:g} nats; top1: over "
+                 "all positions (near-ties included, not a gate)"]
         if self.prompt_format == "plain":
             lines.append("prompts: plain text (the model has no chat template; give one with --chat-template FILE)")
         lines.append(head)
@@ -368,8 +394,9 @@ class ParityResult:
             bos = f"{c.get('bos_reference', '?')}/{c.get('gguf_bos', c.get('bos_export', '?'))}"
             tmpl = c.get("template_identical")
             tmpl = tmpl and c.get("gguf_template_identical", True) if tmpl is not None else None
-            return (f"{'OK' if r.passed else 'XX':<2}{r.label[:21]:<22}{r.quant:<10}{m.get('top1', 0):>7.1%}"
-                    f"{m.get('kl_mean', 0):>10.2e}{m.get('kl_p99', 0):>10.2e}{m.get('kl_max', 0):>9.2e}"
+            return (f"{'OK' if r.passed else 'XX':<2}{r.label[:21]:<22}{r.quant:<10}"
+                    f"{m.get('kl_mean', 0):>10.2e}{m.get('kl_p99', 0):>10.2e}{m.get('flip_rate', 0):>7.1%}"
+                    f"{m.get('top1', 0):>7.1%}{m.get('kl_max', 0):>9.2e}"
                     f"{m.get('logit_diff_max', 0):>8.3f}{m.get('greedy_match', 0):>8.0%}"
                     f"{'-' if cos is None else f'{cos:.4f}':>9}  {yn(c.get('tokens_identical')):<4}"
                     f"{yn(tmpl):<5}{bos}")
@@ -383,6 +410,8 @@ class ParityResult:
         for r in self.rows + ([self.merge] if self.merge else []) + self.localisation:
             for f in r.failures:
                 lines.append(f"  {r.label}: {f}")
+            for f in r.warnings:
+                lines.append(f"  {r.label}: warning: {f}")
             if r.failures and r.worst:
                 w = r.worst
                 lines.append(f"  {r.label}: worst position: probe {w['probe']} ({w['source']}) token {w['position']} "
@@ -391,6 +420,10 @@ class ParityResult:
         if self.smallest_passing:
             lines.append(f"smallest passing quant: {self.smallest_passing}")
         lines += [f"verdict: {v}" for v in self.verdict]
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c.get('data')} ({c.get('samples')} samples); probes disjoint from it: "
+                         f"{'yes' if c.get('disjoint') else 'not checked'}")
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
@@ -403,6 +436,7 @@ class _Acc:
     kl: list[np.ndarray] = field(default_factory=list)
     top1: list[np.ndarray] = field(default_factory=list)
     diff: list[np.ndarray] = field(default_factory=list)
+    margin: list[np.ndarray] = field(default_factory=list)
     greedy: list[bool] = field(default_factory=list)
     first_divergence: list[dict[str, Any]] = field(default_factory=list)
     cos: list[float] = field(default_factory=list)
@@ -506,6 +540,7 @@ def _accumulate(a: _Acc, r: dict[str, np.ndarray], i: int, p: Probe, seq: list[i
     a.kl.append(r["kl"])
     a.top1.append(r["top1"])
     a.diff.append(r["diff"])
+    a.margin.append(r["margin"])
     j = int(r["kl"].argmax())
     if not a.worst or r["kl"][j] > a.worst["kl"]:
         a.worst = {"probe": i, "source": p.source, "position": j, "token": _piece(ref, seq[j]),
@@ -523,6 +558,11 @@ def _row(label: str, quant: str, backend: str, a: _Acc, th: dict[str, float | No
         "greedy_match": float(np.mean(a.greedy)) if a.greedy else 1.0 if pair else 0.0,
         "image_cos": float(min(a.cos)) if a.cos else None, "first_divergence": a.first_divergence,
     }
+    margin = np.concatenate(a.margin) if a.margin else np.zeros(0)
+    decided = margin >= DECIDED_MARGIN
+    agree = np.concatenate(a.top1)[decided] if a.top1 and decided.any() else np.ones(1, bool)
+    m |= {"decided_margin": DECIDED_MARGIN, "decided_positions": int(decided.sum()),
+          "top1_decided": float(agree.mean()), "flip_rate": float(1.0 - agree.mean())}
     checks: dict[str, Any] = {}
     fails: list[str] = []
     if not pair:
@@ -543,20 +583,41 @@ def _row(label: str, quant: str, backend: str, a: _Acc, th: dict[str, float | No
                             if bos_e > bos_r else ""))
         if any(r != c for r, c in a.widths):
             fails.append(f"vocab: logits widths differ (reference, export) {sorted(a.widths)}")
-    for key, figure in (("kl_mean", "kl_mean"), ("kl_p99", "kl_p99"), ("logit_diff_max", "logit_diff_max")):
-        if th.get(key) is not None and m[figure] > th[key]:
-            fails.append(f"weights: {figure} {m[figure]:.3g} > {th[key]:.3g}")
-    if th.get("top1_min") is not None and m["top1"] < th["top1_min"]:
-        fails.append(f"weights: top-1 agreement {m['top1']:.1%} < {th['top1_min']:.0%}")
+    fails += _judge(m, th, pair)
+    if a.first_divergence:
+        d = a.first_divergence[0]
+        fails = [f + (f"; first divergence: probe {d['probe']} token {d['token']}, reference {d['reference']!r} vs "
+                      f"export {d['export']!r}" if f.startswith("greedy:") else "") for f in fails]
+    return Row(label, quant, backend, m, checks, th, fails, a.worst, _warnings(quant, m))
+
+
+def _judge(m: dict[str, Any], th: dict[str, float | None], pair: bool = False) -> list[str]:
+    """Failures of the figures ``m`` against ``th``. Monotone: figures closer to the reference on every count never
+    fail where farther ones pass (agreement counts decided positions only; see DECIDED_MARGIN)."""
+    fails: list[str] = []
+    for key in ("kl_mean", "kl_p99", "logit_diff_max"):
+        if th.get(key) is not None and m[key] > th[key]:
+            fails.append(f"weights: {key} {m[key]:.3g} > {th[key]:.3g}")
+    if th.get("top1_min") is not None and m["top1_decided"] < th["top1_min"]:
+        fails.append(f"weights: flip rate {m['flip_rate']:.1%} > {1 - th['top1_min']:.0%} (top-1 agreement "
+                     f"{m['top1_decided']:.1%} on the {m['decided_positions']} positions the reference decides by "
+                     f">= {m['decided_margin']:g} nats)")
     if not pair and th.get("greedy_match_min") is not None and m["greedy_match"] < th["greedy_match_min"]:
-        d = a.first_divergence[0] if a.first_divergence else {}
-        at = (f"; first divergence: probe {d['probe']} token {d['token']}, reference {d['reference']!r} vs export "
-              f"{d['export']!r}") if d else ""
-        fails.append(f"greedy: {m['greedy_match']:.0%} of greedy answers identical < {th['greedy_match_min']:.0%}{at}")
+        fails.append(f"greedy: {m['greedy_match']:.0%} of greedy answers identical < {th['greedy_match_min']:.0%}")
     if m["image_cos"] is not None and th.get("image_cos_min") is not None and m["image_cos"] < th["image_cos_min"]:
         fails.append(f"image: image embeddings cosine {m['image_cos']:.4f} < {th['image_cos_min']} (vision tower or "
                      "projector differs)")
-    return Row(label, quant, backend, m, checks, th, fails, a.worst)
+    return fails
+
+
+def _warnings(quant: str, m: dict[str, Any]) -> list[str]:
+    """Where a lossy file measures worse than its type usually does (EXPECTED): said, not failed."""
+    out = []
+    for key, bound in EXPECTED.get(quant, {}).items():
+        if m[key] > bound:
+            out.append(f"{key} {m[key]:.3g} is {m[key] / bound:.1f}x what {quant} usually measures ({bound:g}); "
+                       "a same-size export may keep the model better (see docs/parity.md)")
+    return out
 
 
 # ---------------------------------------------------------------- what to compare
@@ -750,6 +811,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     ref = open_model(ref_dir, **kw)
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, ref.is_vision, max_probes)
+        plist, calibration = _disjoint_from_calibration(manifest, plist, given is not None)
         bos = getattr(getattr(ref, "tokenizer", None), "bos_token_id", None)
         folders = {label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}
         floats = [label for label, q, _ in cands if q in FLOAT_TYPES]
@@ -765,7 +827,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                 row.checks.update(checks)
                 row.failures += fails
         result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
-                              prompt_format=prompting.prompt_format(ref.processor))
+                              prompt_format=prompting.prompt_format(ref.processor), calibration=calibration)
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = _merge_row(ref, Path(adapter), plist, bos, thresholds, kw)
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
@@ -780,6 +842,36 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         with atomic_file(report, overwrite=True) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2, default=_jsonable) + "\n")
     return result
+
+
+def _probe_key(question: str, image: Any) -> tuple[str, str]:
+    return question.strip(), str(Path(image).resolve()) if isinstance(image, str | Path) else ""
+
+
+def _disjoint_from_calibration(manifest: dict[str, Any], probes: list[Probe], given: bool
+                               ) -> tuple[list[Probe], dict[str, Any] | None]:
+    """Probes that the export's calibration data did not hold: a given probe file that overlaps is refused, default
+    probes that overlap are dropped. Returns the probes and what the report says about it."""
+    from edgemed.data import TextRecord, read_dataset
+
+    cal = manifest.get("calibration")
+    if not cal:
+        return probes, None
+    info = {"data": cal.get("data"), "data_sha256": cal.get("data_sha256"), "samples": cal.get("samples")}
+    path = Path(cal.get("data") or "")
+    if not path.is_file():
+        return probes, info | {"disjoint": None, "note": "calibration data not at hand; overlap not checked"}
+    seen = set()
+    for r in read_dataset(path):
+        seen.add(r.text.strip() if isinstance(r, TextRecord) else _probe_key(r.question, r.image))
+    overlap = [p for p in probes if _probe_key(p.question, p.image) in seen or p.question.strip() in seen]
+    if overlap and given:
+        raise ParityError(f"{len(overlap)} of {len(probes)} probes also occur in the calibration data {path} (e.g. "
+                          f"{overlap[0].source}: {overlap[0].question[:60]!r}); judge the export on held-out probes")
+    kept = [p for p in probes if p not in overlap]
+    if not kept:
+        raise ParityError(f"every default probe occurs in the calibration data {path}; give held-out --probes")
+    return kept, info | {"disjoint": True, "dropped": len(overlap)}
 
 
 def open_model(folder: Path, **kw: Any):
@@ -941,7 +1033,7 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                candidates: tuple[str, ...] = ("q4_k_m", "q5_k_m", "q6_k", "q8_0"),
                thresholds: tuple[str, ...] | list[str] = (), data: Path | str | None = None,
                max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
-               n_threads: int | None = None) -> Path:
+               n_threads: int | None = None, calibration: Path | str | None = None) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -955,6 +1047,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         limit: evaluate at most this many records.
         max_probes: parity probes.
         n_threads: CPU threads per runtime.
+        calibration: calibration data (default: the run's training data); with it each quant is tried
+            calibrated and uncalibrated, by the same budget.
 
     Returns:
         The export folder; its manifest holds ``auto_quant``: the choice and why each other candidate lost.
@@ -975,34 +1069,45 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         data = next((Path(v) for v in vals if Path(v).is_file() and Path(v).suffix == ".jsonl"), None)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.auto-", dir=out.absolute().parent))
     try:
-        trial = export_gguf(model_dir, order, work / "all")
-        result = run_parity(trial, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
-                            localise=False, n_threads=n_threads)
+        from edgemed.export.imatrix import default_calibration
+
+        # calibrated and uncalibrated candidates, judged by the same budget: smallest passing wins, calibrated first
+        trials = {"calibrated": export_gguf(model_dir, order, work / "calibrated", calibration=calibration)
+                  } if calibration is not None or default_calibration(model_dir) is not None else {}
+        trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False)
+        results = {mode: run_parity(t, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
+                                    localise=False, n_threads=n_threads) for mode, t in trials.items()}
         decisions: list[dict[str, Any]] = []
         chosen = None
         ref_score = None
         for q in order:
-            row = next(r for r in result.rows if r.quant == q)
-            why = list(row.failures)
-            if not why and data is not None:
-                from edgemed.evaluate import evaluate_many
+            for mode, trial in trials.items():
+                row = next(r for r in results[mode].rows if r.quant == q)
+                why = list(row.failures)
+                if not why and data is not None:
+                    from edgemed.evaluate import evaluate_many
 
-                if ref_score is None:
-                    ref_score = evaluate_many([model_dir], data, limit=limit, n_threads=n_threads
-                                              ).results[0]["overall"]["score"]
-                score = _eval_quant(trial, q, data, limit, n_threads)
-                drop = 100 * (ref_score - score)
-                if drop > max_drop:
-                    why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
-                               f"{100 * ref_score:.1f} (budget {max_drop})")
-            decisions.append({"quant": q, "accepted": not why, "reasons": why,
-                              "kl_mean": row.metrics["kl_mean"], "top1": row.metrics["top1"]})
-            if not why:
-                chosen = q
+                    if ref_score is None:
+                        ref_score = evaluate_many([model_dir], data, limit=limit, n_threads=n_threads
+                                                  ).results[0]["overall"]["score"]
+                    score = _eval_quant(trial, q, data, limit, n_threads)
+                    drop = 100 * (ref_score - score)
+                    if drop > max_drop:
+                        why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
+                                   f"{100 * ref_score:.1f} (budget {max_drop})")
+                decisions.append({"quant": q, "calibrated": mode == "calibrated", "accepted": not why,
+                                  "reasons": why, "kl_mean": row.metrics["kl_mean"], "top1": row.metrics["top1"],
+                                  "flip_rate": row.metrics["flip_rate"]})
+                if not why:
+                    chosen = q
+                    break
+            if chosen is not None:
                 break
         if chosen is None:
             lines = "; ".join(f"{d['quant']}: {d['reasons'][0]}" for d in decisions)
             raise ParityError(f"no candidate quant passes the budgets ({lines}); export f16 or relax --threshold")
+        trial = trials[mode]
+        result = results[mode]
         m = read_manifest(trial)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for f in trial.iterdir():
@@ -1012,7 +1117,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
             rest = {k: v for k, v in m.items() if k not in ("edgemed_manifest", "kind", "created", "libraries",
                                                             "files", "quants", "models")}
             write_manifest(tmp, "gguf", **rest, quants=[chosen], models={chosen: m["models"][chosen]},
-                           auto_quant={"chosen": chosen, "tried": decisions, "eval_data": str(data) if data else None,
+                           auto_quant={"chosen": chosen, "calibrated": mode == "calibrated", "tried": decisions,
+                                       "eval_data": str(data) if data else None,
                                        "max_drop_points": max_drop, "parity": result.to_dict()})
             (tmp / "auto_quant.txt").write_text(_explain(chosen, decisions) + "\n")
     finally:
@@ -1034,8 +1140,10 @@ def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n
 
 
 def _explain(chosen: str, decisions: list[dict[str, Any]]) -> str:
-    lines = [f"auto-quant chose {chosen}: the smallest candidate that passed parity and eval budgets."]
+    how = "calibrated" if decisions[-1].get("calibrated") else "uncalibrated"
+    lines = [f"auto-quant chose {chosen} ({how}): the smallest candidate that passed parity and eval budgets."]
     for d in decisions:
         if not d["accepted"]:
-            lines.append(f"{d['quant']} rejected: {'; '.join(d['reasons'])}")
+            cal = " (calibrated)" if d.get("calibrated") else ""
+            lines.append(f"{d['quant']}{cal} rejected: {'; '.join(d['reasons'])}")
     return "\n".join(lines)

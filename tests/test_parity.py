@@ -21,7 +21,7 @@ from edgemed.archs import REGISTRY
 from edgemed.artifacts import write_manifest
 from edgemed.cli import main
 from edgemed.errors import ArtifactError, DataError, ParityError
-from edgemed.parity import THRESHOLDS, compare_logits, read_probes, run_parity, thresholds_for
+from edgemed.parity import THRESHOLDS, Probe, compare_logits, read_probes, run_parity, thresholds_for
 
 N_PROBES = 4
 
@@ -525,3 +525,81 @@ def test_base_model_without_template_is_probed_with_plain_text(tiny_model, tmp_p
     assert not unmatched.passed and "template" in unmatched.rows[0].causes(), unmatched.table()
     matched = run_parity(chat, reference=ref, probes=probes, chat_template=template)
     assert matched.passed and matched.prompt_format == "chat", matched.table()
+
+
+# ---------------------------------------------------------------- the gate: decided positions, monotone verdicts
+def _acc_from(ref: np.ndarray, cand: np.ndarray):
+    from edgemed.parity import _Acc, _accumulate
+
+    a = _Acc()
+    _accumulate(a, compare_logits(ref, cand), 0, Probe("q"), list(range(len(ref))), ref, cand,
+                type("R", (), {"tokenizer": None})())
+    a.greedy, a.template_same, a.tokens_same, a.bos, a.widths = [True], [True], [True], [(1, 1)], {(3, 3)}
+    return a
+
+
+def test_near_ties_do_not_flip_the_verdict_decided_flips_do():
+    from edgemed.parity import DECIDED_MARGIN, _row
+
+    rng = np.random.default_rng(0)
+    n = 200
+    ref = np.zeros((n, 3))
+    ref[:, 0] = 3.0  # decided: top-1 leads by 3 nats
+    ties = rng.random(n) < 0.3
+    ref[ties, 1] = 3.0 - 0.01  # near-ties
+    noise = ref.copy()
+    noise[ties, 1] += 0.02  # float-order noise swaps the near-tied pair
+    row = _row("noise", "q8_0", "x", _acc_from(ref, noise), thresholds_for("q8_0"))
+    assert row.metrics["top1"] < 0.8 and row.metrics["flip_rate"] == 0.0, row.metrics
+    assert row.metrics["decided_positions"] == int((~ties).sum()) and row.metrics["decided_margin"] == DECIDED_MARGIN
+    assert row.passed, row.failures
+    flips = ref.copy()
+    flips[~ties, 2] = 3.5  # real damage: decided positions change their answer
+    bad = _row("flips", "q8_0", "x", _acc_from(ref, flips), thresholds_for("q8_0"))
+    assert not bad.passed and any("flip rate" in f and "nats" in f for f in bad.failures), bad.failures
+
+
+def test_closer_export_never_fails_where_a_farther_one_passes():
+    from edgemed.parity import FLOAT_TYPES, _judge
+
+    lossy = [q for q in THRESHOLDS if q not in FLOAT_TYPES]
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        far = {"kl_mean": rng.uniform(0, 0.6), "kl_p99": rng.uniform(0, 4), "logit_diff_max": rng.uniform(0, 30),
+               "top1_decided": rng.uniform(0.8, 1), "greedy_match": rng.uniform(0, 1), "image_cos": rng.uniform(0.9, 1)}
+        near = {k: v * rng.uniform(0.3, 1) if k.startswith(("kl", "logit")) else v + (1 - v) * rng.uniform(0, 1)
+                for k, v in far.items()}
+        for m in (far, near):
+            m |= {"flip_rate": 1 - m["top1_decided"], "decided_positions": 100, "decided_margin": 1.0}
+        qa, qb = rng.choice(lossy, 2)
+        assert not (_judge(near, thresholds_for(qa)) and not _judge(far, thresholds_for(qb))), (qa, qb, near, far)
+
+
+def test_worse_than_its_type_is_warned_not_failed():
+    from edgemed.parity import _row
+
+    ref = np.tile([3.0, 0.0, 0.0], (50, 1))
+    cand = np.tile([2.0, 0.5, 0.5], (50, 1))  # KL about 0.15: within the budget, far beyond what q8_0 measures
+    row = _row("x", "q8_0", "x", _acc_from(ref, cand), thresholds_for("q8_0"))
+    assert row.passed and row.warnings and "q8_0 usually measures" in row.warnings[0], (row.failures, row.warnings)
+    assert not _row("x", "q4_k_m", "x", _acc_from(ref, cand), thresholds_for("q4_k_m")).warnings
+
+
+@needs_gguf
+def test_probes_must_be_disjoint_from_the_calibration_data(tiny_model, tmp_path):
+    from conftest import write_vqa
+
+    from edgemed.export.gguf import export_gguf
+
+    ref = tiny_model("llama")
+    data = write_vqa(tmp_path / "cal", n=4, image=False)
+    out = export_gguf(ref, ["q4_k_m"], tmp_path / "gguf", calibration=data)
+    with pytest.raises(ParityError, match="calibration data"):
+        run_parity(out, reference=ref, probes=data)
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "Name the lobes of the right lung."}\n{"question": "What is a pneumothorax?"}\n')
+    ok = run_parity(out, reference=ref, probes=held, report=tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration"]["disjoint"] is True and report["calibration"]["samples"] == 4
+    assert report["rows"][0]["quant"] == "q4_k_m" and "kl_mean" in report["rows"][0]["metrics"]
+    assert "disjoint from it: yes" in ok.table()

@@ -36,9 +36,10 @@ from edgemed.errors import ExportError
 from edgemed.files import reading
 
 DIRECT = ("f32", "f16", "bf16", "q8_0")  # written by gguf-py
-LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0"}
+LLAMA_QUANTS = {"q6_k": "MOSTLY_Q6_K", "q5_k_m": "MOSTLY_Q5_K_M", "q4_k_m": "MOSTLY_Q4_K_M", "q4_0": "MOSTLY_Q4_0",
+                "iq4_xs": "MOSTLY_IQ4_XS", "q3_k_m": "MOSTLY_Q3_K_M", "iq3_m": "MOSTLY_IQ3_M"}
 QUANTS = DIRECT + tuple(LLAMA_QUANTS)
-MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+MMPROJ_QUANTS = ("f32", "f16", "q8_0", "q5_0")  # q5_0: the vision tower's matrices, calibrated when data is given
 
 # Files the runtime needs to render prompts exactly as PyTorch did (copied beside the GGUF files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -63,7 +64,9 @@ log = logging.getLogger(__name__)
 
 
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None) -> Path:
+                mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None,
+                calibration: Path | str | None = None, calibrate: bool = True,
+                calibration_samples: int | None = None, calibration_tokens: int | None = None) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -72,13 +75,17 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     Args:
         model_dir: merged transformers model folder (a kind "model" edgemed folder, or any folder with
             config.json and safetensors weights).
-        quants: one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.
+        quants: one or more of f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs, q3_k_m, iq3_m.
         out: output folder; written under a temporary name and renamed when complete.
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file (f32, f16 or q8_0; embeddings always f32).
         adapter_quant: tensor type of the LoRA adapter file of a run folder (f16, q8_0 or f32).
         chat_template: template text to embed instead of the folder's (``--chat-template``; a base model has
             none); it is also saved as chat_template.jinja beside the GGUF files, so every runtime renders with it.
+        calibration: data file (any training-data format) for the importance matrices of llama.cpp's quants;
+            default: the training data of the run a merged model came from (see :mod:`edgemed.export.imatrix`).
+        calibrate: False exports uncalibrated even when the run's data is at hand.
+        calibration_samples, calibration_tokens: caps on the records read and the tokens per record.
 
     Returns:
         The output folder.
@@ -101,28 +108,43 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     text_plan = plan_tensors(spec, config, ckpt, "text")
     vision_plan = plan_tensors(spec, config, ckpt, "vision") if spec.is_vision else []
     provenance = _provenance(model_dir, source)
+    wants = quants + (["mmproj-q5_0"] if spec.is_vision and mmproj_quant == "q5_0" else [])
+    calib = _calibration_plan(model_dir, wants, calibration, calibrate, calibration_samples)
 
     files: dict[str, str] = {}
+    cal = None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for q in quants:
             if q in DIRECT:
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance,
                                 chat_template)
                 files[q] = f"model-{q}.gguf"
+        if calib is not None:  # one set of matrices serves every quant and the mmproj
+            from edgemed.export import imatrix
+
+            records, data_path, data_sha = calib
+            cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
+                                          max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
+                                          system=imatrix.run_system_prompt(model_dir))
+            imatrix.write_imatrix(cal, tmp / imatrix.IMATRIX_FILE)
         llama = [q for q in quants if q in LLAMA_QUANTS]
         if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
             src = tmp / ("model-f16.gguf" if "f16" in files else ".intermediate-f16.gguf")
             if "f16" not in files:
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, "f16", src, provenance, chat_template)
             for q in llama:
-                llama_quantize(src, tmp / f"model-{q}.gguf", q)
+                if cal is None:
+                    llama_quantize(src, tmp / f"model-{q}.gguf", q)
+                else:
+                    _calibrated_quantize(src, tmp, q, cal)
                 files[q] = f"model-{q}.gguf"
             if "f16" not in files:
                 src.unlink()
         mmproj = None
         if spec.is_vision:
             mmproj = f"mmproj-{mmproj_quant}.gguf"
-            write_mmproj_gguf(spec, config, model_dir, ckpt, vision_plan, mmproj_quant, tmp / mmproj, provenance)
+            write_mmproj_gguf(spec, config, model_dir, ckpt, vision_plan, mmproj_quant, tmp / mmproj, provenance,
+                              cal.matrices if cal is not None else None)
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
             shutil.copy2(model_dir / name, tmp / name)
@@ -131,6 +153,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=_image_token_id(model_dir, spec),
+                       calibration=cal.provenance() if cal is not None else None,
                        name=provenance["name"], base_model=provenance["base_model"],
                        base_model_sha256=provenance["base_model_sha256"],
                        parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
@@ -139,6 +162,41 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
 
 
 # ---------------------------------------------------------------- inputs
+def _calibration_plan(model_dir: Path, quants: list[str], calibration: Path | str | None, calibrate: bool,
+                      max_samples: int | None) -> tuple[list[Any], Path, str] | None:
+    """(records, file, sha256) of the calibration data the export will use, read and checked before anything is
+    written (a bad file leaves no output); None for an uncalibrated export."""
+    from edgemed.export import imatrix
+
+    llama = [q for q in quants if q in LLAMA_QUANTS or q == "mmproj-q5_0"]
+    if calibration is not None and not calibrate:
+        raise ExportError("--calibration and --no-calibration contradict each other; give one")
+    path = Path(calibration) if calibration is not None else (
+        imatrix.default_calibration(model_dir) if calibrate and llama else None)
+    if path is None:
+        return None
+    records, sha = imatrix.read_calibration(path, max_samples or imatrix.MAX_SAMPLES)  # a bad file fails here
+    if not llama:
+        log.info("no llama.cpp quant asked for (%s): the calibration data is not needed", ", ".join(quants))
+        return None
+    return records, path, sha
+
+
+def _calibrated_quantize(src: Path, folder: Path, quant: str, cal: Any) -> Path:
+    """llama.cpp decides each tensor's type (uncalibrated pass); ggml's kernels quantize again with the matrices."""
+    from edgemed.export.ggml_quant import requantize
+
+    plain = folder / f".uncalibrated-{quant}.gguf"
+    llama_quantize(src, plain, quant)
+    dst = folder / f"model-{quant}.gguf"
+    try:
+        requantize(plain, src, dst, cal.matrices, {
+            "quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": Path(cal.source).name,
+            "quantize.imatrix.entries_count": len(cal.matrices), "quantize.imatrix.chunks_count": cal.samples,
+            "edgemed.calibration.imatrix_sha256": cal.sha256, "edgemed.calibration.data_sha256": cal.data_sha256})
+    finally:
+        plain.unlink(missing_ok=True)
+    return dst
 
 
 def _check_quants(quants: list[str], mmproj_quant: str) -> list[str]:
@@ -466,8 +524,10 @@ def _tensor_type(name: str, shape: tuple[int, ...], quant: str, mmproj: bool = F
         return T.F32
     if quant == "bf16":
         return T.BF16
-    if quant == "q8_0":
+    if quant == "q8_0" or (quant == "q5_0" and name.startswith("mm.")):  # the projector feeds every image token
         return T.Q8_0 if shape[-1] % 32 == 0 else T.F16  # q8_0 blocks are 32 wide; convert_hf_to_gguf falls back too
+    if quant == "q5_0":
+        return T.Q5_0 if shape[-1] % 32 == 0 else T.F16
     return T.F16
 
 
@@ -481,7 +541,7 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
         4 if qtype == gguf.GGMLQuantizationType.F32 else 2)
 
 
-def _convert(data, qtype):
+def _convert(data, qtype, imatrix=None):
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -490,13 +550,18 @@ def _convert(data, qtype):
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == T.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
-    return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    if qtype in (T.Q8_0, T.BF16):
+        return quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    from edgemed.export.ggml_quant import quantize  # llama.cpp's kernel, weighted by the matrix when there is one
+
+    return quantize(np.asarray(data, dtype=np.float32).reshape(-1, data.shape[-1]), qtype, imatrix).reshape(-1)
 
 
 def _file_type(quant: str) -> int:
     from gguf import LlamaFileType as F
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[quant]
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+            "q5_0": F.MOSTLY_Q5_0}[quant]
 
 
 def _add_kv(w, kv: dict[str, Any]) -> None:
@@ -519,7 +584,7 @@ def _add_kv(w, kv: dict[str, Any]) -> None:
 
 
 def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: str, mmproj: bool,
-           kv: Callable[[Any], None], desc: str) -> None:
+           kv: Callable[[Any], None], desc: str, imatrix: dict[str, Any] | None = None) -> None:
     """Write one GGUF file lazily: tensor infos first, then each tensor read, converted and written in turn."""
     import gguf
     import numpy as np
@@ -542,7 +607,7 @@ def _write(path: Path, arch: str, plan: list[Entry], ckpt: Checkpoint, quant: st
                 data = e.make() if e.make else ckpt.get(e.key)
                 if e.transform:
                     data = e.transform(data)
-                w.write_tensor_data(_convert(data, t))
+                w.write_tensor_data(_convert(data, t, (imatrix or {}).get(e.name)))
                 del data
         finally:
             w.close()
@@ -657,7 +722,8 @@ def _processor_config(model_dir: Path) -> dict[str, Any]:
 
 
 def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry],
-                      quant: str, path: Path, provenance: dict[str, Any]) -> Path:
+                      quant: str, path: Path, provenance: dict[str, Any], imatrix: dict[str, Any] | None = None
+                      ) -> Path:
     """Write the vision tower and projector as llama.cpp's mmproj file."""
     import gguf
 
@@ -667,7 +733,7 @@ def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkp
         _general_kv(w, provenance, _file_type(quant), "mmproj")
         _add_kv(w, kv)
 
-    _write(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], plan, ckpt, quant, True, meta, "mmproj")
+    _write(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], plan, ckpt, quant, True, meta, "mmproj", imatrix)
     return path
 
 

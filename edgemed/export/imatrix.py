@@ -1,0 +1,269 @@
+"""Importance matrices for calibrated quantization, computed in PyTorch from the model being exported.
+
+For every weight matrix the matrix is the mean square of its input activations per input channel, as
+``llama-imatrix`` defines it (sum of x^2 over every token that reached the layer, divided by their count). They
+are collected with forward hooks on the model's ``nn.Linear`` layers while it reads calibration prompts through
+the reference backend, with their images: the decoder sees image tokens as in deployment, and the vision tower and
+projector get their own matrices from the same images. Hand-written rather than run through ``llama-imatrix``
+because llama-cpp-python ships no imatrix tool, and because this way the statistics come from the PyTorch model
+itself, the reference every export is judged against.
+
+The default calibration set of a fine-tuned model is its run's training data (the run manifest names it); a
+plain checkpoint is exported uncalibrated unless a file is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemed.artifacts import MANIFEST, atomic_file
+from edgemed.errors import DataError, EdgemedError, ExportError
+
+MAX_SAMPLES = 128  # calibration records read (llama.cpp's guidance: a few hundred chunks; these are short)
+MAX_TOKENS = 512  # tokens per record
+IMATRIX_FILE = "imatrix.gguf"
+
+
+class CalibrationError(DataError):
+    """The calibration data cannot be used (missing, unreadable, empty or malformed)."""
+
+
+@dataclass
+class Calibration:
+    """Importance matrices and where they came from."""
+
+    source: str
+    data_sha256: str
+    samples: int
+    tokens: int
+    images: int
+    matrices: dict[str, Any] = field(default_factory=dict)  # GGUF tensor name -> float32 mean square per column
+    counts: dict[str, int] = field(default_factory=dict)  # GGUF tensor name -> activation rows seen
+
+    @property
+    def sha256(self) -> str:
+        """One hash over every matrix (name, length and float32 bytes), for the manifest."""
+        import numpy as np
+
+        h = hashlib.sha256(b"edgemed-imatrix-v1\n")
+        for name in sorted(self.matrices):
+            m = np.ascontiguousarray(self.matrices[name], dtype=np.float32)
+            h.update(f"{name}\0{m.size}\n".encode())
+            h.update(m.tobytes())
+        return h.hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        return {"data": self.source, "data_sha256": self.data_sha256, "samples": self.samples, "tokens": self.tokens,
+                "images": self.images, "matrices": len(self.matrices), "imatrix_sha256": self.sha256,
+                "file": IMATRIX_FILE}
+
+
+# ---------------------------------------------------------------- which data
+def default_calibration(model_dir: Path) -> Path | None:
+    """The training data of the run a merged model came from (its first stage with a readable file), or None."""
+    from edgemed.artifacts import read_manifest
+
+    if not (model_dir / MANIFEST).is_file():
+        return None
+    m = read_manifest(model_dir)
+    parent = (m.get("parent") or {}).get("path")
+    if m.get("kind") != "model" or not parent or not (Path(parent) / MANIFEST).is_file():
+        return None
+    run = read_manifest(Path(parent))
+    if run.get("kind") != "run":
+        return None
+    for info in (run.get("data") or {}).values():
+        train = (info or {}).get("train")
+        if train and Path(train).is_file():
+            return Path(train)
+    return None
+
+
+def run_system_prompt(model_dir: Path) -> str | None:
+    """The recipe's system prompt of the run behind a merged model (calibration renders prompts as training did)."""
+    from edgemed.artifacts import read_manifest
+
+    try:
+        m = read_manifest(model_dir)
+        run = read_manifest(Path(m["parent"]["path"]))
+        return ((run.get("recipe") or {}).get("prompt") or {}).get("system")
+    except (EdgemedError, KeyError, TypeError, OSError):
+        return None
+
+
+def read_calibration(path: Path | str, max_samples: int = MAX_SAMPLES) -> tuple[list[Any], str]:
+    """Records of a calibration file in any training-data format (text or VQA JSONL, VQA-RAD, SLAKE), spread over
+    the file, and the data set's sha256.
+
+    Raises:
+        CalibrationError: the file is missing, malformed or empty (one line naming the file and the problem).
+    """
+    import numpy as np
+
+    from edgemed.data import dataset_sha256, read_dataset
+
+    path = Path(path)
+    try:
+        records = read_dataset(path)
+        sha = dataset_sha256(path)
+    except DataError as e:
+        raise CalibrationError(f"calibration file unusable: {e}") from None
+    if not records:
+        raise CalibrationError(f"calibration file {path} holds no records; give a text or VQA JSONL file with some")
+    if max_samples < 1:
+        raise CalibrationError(f"--calibration-samples must be at least 1, got {max_samples}")
+    if len(records) > max_samples:  # spread over the file: data files often group records by image or topic
+        idx = np.linspace(0, len(records) - 1, max_samples).round().astype(int)
+        records = [records[i] for i in dict.fromkeys(idx.tolist())]
+    return records, sha
+
+
+# ---------------------------------------------------------------- which layer is which tensor
+def _fingerprint(w: Any) -> tuple[Any, ...]:
+    """Shape and a strided sample of a weight's values: enough to tell a checkpoint's matrices apart."""
+    import numpy as np
+
+    flat = np.asarray(w, dtype=np.float32).reshape(-1)
+    step = max(1, flat.size // 97)
+    return (tuple(w.shape), flat[::step][:97].round(6).tobytes())
+
+
+def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[str]]:
+    """``nn.Linear`` module name -> GGUF names of the tensors holding its weight.
+
+    Module names and checkpoint keys need not agree (transformers renames keys when it loads some layouts), so
+    the weights are matched by value: each checkpoint matrix is read once and fingerprinted.
+    """
+    import torch
+
+    by_key: dict[str, list[str]] = {}
+    for e in entries:
+        if e.key and len(e.shape) == 2:
+            by_key.setdefault(e.key, []).append(e.name)
+    prints: dict[tuple[Any, ...], list[str]] = {}
+    for key in by_key:
+        prints.setdefault(_fingerprint(ckpt.get(key)), []).append(key)
+    embed = model.get_input_embeddings().weight
+    embed_names = [n for e in entries if e.name == "token_embd.weight" for n in [e.name]]
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if mod.weight is embed and embed_names and not any(e.name == "output.weight" for e in entries):
+            out[name] = embed_names  # tied head: llama.cpp multiplies by token_embd, so its matrix is that one
+            continue
+        keys = prints.get(_fingerprint(mod.weight.detach().float().cpu().numpy()), [])
+        names = [n for k in keys for n in by_key[k]]
+        if names:
+            out[name] = names
+    return out
+
+
+# ---------------------------------------------------------------- collecting
+def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_sha256: str, ckpt: Any,
+                    entries: list[Any], max_tokens: int = MAX_TOKENS, system: str | None = None,
+                    n_threads: int | None = None) -> Calibration:
+    """Run the PyTorch model over ``records`` and collect each mapped layer's input mean squares.
+
+    Args:
+        model_dir: the merged model folder being exported.
+        records: calibration records (VQA: prompt + answer, with the image; text: the document).
+        data_path, data_sha256: the calibration file and its hash (provenance).
+        ckpt: the folder's :class:`edgemed.export.gguf.Checkpoint`.
+        entries: the GGUF tensor plans (text and vision) whose matrices to collect.
+        max_tokens: tokens per record.
+        system: system prompt used where a record has none (the recipe's).
+        n_threads: torch threads.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from edgemed.backends.pytorch import TorchBackend
+    from edgemed.data import TextRecord
+
+    backend = TorchBackend(model_dir, device="cpu", n_threads=n_threads)
+    try:
+        names = _module_names(backend.model, ckpt, entries)
+        if not names:
+            raise ExportError(f"{model_dir}: no linear layer of the model matches a GGUF tensor; cannot calibrate")
+        sums: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+        hooks = []
+
+        def hook(module_name: str):
+            def pre(_mod, args):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                s = (x * x).sum(0).double().cpu().numpy()
+                sums[module_name] = sums.get(module_name, 0.0) + s
+                counts[module_name] = counts.get(module_name, 0) + x.shape[0]
+            return pre
+
+        for n, mod in backend.model.named_modules():
+            if n in names:
+                hooks.append(mod.register_forward_pre_hook(hook(n)))
+        tokens = images = 0
+        try:
+            for r in tqdm(records, desc="calibration", unit="sample", leave=False):
+                if isinstance(r, TextRecord):
+                    seq, image = backend.tokenize(r.text)[:max_tokens], None
+                else:
+                    image = None
+                    if r.image is not None and backend.is_vision:
+                        from edgemed.data import load_image
+
+                        image = load_image(r.image)
+                    prompt = backend.render(r.question, image=image is not None, system=r.system or system)
+                    seq = backend.tokenize(prompt + r.answer)[:max_tokens]
+                    if image is not None and backend.image_token_id not in seq:  # truncated away: drop the image
+                        image = None
+                with torch.inference_mode():
+                    backend.logits(seq, image)
+                tokens += len(seq)
+                images += image is not None
+        except DataError as e:
+            raise CalibrationError(f"calibration data {data_path}: {e}") from None
+        finally:
+            for h in hooks:
+                h.remove()
+    finally:
+        backend.close()
+    cal = Calibration(str(Path(data_path).absolute()), data_sha256, len(records), tokens, images)
+    for module_name, gguf_names in names.items():
+        if module_name not in counts:
+            continue  # never reached (e.g. the vision tower of a text-only calibration set)
+        mean = (sums[module_name] / counts[module_name]).astype(np.float32)
+        for g in gguf_names:
+            cal.matrices[g] = mean
+            cal.counts[g] = counts[module_name]
+    return cal
+
+
+def write_imatrix(cal: Calibration, path: Path) -> Path:
+    """The matrices in llama.cpp's GGUF imatrix layout (``<name>.in_sum2`` / ``<name>.counts``), so
+    ``llama-quantize --imatrix`` can reuse them."""
+    import gguf
+    import numpy as np
+
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "")
+        try:
+            w.add_type("imatrix")
+            w.add_array("imatrix.datasets", [Path(cal.source).name])
+            w.add_uint32("imatrix.chunk_count", cal.samples)
+            w.add_uint32("imatrix.chunk_size", MAX_TOKENS)
+            w.add_string("edgemed.calibration", json.dumps(cal.provenance(), sort_keys=True))
+            for name in sorted(cal.matrices):
+                n = cal.counts[name]
+                w.add_tensor(f"{name}.in_sum2", (cal.matrices[name].astype(np.float64) * n).astype(np.float32)[None])
+                w.add_tensor(f"{name}.counts", np.array([[float(n)]], dtype=np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+    return path

@@ -1,0 +1,152 @@
+"""Importance matrices (edgemed.export.imatrix) and calibrated GGUF export: the matrices come from the right
+layers, calibration changes the quantized bytes, and bad calibration data is refused before anything is written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_vqa
+
+from edgemed.errors import DataError
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+
+def _cal(model: Path, data: Path, which: tuple[str, ...] = ("text",)):
+    from edgemed.archs import arch_for_dir
+    from edgemed.export import imatrix
+    from edgemed.export.gguf import Checkpoint, _load_config, plan_tensors
+
+    spec, config, ckpt = arch_for_dir(model), _load_config(model), Checkpoint(model)
+    entries = [e for w in which for e in plan_tensors(spec, config, ckpt, w)]
+    records, sha = imatrix.read_calibration(data)
+    return imatrix.compute_imatrix(model, records, data, sha, ckpt, entries, max_tokens=64), entries
+
+
+def test_matrices_cover_every_text_matrix_and_share_inputs(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    cal, entries = _cal(model, write_vqa(tmp_path / "d", n=4, image=False))
+    two_d = {e.name for e in entries if len(e.shape) == 2 and e.name != "token_embd.weight"}
+    assert two_d <= set(cal.matrices), sorted(two_d - set(cal.matrices))
+    for e in entries:  # each matrix has one value per input column (GGUF ne[0])
+        if e.name in cal.matrices:
+            assert cal.matrices[e.name].shape == (e.shape[-1],) and (cal.matrices[e.name] >= 0).all()
+    # q, k and v read the same normed hidden state, gate and up too: a mis-mapped layer would break this
+    assert np.array_equal(cal.matrices["blk.0.attn_q.weight"], cal.matrices["blk.0.attn_v.weight"])
+    assert np.array_equal(cal.matrices["blk.1.ffn_gate.weight"], cal.matrices["blk.1.ffn_up.weight"])
+    assert not np.array_equal(cal.matrices["blk.0.attn_q.weight"], cal.matrices["blk.1.attn_q.weight"])
+    # every token of every sample reached every decoder layer once
+    assert cal.counts["blk.0.attn_q.weight"] == cal.tokens == cal.counts["blk.1.ffn_down.weight"]
+    assert cal.samples == 4 and cal.images == 0 and len(cal.sha256) == 64
+
+
+def test_vision_tower_and_projector_get_matrices_from_the_images(tiny_model, tmp_path):
+    model = tiny_model("llava")
+    cal, entries = _cal(model, write_vqa(tmp_path / "d", n=2, image=True), ("text", "vision"))
+    vision = {e.name for e in entries if len(e.shape) == 2 and e.name.startswith(("v.", "mm."))
+              and "embd" not in e.name}  # position embeddings are added, not multiplied: no matrix
+    assert vision and vision <= set(cal.matrices), sorted(vision - set(cal.matrices))
+    assert cal.images == 2
+    # the decoder saw the image tokens: the one placeholder of each prompt expanded into the image's patches
+    assert cal.counts["blk.0.attn_q.weight"] > cal.tokens
+    assert cal.counts["blk.0.attn_q.weight"] > cal.counts["mm.0.weight"] > 0
+
+
+def test_calibration_changes_the_quantized_bytes_and_is_recorded(tiny_model, tmp_path):
+    from edgemed.artifacts import read_manifest
+    from edgemed.export.gguf import export_gguf
+
+    model = tiny_model("llama")
+    data = write_vqa(tmp_path / "d", n=4, image=False)
+    plain = export_gguf(model, ["q4_k_m"], tmp_path / "plain", calibrate=False)
+    cal = export_gguf(model, ["q4_k_m"], tmp_path / "cal", calibration=data)
+    a, b = gguf.GGUFReader(plain / "model-q4_k_m.gguf"), gguf.GGUFReader(cal / "model-q4_k_m.gguf")
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]  # same mix
+    changed = [t.name for t, u in zip(a.tensors, b.tensors, strict=True)
+               if not np.array_equal(np.asarray(t.data), np.asarray(u.data))]
+    assert "blk.0.attn_q.weight" in changed and "output_norm.weight" not in changed
+    m = read_manifest(cal)
+    c = m["calibration"]
+    assert c["samples"] == 4 and c["data"] == str(data.absolute()) and len(c["data_sha256"]) == 64
+    assert c["imatrix_sha256"] and (cal / "imatrix.gguf").is_file() and "imatrix.gguf" in m["files"]
+    assert read_manifest(plain)["calibration"] is None
+    assert b.get_field("edgemed.calibration.imatrix_sha256").contents() == c["imatrix_sha256"]
+
+    from edgemed.backends import open_backend
+
+    with contextlib.closing(open_backend(cal, quant="q4_k_m")) as be:
+        assert np.isfinite(be.logits(be.tokenize("Which side is bright?"))).all()  # llama.cpp loads it
+
+
+def test_corrupt_calibration_file_is_refused_with_no_output(tiny_model, tmp_path):
+    from edgemed.export.gguf import export_gguf
+
+    model = tiny_model("llama")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok", "answer": "yes"}\n{"question": 3\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        export_gguf(model, ["q4_k_m"], out, calibration=bad)
+    msg = str(e.value)
+    assert "calibration" in msg and f"{bad}:2" in msg and "\n" not in msg
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="calibration"):
+        export_gguf(model, ["q4_k_m"], out, calibration=empty)
+    assert not out.exists()
+
+
+def test_cli_refuses_corrupt_calibration(tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--quant", "q4_k_m", "--calibration",
+                                  str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "calibration" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_imatrix_file_is_in_llama_cpp_layout(tiny_model, tmp_path):
+    from edgemed.export import imatrix
+
+    cal, _ = _cal(tiny_model("llama"), write_vqa(tmp_path / "d", n=2, image=False))
+    path = imatrix.write_imatrix(cal, tmp_path / "imatrix.gguf")
+    r = gguf.GGUFReader(path)
+    t = {x.name: x for x in r.tensors}
+    name = "blk.0.attn_q.weight"
+    sums, counts = np.asarray(t[f"{name}.in_sum2"].data).reshape(-1), np.asarray(t[f"{name}.counts"].data)
+    assert np.allclose(sums / counts.reshape(-1)[0], cal.matrices[name], rtol=1e-5)
+    assert json.loads(r.get_field("edgemed.calibration").contents())["imatrix_sha256"] == cal.sha256
+
+
+def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tmp_path):
+    from edgemed.backends import open_backend
+    from edgemed.export.gguf import export_gguf
+    from edgemed.parity import _cosines
+
+    model = tiny_model("llava")
+    data = write_vqa(tmp_path / "d", n=2, image=True)
+    f16 = export_gguf(model, ["f16"], tmp_path / "f16")
+    q5 = export_gguf(model, ["f16"], tmp_path / "q5", mmproj_quant="q5_0", calibration=data)
+    plain = export_gguf(model, ["f16"], tmp_path / "plain", mmproj_quant="q5_0", calibrate=False)
+    r = {t.name: t for t in gguf.GGUFReader(q5 / "mmproj-q5_0.gguf").tensors}
+    p = {t.name: t for t in gguf.GGUFReader(plain / "mmproj-q5_0.gguf").tensors}
+    T = gguf.GGMLQuantizationType
+    assert r["v.blk.0.attn_q.weight"].tensor_type == T.Q5_0 and r["v.patch_embd.weight"].tensor_type == T.F32
+    assert r["mm.0.weight"].tensor_type == T.Q8_0  # the projector stays 8-bit
+    assert not np.array_equal(np.asarray(r["v.blk.0.attn_q.weight"].data), np.asarray(p["v.blk.0.attn_q.weight"].data))
+    from PIL import Image
+
+    img = Image.open(data.parent / "img0.png").convert("RGB")
+    with contextlib.closing(open_backend(f16, quant="f16")) as a, \
+            contextlib.closing(open_backend(q5, quant="f16")) as b:
+        assert _cosines(a.image_embeddings(img), b.image_embeddings(img)) > 0.99

@@ -1,0 +1,93 @@
+"""Uncalibrated vs calibrated GGUF quantization, measured on held-out probes (prints a markdown table).
+
+For each quant: KL mean / p99, top-1 over all positions, flip rate on decided positions, held-out answer flip rate
+(greedy answers that differ from the PyTorch model's), file size and export time. The calibration data and the
+probes must not overlap (checked: the same question text in both is refused).
+
+    python tools/bench_quant.py MODEL_DIR --probes held_out.jsonl [--calibration FILE] [--quants q4_k_m,q3_k_m]
+
+Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def _questions(path: Path) -> set[str]:
+    from edgemed.data import TextRecord, read_dataset
+
+    return {r.text if isinstance(r, TextRecord) else r.question + "\0" + str(r.image) for r in read_dataset(path)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--probes", type=Path, required=True, help="held-out probe JSONL (question, optional image)")
+    ap.add_argument("--calibration", type=Path, default=None)
+    ap.add_argument("--quants", default="q4_k_m,q3_k_m,iq4_xs")
+    ap.add_argument("--max-probes", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=64, help="calibration records")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from edgemed.export.gguf import export_gguf
+    from edgemed.export.imatrix import default_calibration
+    from edgemed.parity import read_probes, run_parity
+
+    quants = args.quants.split(",")
+    cal = args.calibration or default_calibration(args.model)
+    if cal is None:
+        raise SystemExit("no calibration data: pass --calibration FILE (the model has no run with training data)")
+    probes = read_probes(args.probes)[: args.max_probes]
+    held = {p.question + "\0" + str(p.image) for p in probes}
+    overlap = held & _questions(cal)
+    if overlap:
+        raise SystemExit(f"{len(overlap)} probes also occur in the calibration data {cal}; use held-out probes")
+    work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    rows = []
+    try:
+        for mode in ("uncalibrated", "calibrated"):
+            t0 = time.time()
+            folder = export_gguf(args.model, quants, work / mode, calibrate=mode == "calibrated",
+                                 calibration=cal if mode == "calibrated" else None, calibration_samples=args.samples)
+            export_s = time.time() - t0
+            res = run_parity(folder, reference=args.model, probes=args.probes, max_probes=args.max_probes,
+                             localise=False, n_threads=args.threads)
+            for r in res.rows:
+                m = r.metrics
+                rows.append({"quant": r.quant, "mode": mode, "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"],
+                             "top1": m["top1"], "flip_rate": m["flip_rate"], "decided": m["decided_positions"],
+                             "positions": m["positions"], "answer_flips": 1 - m["greedy_match"],
+                             "image_cos": m["image_cos"], "passed": r.passed,
+                             "size_mb": (folder / f"model-{r.quant}.gguf").stat().st_size / 1e6,
+                             "export_s": export_s})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"model {args.model}; calibration {cal}; {len(probes)} held-out probes from {args.probes}")
+    print("| quant | calibration | KL mean | KL p99 | top-1 (all) | flip rate (decided) | answer flips | img cos "
+          "| size MB | export s (all quants) | parity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (quants.index(r["quant"]), r["mode"] != "uncalibrated")):
+        cos = "-" if r["image_cos"] is None else f"{r['image_cos']:.4f}"
+        print(f"| {r['quant']} | {r['mode']} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.1%} | "
+              f"{r['flip_rate']:.1%} ({r['decided']}/{r['positions']}) | {r['answer_flips']:.0%} | {cos} | "
+              f"{r['size_mb']:.1f} | {r['export_s']:.0f} | {'pass' if r['passed'] else 'FAIL'} |")
+    for q in quants:
+        u = next(r for r in rows if r["quant"] == q and r["mode"] == "uncalibrated")
+        c = next(r for r in rows if r["quant"] == q and r["mode"] == "calibrated")
+        print(f"{q}: calibrated KL mean {100 * (1 - c['kl_mean'] / u['kl_mean']):+.0f}% lower than uncalibrated")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), "calibration": str(cal), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
