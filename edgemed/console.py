@@ -3,8 +3,8 @@
 The CLI calls :func:`setup` once. Unless ``--verbose``, file descriptor 2 is pointed at the log, so whatever
 transformers, bitsandbytes, torch.onnx, onnxruntime or llama.cpp print (Python or C) lands there, and edgemed's own
 output goes to :func:`user_err`, a copy of the terminal's stderr made before the switch. Warnings raised by
-edgemed's own modules are shown as one ``warning:`` line; everyone else's go to the log. ``faulthandler`` writes
-the Python stack of a native crash to the log, where the supervisor (edgemed.supervise) reads what died.
+edgemed itself (``EdgemedWarning``) are shown as one ``warning:`` line; everyone else's go to the log.
+``faulthandler`` writes the Python stack of a native crash to the log, where the supervisor reads what died.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import IO
 _USER: IO[str] | None = None
 _LOG: Path | None = None
 _FAULT_FILE: IO[str] | None = None
-_PKG = str(Path(__file__).parent)
 
 # set before the libraries are imported: they read these once
 QUIET_ENV = {
@@ -79,7 +78,9 @@ def setup(log: Path, verbose: bool = False) -> Path:
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-    if str(filename).startswith(_PKG):  # edgemed's own warnings are meant for the user
+    from edgemed.errors import EdgemedWarning
+
+    if issubclass(category, EdgemedWarning):  # edgemed's own warnings are meant for the user
         print(f"warning: {message}", file=user_err(), flush=True)
     if _FAULT_FILE is not None:
         _FAULT_FILE.write(warnings.formatwarning(message, category, filename, lineno, line))

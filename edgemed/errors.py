@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class EdgemedWarning(UserWarning):
+    """A warning edgemed gives its user on purpose (shown on the terminal; the libraries' go to the log)."""
+
+
 class EdgemedError(Exception):
     """Base of every error edgemed raises on purpose. The message says what was wrong and what to do."""
 

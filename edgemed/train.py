@@ -26,7 +26,7 @@ from typing import Any
 from edgemed import prompting
 from edgemed.archs import ArchSpec
 from edgemed.artifacts import tree_sha256, write_manifest
-from edgemed.errors import ArtifactError, RecipeError
+from edgemed.errors import ArtifactError, EdgemedWarning, RecipeError
 from edgemed.modeling import ADAPTER, TRAINED, Loaded, bnb_quantized, load_base
 from edgemed.recipe import Recipe, Stage, dump_recipe
 
@@ -245,7 +245,7 @@ def _device_and_method(recipe: Recipe, strict: bool) -> tuple[str, bool]:
     if strict:
         raise RecipeError(msg.replace("so this run uses", "and --strict forbids falling back to") +
                           "; drop --strict, or set quant.allow_cpu: true to run 4-bit on the CPU (slow)")
-    warnings.warn(msg, stacklevel=2)
+    warnings.warn(msg, EdgemedWarning, stacklevel=2)
     return device, False
 
 

@@ -72,3 +72,23 @@ def test_edgemed_program_runs_commands_supervised_and_keeps_their_exit_code(tmp_
     assert r.stderr.startswith("FAIL ") and "not an edgemed bundle" in r.stderr and "Traceback" not in r.stderr
     logs = list((tmp_path / "home" / "logs").glob("verify-*.log"))
     assert len(logs) == 1  # the supervised child kept a log of its own
+
+
+def test_only_edgemeds_own_warnings_reach_the_terminal(tmp_path):
+    code = textwrap.dedent("""
+        import os, warnings
+        from pathlib import Path
+        from edgemed import console
+        from edgemed.errors import EdgemedWarning
+        console.setup(Path(os.environ["EDGEMED_LOG"]))
+        warnings.warn("a library's FutureWarning", FutureWarning)
+        warnings.warn("a library's UserWarning")
+        warnings.warn("fell back to 32-bit LoRA", EdgemedWarning)
+    """)
+    log = tmp_path / "w.log"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**__import__("os").environ, "EDGEMED_LOG": str(log)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "warning: fell back to 32-bit LoRA"
+    text = log.read_text()
+    assert "a library's FutureWarning" in text and "a library's UserWarning" in text

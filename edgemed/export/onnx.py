@@ -81,7 +81,7 @@ import torch
 
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
-from edgemed.errors import ArtifactError, ExportError
+from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
 from edgemed.files import reading
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
@@ -555,7 +555,7 @@ def _lora_base(model_dir: Path) -> Path | None:
         return run_base(model_dir, manifest)
     except ArtifactError as e:
         warnings.warn(f"{e} (a LoRA merge: int4 now rounds the merged weights, which can round the fine-tune away; "
-                      "run `edgemed parity` on the export, or use int8)", stacklevel=2)
+                      "run `edgemed parity` on the export, or use int8)", EdgemedWarning, stacklevel=2)
         return None
 
 
