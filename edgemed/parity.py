@@ -374,7 +374,7 @@ class ParityResult:
 
     def table(self) -> str:
         """A readable table: one line per row and stage, then each failure and the verdict."""
-        head = (f"{'':2}{'file':<22}{'quant':<10}{'KL mean':>10}{'KL p99':>10}{'flips':>7}{'top1':>7}{'KL max':>9}"
+        head = (f"{'':3}{'file':<21}{'quant':<10}{'KL mean':>10}{'KL p99':>10}{'flips':>7}{'top1':>7}{'KL max':>9}"
                 f"{'dlogit':>8}{'greedy':>8}{'img cos':>9}  tok tmpl bos")
         lines = [f"parity: {self.export}  vs  {self.reference}  ({self.probes} probes, {self.positions} positions, "
                  f"{self.seconds:.0f} s)",
@@ -394,7 +394,7 @@ class ParityResult:
             bos = f"{c.get('bos_reference', '?')}/{c.get('gguf_bos', c.get('bos_export', '?'))}"
             tmpl = c.get("template_identical")
             tmpl = tmpl and c.get("gguf_template_identical", True) if tmpl is not None else None
-            return (f"{'OK' if r.passed else 'XX':<2}{r.label[:21]:<22}{r.quant:<10}"
+            return (f"{'OK' if r.passed else 'XX':<3}{r.label[:20]:<21}{r.quant:<10}"
                     f"{m.get('kl_mean', 0):>10.2e}{m.get('kl_p99', 0):>10.2e}{m.get('flip_rate', 0):>7.1%}"
                     f"{m.get('top1', 0):>7.1%}{m.get('kl_max', 0):>9.2e}"
                     f"{m.get('logit_diff_max', 0):>8.3f}{m.get('greedy_match', 0):>8.0%}"
