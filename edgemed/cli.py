@@ -79,7 +79,9 @@ def _log_crash(command: str) -> Path | None:
     import traceback
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    home = Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
+    from edgemed.embedded import cache_root
+
+    home = cache_root()
     for folder in (home / "logs", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)

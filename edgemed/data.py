@@ -490,11 +490,6 @@ def _dicom_signature(head: bytes) -> bool:
     return head[128:132] == b"DICM" or (len(head) >= 8 and int.from_bytes(head[:2], "little") in (0x0002, 0x0008))
 
 
-def _too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> DataError:
-    return DataError(f"{name}: declares {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (checked "
-                     "before decoding, against decompression bombs); downscale the image or raise max_pixels")
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB for any decoded mode; 16-bit and float grayscale are stretched min..max to 8 bit (not clipped)."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -519,7 +514,9 @@ def _load_raster(fp: io.IOBase | Path, name: str, max_pixels: int) -> Image.Imag
         raise DataError(f"{name}: cannot read the image header ({e}); the file is damaged, export it again") from e
     w, h = im.size
     if w * h > max_pixels:
-        raise _too_many_pixels(name, w, h, max_pixels)
+        from edgemed.dicom import too_many_pixels  # one wording for raster and DICOM images
+
+        raise too_many_pixels(name, w, h, max_pixels)
     try:
         im.load()  # force decoding now, so a truncated file fails here and not deep in a training step
         im = ImageOps.exif_transpose(im)
