@@ -91,8 +91,8 @@ def decode_speed(backend: Any, max_tokens: int = 48) -> float:
 
 def measure(row: Row, records: list[Any], speed: bool = True) -> None:
     """Accuracy (and decode speed) of one model or export file."""
+    from edgemed.backends import open_model
     from edgemed.evaluate import evaluate
-    from edgemed.parity import open_model
 
     kw = {"quant": row.quant} if row.backend == "llamacpp" else {}
     backend = open_model(row.path, **kw)

@@ -74,7 +74,7 @@ def evaluate(backend_or_path: Any, records: list, *, max_tokens: int | None = No
     """Answer every record greedily and score it.
 
     Args:
-        backend_or_path: an open Backend, or a model/run/export folder (opened with ``open_backend(**open_kw)``).
+        backend_or_path: an open Backend, or a model/run/export folder (opened with ``open_model(**open_kw)``).
         records: ``edgemed.data.VQARecord`` list.
         max_tokens: answer budget (default: MAX_TOKENS for VQA, REPORT_MAX_TOKENS for reports).
         progress: print a dot per 10 records.
@@ -85,9 +85,9 @@ def evaluate(backend_or_path: Any, records: list, *, max_tokens: int | None = No
         ``{"overall": summary, "by_task": {task: summary}, "predictions": [...], "seconds": float}``; a VQA
         summary has ``n``, ``score``, ``closed.accuracy``, ``open.score`` and the protocol's metric means.
     """
+    from edgemed.backends import open_model
     from edgemed.backends.base import GenParams
     from edgemed.data import load_image
-    from edgemed.parity import open_model
 
     get_protocol(protocol)
     budget = max_tokens or (REPORT_MAX_TOKENS if task == "report" else MAX_TOKENS)

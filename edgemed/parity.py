@@ -32,6 +32,7 @@ import numpy as np
 
 from edgemed import prompting
 from edgemed.artifacts import MANIFEST, atomic_dir, atomic_file, read_manifest, tree_sha256, write_manifest
+from edgemed.backends import open_model, runtime_of
 from edgemed.errors import ArtifactError, DataError, EdgemedError, ParityError
 
 GREEDY_TOKENS = 16  # answers to the probes are short; 16 tokens show where two runtimes part
@@ -757,12 +758,11 @@ def _tensor_diff(a: Path, b: Path, limit: int = 5) -> list[str]:
 
 @contextlib.contextmanager
 def _opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-    from edgemed.backends import open_backend
 
     out: dict[str, Any] = {}
     try:
         for k, (folder, kw) in folders.items():
-            out[k] = open_backend(folder, **kw)
+            out[k] = open_model(folder, **kw)
         yield out
     finally:
         for b in out.values():
@@ -819,7 +819,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                  for label, q, _ in cands if floats and q not in FLOAT_TYPES}
         with _opened(folders) as opened:
             accs, positions = _compare(ref, opened, plist, bos, pairs)
-        rows = [_row(label, q, opened_name(manifest), accs[label], ths[q]) for label, q, _ in cands]
+        rows = [_row(label, q, runtime_of(manifest), accs[label], ths[q]) for label, q, _ in cands]
         if manifest.get("kind") == "gguf":
             bos_ref = rows[0].checks["bos_reference"]
             for row, (_, q, _) in zip(rows, cands, strict=True):
@@ -872,22 +872,6 @@ def _disjoint_from_calibration(manifest: dict[str, Any], probes: list[Probe], gi
     if not kept:
         raise ParityError(f"every default probe occurs in the calibration data {path}; give held-out --probes")
     return kept, info | {"disjoint": True, "dropped": len(overlap)}
-
-
-def open_model(folder: Path, **kw: Any):
-    """A backend for an edgemed folder (by its manifest) or a plain transformers folder (PyTorch)."""
-    from edgemed.backends import open_backend, use_template
-
-    if (Path(folder) / MANIFEST).is_file():
-        return open_backend(folder, **kw)
-    from edgemed.backends.pytorch import TorchBackend
-
-    template = kw.pop("chat_template", None)
-    return use_template(TorchBackend(Path(folder), **kw), template)
-
-
-def opened_name(manifest: dict[str, Any]) -> str:
-    return {"gguf": "llamacpp", "onnx": "onnx"}.get(manifest.get("kind", ""), "pytorch")
 
 
 def _jsonable(o: Any) -> Any:
@@ -1018,7 +1002,7 @@ def _float_export_row(result: ParityResult, ref, ref_dir: Path, manifest: dict[s
             return None
         with _opened({"float": (Path(folder), {**kw, **okw})}) as o:
             a = _compare(ref, o, probes, bos, {})[0][next(iter(o))]
-        row = _row(f"fresh {quant} export", quant, opened_name(manifest), a, thresholds_for(quant, overrides))
+        row = _row(f"fresh {quant} export", quant, runtime_of(manifest), a, thresholds_for(quant, overrides))
         result.localisation.append(row)
         return row
     except (ImportError, EdgemedError) as e:
@@ -1127,11 +1111,10 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
 
 
 def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n_threads: int | None) -> float:
-    from edgemed.backends import open_backend
     from edgemed.data import read_vqa_jsonl
     from edgemed.evaluate import evaluate
 
-    b = open_backend(folder, quant=quant, **({"n_threads": n_threads} if n_threads else {}))
+    b = open_model(folder, quant=quant, **({"n_threads": n_threads} if n_threads else {}))
     try:
         records = read_vqa_jsonl(data)[:limit] if limit else read_vqa_jsonl(data)
         return evaluate(b, records)["overall"]["score"]

@@ -5,7 +5,7 @@ plain text prompt, which is how a base model (no chat template) is used. Chat on
 a 400 that says so, unless ``--chat-template FILE`` gave it a template.
 
 ``serve(config)`` runs ``create_app(config)`` under uvicorn. The runtime follows from the folder's manifest
-(``edgemed.backends.open_backend``): GGUF through llama.cpp, ONNX through onnxruntime, a model or run folder
+(``edgemed.backends.open_model``): GGUF through llama.cpp, ONNX through onnxruntime, a model or run folder
 through PyTorch. A plain transformers folder (config.json, no manifest) is served through PyTorch, unverified.
 
 Offline by construction: the process sets the hub's offline switches before any model is loaded, no endpoint
@@ -44,6 +44,7 @@ from fastapi import Request  # at run time: FastAPI resolves the endpoints' anno
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgemed import prompting
+from edgemed.backends import open_model
 from edgemed.backends.base import GenParams
 from edgemed.errors import DataError, EdgemedError, ServeError
 from edgemed.limits import (
@@ -127,54 +128,6 @@ def check_config(config: ServeConfig) -> None:
                             "http://localhost:3000, with no path")
     if problems:
         raise ServeError("cannot serve: " + "; ".join(problems))
-
-
-def _offline() -> None:
-    """Make every library that could reach a hub refuse to, before any model is loaded."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def open_export(folder: Path | str, verify: bool = True, **kw: Any) -> Backend:
-    """The backend for an export, run or model folder; with ``verify`` a bundle that fails its manifest is refused.
-
-    A folder with a manifest opens the runtime its kind names. A plain transformers folder (config.json and no
-    manifest) opens with PyTorch; it has no manifest to verify against, which is logged.
-    """
-    _offline()
-    from edgemed.backends import use_template
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ServeError(f"{folder}: no such folder; give an export, run or model folder")
-    if (folder / "manifest.json").is_file():
-        if verify:
-            _verify(folder)
-        from edgemed.backends import open_backend
-
-        return open_backend(folder, **kw)
-    if (folder / "config.json").is_file():
-        log.warning("%s has no manifest.json: serving it as a plain transformers folder, unverified", folder)
-        from edgemed.backends.pytorch import TorchBackend
-
-        template = kw.pop("chat_template", None)
-        return use_template(TorchBackend(folder, **kw), template)
-    raise ServeError(f"{folder}: neither an edgemed folder (manifest.json) nor a transformers model folder "
-                     "(config.json); give the folder `edgemed export`, `merge` or `finetune` wrote")
-
-
-def _verify(folder: Path) -> None:
-    try:
-        from edgemed.bundle import verify
-    except ImportError:
-        log.warning("bundle verification is not available in this installation; %s served unverified", folder)
-        return
-    problems = verify(folder)
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ServeError(f"{folder}: fails verification against its manifest ({shown}); "
-                         "re-export it, or pass --no-verify to serve it anyway")
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -627,10 +580,6 @@ class _State:
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="edgemed-serve")
         self.model_id = _model_id(config.export_dir)
         self.created = int(time.time())
-        self.bos = len(backend.tokenize(""))
-
-    def count_tokens(self, text: str, backend: Backend | None = None) -> int:
-        return max(0, len((backend or self.backend).tokenize(text)) - self.bos) if text else 0
 
 
 def _model_id(folder: Path | str) -> str:
@@ -665,24 +614,26 @@ async def _generate(state: _State, prompt: _Prompt, ticket: _Ticket, deadline: f
 
     def work() -> None:
         t0 = time.perf_counter()
-        reason, pieces = "cancelled", []
+        reason, pieces, n_tokens = "cancelled", [], 0
         backend = state.replicas.get()
         try:
-            it = backend.generate(prompt.text, prompt.image, prompt.params)
+            it = backend.stream(prompt.text, prompt.image, prompt.params)
             try:
-                for piece in it:
-                    pieces.append(piece)
-                    if prompt.stream:
-                        post(("piece", piece))
+                for chunk in it:
+                    n_tokens = chunk.tokens
+                    if chunk.text:
+                        pieces.append(chunk.text)
+                        if prompt.stream:
+                            post(("piece", chunk.text))
+                    if chunk.finish_reason is not None:
+                        reason = chunk.finish_reason
+                        break
                     if stop.is_set() or state.closing.is_set():
                         break
-                else:
-                    reason = getattr(backend, "last_finish_reason", None) or "stop"
             finally:
                 it.close()
             # counted here, in the thread that owns the backend, not beside another generation
-            usage = {"prompt_tokens": len(backend.tokenize(prompt.text)),
-                     "completion_tokens": state.count_tokens("".join(pieces), backend)}
+            usage = {"prompt_tokens": len(backend.tokenize(prompt.text)), "completion_tokens": n_tokens}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             state.metrics.gen_seconds += time.perf_counter() - t0
             state.metrics.tokens += usage["completion_tokens"]
@@ -898,12 +849,12 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     kw: dict[str, Any] = {"n_threads": threads} if threads else {}
     if config.chat_template is not None:
         kw["chat_template"] = config.chat_template
-    backend = backend or open_export(config.export_dir, verify=config.verify, **kw)
+    backend = backend or open_model(config.export_dir, verify=config.verify, **kw)
     replicas = [backend]
     if owns and slots > 1 and not getattr(backend, "thread_safe", False):
         # one model instance per slot (a backend holds one KV cache and is driven by one thread at a time); GGUF
         # files are memory-mapped, so llama.cpp replicas share the weights' pages; others hold a copy each
-        replicas += [open_export(config.export_dir, verify=False, **kw) for _ in range(slots - 1)]
+        replicas += [open_model(config.export_dir, verify=False, **kw) for _ in range(slots - 1)]
     state = _State(config, backend, owns, replicas)
 
     @contextlib.asynccontextmanager
@@ -1103,7 +1054,7 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
     kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
     if chat_template is not None:
         kw["chat_template"] = chat_template
-    backend = open_export(export_dir, verify=False, **kw)
+    backend = open_model(export_dir, verify=False, **kw)
     try:
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
@@ -1114,4 +1065,4 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
 
 
 __all__ = ["ChatRequest", "CompletionRequest", "ServeConfig", "ask", "check_config", "create_app", "decode_image",
-           "open_export", "serve"]
+           "serve"]

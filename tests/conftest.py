@@ -116,3 +116,11 @@ def gemma3_270m_base(tmp_path_factory) -> Path:
     tok.save_pretrained(out)
     path.unlink()
     return out
+
+
+def answer(backend, prompt: str, image=None, params=None) -> tuple[str, str, int]:
+    """(text, finish reason, generated tokens) of one streamed answer; only its last chunk may carry a reason."""
+    chunks = list(backend.stream(prompt, image, params))
+    assert chunks and all(c.finish_reason is None for c in chunks[:-1]), chunks
+    assert [c.tokens for c in chunks] == sorted(c.tokens for c in chunks)  # counts never go back
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].tokens

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import answer
 
-from edgemed.backends import open_backend
+from edgemed.backends import open_model
 from edgemed.backends.base import Backend, GenParams
 from edgemed.errors import ArtifactError, DataError
 
@@ -24,7 +25,7 @@ def folders(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text(folders):
-    b = open_backend(folders["text"], n_threads=2, n_ctx=512)
+    b = open_model(folders["text"], n_threads=2, n_ctx=512)
     yield b
     b.close()
 
@@ -34,19 +35,19 @@ def test_open_backend_dispatches_on_the_manifest_and_picks_the_quant(folders, te
 
     assert isinstance(text, LlamaCppBackend) and isinstance(text, Backend)
     assert text.name == "llamacpp" and not text.is_vision and text.quant == "f32"
-    q8 = open_backend(folders["text"], quant="q8_0", n_ctx=256)
+    q8 = open_model(folders["text"], quant="q8_0", n_ctx=256)
     try:
         assert q8.path.name == "model-q8_0.gguf"
     finally:
         q8.close()
     with pytest.raises(ArtifactError, match="f32, q8_0"):
-        open_backend(folders["text"], quant="q4_k_m")
+        open_model(folders["text"], quant="q4_k_m")
 
 
 def test_greedy_generation_follows_the_logits(text):
     prompt = text.render(QUESTION)
     tokens = text.tokenize(prompt)
-    answer = "".join(text.generate(prompt, params=GenParams(max_tokens=10)))
+    got, finish, n = answer(text, prompt, None, GenParams(max_tokens=10))
     chain = list(tokens)
     for _ in range(10):  # argmax of teacher-forced logits, token by token
         nxt = int(text.logits(chain)[-1].argmax())
@@ -54,8 +55,8 @@ def test_greedy_generation_follows_the_logits(text):
             break
         chain.append(nxt)
     want = text.tokenizer.decode(chain[len(tokens):], skip_special_tokens=True)
-    assert answer == want
-    assert text.last_finish_reason in ("stop", "length")
+    assert got == want
+    assert finish == ("length" if len(chain) - len(tokens) == 10 else "stop") and n == len(chain) - len(tokens)
 
 
 def test_seed_makes_sampling_repeatable(text):
@@ -72,10 +73,9 @@ def test_stop_string_ends_the_answer_before_it(text):
     full = "".join(text.generate(prompt, params=GenParams(max_tokens=24, temperature=1.5, seed=3)))
     assert len(full) > 6
     stop = full[3:6]
-    cut = "".join(text.generate(prompt, params=GenParams(max_tokens=24, temperature=1.5, seed=3, stop=[stop])))
-    assert cut == full[:full.index(stop)] and text.last_finish_reason == "stop"
-    assert "".join(text.generate(prompt, params=GenParams(max_tokens=0))) == ""
-    assert text.last_finish_reason == "length"
+    cut, finish, _ = answer(text, prompt, None, GenParams(max_tokens=24, temperature=1.5, seed=3, stop=[stop]))
+    assert cut == full[:full.index(stop)] and finish == "stop"
+    assert answer(text, prompt, None, GenParams(max_tokens=0)) == ("", "length", 0)
 
 
 def test_refusals(text, folders):
@@ -86,7 +86,7 @@ def test_refusals(text, folders):
         text.render(QUESTION, image=True)
     with pytest.raises(DataError, match="takes no image"):
         text.logits(text.tokenize(text.render(QUESTION)), img)
-    b = open_backend(folders["image"], n_threads=2, n_ctx=512)
+    b = open_model(folders["image"], n_threads=2, n_ctx=512)
     try:
         assert b.is_vision
         no_placeholder = b.tokenize(b.render(QUESTION))

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, VISION_ARCHS
+from conftest import ARCHS, VISION_ARCHS, answer
 from PIL import Image
 
 from edgemed.backends.base import Backend, GenParams
@@ -202,14 +202,14 @@ def test_seeded_sampling_is_reproducible_and_top_p_narrows(image_backend):
 def test_stop_string_ends_the_answer_before_it(text_backend):
     prompt = text_backend.render(QUESTION)
     params = GenParams(max_tokens=24, temperature=1.0, seed=5)
-    full = "".join(text_backend.generate(prompt, None, params))
-    assert text_backend.last_finish_reason == "length"
+    full, finish, tokens = answer(text_backend, prompt, None, params)
+    assert finish == "length" and tokens == 24
     stop = next(full[i:i + 3] for i in range(4, len(full) - 3) if full[i:i + 3].strip())
     cut = full.index(stop)
     params.stop = [stop]
-    got = "".join(text_backend.generate(prompt, None, params))
+    got, finish, tokens = answer(text_backend, prompt, None, params)
     assert got == full[:cut]
-    assert text_backend.last_finish_reason == "stop"
+    assert finish == "stop" and tokens < 24
 
 
 def test_closing_the_stream_stops_the_model(text_backend):
@@ -267,10 +267,10 @@ def test_a_run_folder_answers_as_its_adapter_model(tiny_model, tmp_path):
 def test_embedded_text_model_answers_and_ends_its_turn(embedded_text):
     b = TorchBackend(embedded_text)
     try:
-        answer = "".join(b.generate(b.render("What is the capital of France? Answer in one sentence."), None,
-                                    GenParams(max_tokens=48)))
-        assert "Paris" in answer
-        assert b.last_finish_reason == "stop"  # <|im_end|> ended it, not the token budget
+        text, finish, tokens = answer(b, b.render("What is the capital of France? Answer in one sentence."), None,
+                                      GenParams(max_tokens=48))
+        assert "Paris" in text
+        assert finish == "stop" and tokens < 48  # <|im_end|> ended it, not the token budget
         tokens = b.tokenize(b.render("What is the capital of France?"))
         logits = b.logits(tokens)
         assert logits.shape == (len(tokens), 49152)

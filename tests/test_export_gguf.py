@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GGUF_ARCHS, REGISTRY, VISION_ARCHS
+from conftest import GGUF_ARCHS, REGISTRY, VISION_ARCHS, answer
 
 from edgemed.artifacts import read_manifest, tree_sha256
 from edgemed.errors import EdgemedError, ExportError
@@ -331,9 +331,9 @@ def test_image_question_is_answered_through_mtmd(arch, exported, torch_backend):
     try:
         img = picture(2, image_size(ref))
         prompt = b.render(QUESTION, image=True)
-        a1 = "".join(b.generate(prompt, img, GenParams(max_tokens=8)))
+        a1, finish, _ = answer(b, prompt, img, GenParams(max_tokens=8))
         a2 = "".join(b.generate(prompt, img, GenParams(max_tokens=8)))
-        assert a1 == a2 and b.last_finish_reason in ("stop", "length")
+        assert a1 == a2 and finish in ("stop", "length")
         other = "".join(b.generate(prompt, picture(7, image_size(ref)).transpose(0), GenParams(max_tokens=8)))
         tokens = b.tokenize(prompt)
         l1, l2 = b.logits(tokens, img)[-1], b.logits(tokens, picture(7, image_size(ref)).transpose(0))[-1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ARCHS, VISION_ARCHS
+from conftest import ARCHS, VISION_ARCHS, answer
 
 from edgemed.archs import REGISTRY
 from edgemed.artifacts import read_manifest, tree_sha256
@@ -619,11 +619,11 @@ def test_generation_streams_stops_and_samples_reproducibly(embedded_exports):
     try:
         prompt = b.render("List three organs of the human body.")
         pieces = list(b.generate(prompt, params=GenParams(max_tokens=30)))
-        full = "".join(pieces)
-        assert len(pieces) > 3 and b.last_finish_reason in ("length", "stop")
+        full, finish, _ = answer(b, prompt, None, GenParams(max_tokens=30))
+        assert len(pieces) > 3 and full == "".join(pieces) and finish in ("length", "stop")
         stop = full[len(full) // 2: len(full) // 2 + 3]
-        cut = "".join(b.generate(prompt, params=GenParams(max_tokens=30, stop=[stop])))
-        assert cut == full[: full.index(stop)] and b.last_finish_reason == "stop"
+        cut, finish, _ = answer(b, prompt, None, GenParams(max_tokens=30, stop=[stop]))
+        assert cut == full[: full.index(stop)] and finish == "stop"
         sampled = [("".join(b.generate(prompt, params=GenParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=s))))
                    for s in (1, 1, 2)]
         assert sampled[0] == sampled[1] and sampled[0] != sampled[2]

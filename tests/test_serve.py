@@ -16,11 +16,12 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+from conftest import answer
 from PIL import Image
 
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, texts
 from edgemed.backends.pytorch import TorchBackend
-from edgemed.errors import ServeError
+from edgemed.errors import ArtifactError, ServeError
 from edgemed.serve import ServeConfig, ask, check_config, create_app
 
 QUESTION = "Is there a lesion in the left lung?"
@@ -108,12 +109,15 @@ class Slow:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate(self, prompt, image=None, params=None):
-        with contextlib.closing(self.inner.generate(prompt, image, params)) as it:
-            for piece in it:
+    def stream(self, prompt, image=None, params=None):
+        with contextlib.closing(self.inner.stream(prompt, image, params)) as it:
+            for chunk in it:
                 time.sleep(self.delay)
                 self.pieces += 1
-                yield piece
+                yield chunk
+
+    def generate(self, prompt, image=None, params=None):
+        return texts(self.stream(prompt, image, params))
 
 
 def direct(backend, question: str = QUESTION, image: Image.Image | None = None, **params) -> str:
@@ -195,9 +199,11 @@ def test_text_question_equals_the_backend_for_the_same_prompt_and_seed(text_serv
     for seed in (3, 4):
         r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": QUESTION}],
                                            max_tokens=12, temperature=1.0, seed=seed)
-        assert r.choices[0].message.content == direct(text_backend, max_tokens=12, temperature=1.0, seed=seed)
-        assert r.choices[0].finish_reason == text_backend.last_finish_reason == "length"
-        assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens == len(
+        text, finish, tokens = answer(text_backend, text_backend.render(QUESTION), None,
+                                      GenParams(max_tokens=12, temperature=1.0, seed=seed))
+        assert r.choices[0].message.content == text
+        assert r.choices[0].finish_reason == finish == "length"
+        assert r.usage.completion_tokens == tokens == 12 and r.usage.prompt_tokens == len(
             text_backend.tokenize(text_backend.render(QUESTION)))
     assert direct(text_backend, max_tokens=12, temperature=1.0, seed=3) != direct(
         text_backend, max_tokens=12, temperature=1.0, seed=4)
@@ -350,20 +356,20 @@ def test_a_verified_bundle_serves_and_a_tampered_one_is_refused(tiny_model, tmp_
     import shutil
 
     from edgemed.artifacts import write_manifest
-    from edgemed.serve import open_export
+    from edgemed.backends import open_model
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model("llama"), folder)
     write_manifest(folder, "model", name="tiny")
-    backend = open_export(folder)  # verified, then opened from the manifest
+    backend = open_model(folder, verify=True)  # verified, then opened from the manifest
     try:
         assert backend.name == "pytorch" and direct(backend, max_tokens=3)
     finally:
         backend.close()
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
-    with pytest.raises(ServeError, match="config.json"):
-        open_export(folder)
-    open_export(folder, verify=False).close()  # --no-verify serves it anyway
+    with pytest.raises(ArtifactError, match="config.json"):
+        open_model(folder, verify=True)
+    open_model(folder, verify=False).close()  # --no-verify serves it anyway
 
 
 def test_cli_ask_prints_the_streamed_answer(tiny_model, text_backend):
@@ -418,8 +424,8 @@ def test_sixteen_clients_four_requests_each_all_answers_whole(text_backend):
     assert not errors  # 1 running + 16 waiting fits 16 clients: no 429 is implied
     assert len(answers) == 64
     for seed, text, finish in answers:
-        assert text == direct(text_backend, max_tokens=8, temperature=1.0, seed=seed), seed
-        assert finish == text_backend.last_finish_reason
+        assert (text, finish) == answer(text_backend, text_backend.render(QUESTION), None,
+                                        GenParams(max_tokens=8, temperature=1.0, seed=seed))[:2], seed
     assert m["requests_completed"] == 64 and m["running"] == 0 and m["queue_depth"] == 0
     assert took < 120
 
@@ -578,19 +584,19 @@ def test_settings_that_would_expose_the_model_are_refused(tmp_path):
 
 
 def test_a_folder_that_is_no_model_is_refused(tmp_path):
-    from edgemed.serve import open_export
+    from edgemed.backends import open_model
 
-    with pytest.raises(ServeError, match="neither"):
-        open_export(tmp_path)
+    with pytest.raises(ArtifactError, match="neither"):
+        open_model(tmp_path)
 
 
 def test_gguf_export_served_through_llama_cpp_equals_its_backend(tiny_model, tmp_path):
     pytest.importorskip("llama_cpp")
+    from edgemed.backends import open_model
     from edgemed.export.gguf import export_gguf
-    from edgemed.serve import open_export
 
     out = export_gguf(tiny_model("llava"), ["f32"], tmp_path / "gguf")
-    backend = open_export(out, n_threads=2)  # verified, then the runtime its manifest names
+    backend = open_model(out, n_threads=2)  # verified, then the runtime its manifest names
     try:
         assert backend.name == "llamacpp" and backend.is_vision
         with serving(backend) as server:
@@ -609,11 +615,11 @@ def test_gguf_export_served_through_llama_cpp_equals_its_backend(tiny_model, tmp
 
 def test_onnx_export_served_through_onnxruntime_equals_its_backend(tiny_model, tmp_path):
     pytest.importorskip("onnxruntime")
+    from edgemed.backends import open_model
     from edgemed.export.onnx import export_onnx
-    from edgemed.serve import open_export
 
     out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
-    backend = open_export(out)
+    backend = open_model(out)
     try:
         assert backend.name == "onnx"
         with serving(backend) as server:
@@ -630,10 +636,10 @@ def test_onnx_export_served_through_onnxruntime_equals_its_backend(tiny_model, t
 # ---------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_embedded_image_model_served_equals_its_backend(embedded_image):
-    from edgemed.serve import open_export
+    from edgemed.backends import open_model
 
     # from its manifest; unverified: a cache made before manifests were sealed must still serve in this test
-    backend = open_export(embedded_image, verify=False)
+    backend = open_model(embedded_image, verify=False)
     try:
         with serving(backend) as server:
             client = server.client()
@@ -662,22 +668,22 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
     from edgemed.export.onnx import export_onnx
 
     out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
-    reference = serve_mod.open_export(out)
+    reference = serve_mod.open_model(out)
     active, peak, lock = [0], [0], threading.Lock()
 
     class Counted(Slow):
-        def generate(self, prompt, image=None, params=None):
+        def stream(self, prompt, image=None, params=None):
             with lock:
                 active[0] += 1
                 peak[0] = max(peak[0], active[0])
             try:
-                yield from super().generate(prompt, image, params)
+                yield from super().stream(prompt, image, params)
             finally:
                 with lock:
                     active[0] -= 1
 
-    real_open = serve_mod.open_export
-    monkeypatch.setattr(serve_mod, "open_export", lambda *a, **k: Counted(real_open(*a, **k), 0.02))
+    real_open = serve_mod.open_model
+    monkeypatch.setattr(serve_mod, "open_model", lambda *a, **k: Counted(real_open(*a, **k), 0.02))
     server = Server(ServeConfig(export_dir=out, max_concurrency=2, max_queue=8), None)
     try:
         state = server.app.state.edgemed

@@ -79,12 +79,12 @@ def main() -> None:
     import openai
 
     from edgemed import embedded
+    from edgemed.backends import open_model
     from edgemed.backends.base import GenParams
-    from edgemed.serve import open_export
 
     folder = embedded.resolve(args.model)
     kw = {"n_threads": args.threads} if args.threads else {}
-    backend = open_export(folder, verify=False, **kw)
+    backend = open_model(folder, verify=False, **kw)
     img = picture() if args.image else None
     if img is not None and not backend.is_vision:
         raise SystemExit(f"{folder} is a text model; drop --image")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
 
@@ -88,14 +90,41 @@ def cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
     return (text[len(sent):end] if end > len(sent) else ""), False
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One step of a streamed answer (as mlx-lm's ``GenerationResponse``), so no caller re-tokenizes the output or
+    reads state left on a backend.
+
+    ``text`` is the new text (may be empty while a split character or a possible stop string waits), ``tokens`` the
+    number of tokens generated so far, and ``finish_reason`` is None until the last chunk, which carries "stop" (end
+    of turn or a stop string) or "length" (max_tokens or the context).
+    """
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+def texts(chunks: Iterator[Chunk]) -> Generator[str, None, None]:
+    """The non-empty text pieces of a chunk stream (what ``generate`` yields); closing it closes the stream."""
+    try:
+        for c in chunks:
+            if c.text:
+                yield c.text
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
 def stream_text(token_ids: Generator[int, None, str], detokenize: Callable[[list[int]], str],
-                stops: list[str]) -> Generator[str, None, str]:
-    """Text pieces from a backend's stream of sampled token ids, the loop every streaming backend shares.
+                stops: list[str]) -> Generator[Chunk, None, None]:
+    """Chunks from a backend's stream of sampled token ids, the loop every streaming backend shares.
 
     A piece waits while the text ends in a split character, is cut at a stop string (which ends the stream) and
     holds back a possible start of one until the next token decides; what was held is flushed at the end.
     ``token_ids`` yields ids and returns its finish reason ("stop" at end of turn, "length" at a limit); it is
-    closed when a stop string ends the stream. Returns the finish reason."""
+    closed when a stop string ends the stream. The last chunk carries the finish reason."""
     ids: list[int] = []
     sent = ""
     try:
@@ -109,28 +138,33 @@ def stream_text(token_ids: Generator[int, None, str], detokenize: Callable[[list
             text = detokenize(ids)
             if not text.endswith("\ufffd"):  # a character split across tokens waits for the rest
                 piece, hit = cut_at_stop(text, sent, stops)
+                if hit:
+                    yield Chunk(piece, len(ids), "stop")
+                    return
                 if piece:
                     sent += piece
-                    yield piece
-                if hit:
-                    return "stop"
+                    yield Chunk(piece, len(ids))
     finally:
         token_ids.close()
     text = detokenize(ids).rstrip("\ufffd")
-    if len(text) > len(sent) and text.startswith(sent):  # flush what a possible stop-string start held back
-        yield text[len(sent):]
-    return reason
+    rest = text[len(sent):] if len(text) > len(sent) and text.startswith(sent) else ""  # what a stop-start held
+    yield Chunk(rest, len(ids), reason)
 
 
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model that renders prompts with its own chat template and answers them.
 
-    ``name`` is "pytorch", "llamacpp" or "onnx". ``is_vision`` says whether images are accepted.
+    ``name`` is "pytorch", "llamacpp" or "onnx". ``is_vision`` says whether images are accepted. ``tokenizer``
+    and ``processor`` (None for a text model) are the transformers objects saved with the model, which render its
+    prompts; ``folder`` is the folder it was opened from.
     """
 
     name: str
     is_vision: bool
+    folder: Path
+    tokenizer: Any
+    processor: Any
 
     def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
         """The generation prompt for one question, rendered with the model's chat template."""
@@ -153,9 +187,14 @@ class Backend(Protocol):
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """Projected image features as the decoder sees them, shape [n_image_tokens, hidden]."""
 
+    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+               ) -> Iterator[Chunk]:
+        """Stream the answer to a rendered prompt as chunks, stopping at end of turn or a stop string; the last
+        chunk carries the finish reason. Closing the iterator stops the model within one token."""
+
     def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
                  ) -> Iterator[str]:
-        """Stream the answer to a rendered prompt, piece by piece, stopping at end of turn or a stop string."""
+        """The text pieces of ``stream``."""
 
     def close(self) -> None:
         """Free the model."""

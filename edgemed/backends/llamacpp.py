@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams, render_question, stream_text
+from edgemed.backends.base import Chunk, GenParams, render_question, stream_text, texts
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import check_gguf, reading
 from edgemed.probe import apply_mode, llamacpp_mode
@@ -109,7 +109,6 @@ class LlamaCppBackend:
         if self.is_vision:
             self._mtmd = self._load_mtmd(self.folder / manifest["mmproj"], n_threads)
         self._lock = threading.Lock()
-        self.last_finish_reason: str | None = None
 
     # ------------------------------------------------------------------ loading
     def _load_hf(self) -> None:
@@ -357,6 +356,11 @@ class LlamaCppBackend:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
                  ) -> Iterator[str]:
+        """The text pieces of ``stream``."""
+        return texts(self.stream(prompt, image, params))
+
+    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+               ) -> Iterator[Chunk]:
         """Stream the answer piece by piece: greedy at temperature 0, else temperature + top-p with ``seed``."""
         params = params or GenParams()
         tokens = self.tokenize(prompt)
@@ -378,12 +382,11 @@ class LlamaCppBackend:
         s.add_dist(seed & 0xFFFFFFFF)
         return s
 
-    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
-        self.last_finish_reason = None
+    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[Chunk]:
         if params.max_tokens <= 0:
-            self.last_finish_reason = "length"
+            yield Chunk("", 0, "length")
             return
-        self.last_finish_reason = yield from stream_text(self._token_ids(tokens, image, params), self._detok,
+        yield from stream_text(self._token_ids(tokens, image, params), self._detok,
                                                          params.stop)
 
     def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams

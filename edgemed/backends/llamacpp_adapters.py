@@ -94,7 +94,6 @@ class AdapterView:
     def __init__(self, backend: Any, adapter: str | None):
         self._backend = backend
         self.adapter = adapter
-        self.last_finish_reason: str | None = None
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, render, tokenize, image_embeddings, ...
         return getattr(self._backend, name)
@@ -109,6 +108,11 @@ class AdapterView:
         return np.stack(rows).astype(np.float32)
 
     def generate(self, prompt: str, image: Any = None, params: Any = None):
+        from edgemed.backends.base import texts
+
+        return texts(self.stream(prompt, image, params))
+
+    def stream(self, prompt: str, image: Any = None, params: Any = None):
         from edgemed.backends.base import GenParams
 
         b = self._backend
@@ -116,10 +120,7 @@ class AdapterView:
         tokens = b.tokenize(prompt)
         with b._lock:
             b.adapters.use(self.adapter)
-            try:
-                yield from b._stream(tokens, image, params)
-            finally:
-                self.last_finish_reason = b.last_finish_reason
+            yield from b._stream(tokens, image, params)
 
     def close(self) -> None:
         """A view owns nothing: closing it leaves the shared backend open."""

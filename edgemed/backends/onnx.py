@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
+from edgemed.backends.base import Chunk, GenParams, expand_placeholder, render_question, stream_text, texts
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import onnx_session
 
@@ -117,7 +117,6 @@ class OnnxBackend:
             self._grid_config = AutoConfig.from_pretrained(self.folder, local_files_only=True).to_dict()
         self._position_offset = 0  # grid decoders: what a generated token adds to its index (the prompt's delta)
         self._lock = threading.Lock()
-        self.last_finish_reason: str | None = None
 
     def _load_processing(self) -> tuple[Any, Any]:
         from transformers import AutoProcessor, AutoTokenizer
@@ -301,18 +300,22 @@ class OnnxBackend:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
                  ) -> Iterator[str]:
+        """The text pieces of ``stream``."""
+        return texts(self.stream(prompt, image, params))
+
+    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+               ) -> Iterator[Chunk]:
         """Stream the answer, piece by piece; closing the iterator stops the model within one token."""
         params = params or GenParams()
         tokens = self.tokenize(prompt)
         with self._lock:
             yield from self._stream(tokens, image, params)
 
-    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[str]:
-        self.last_finish_reason = None
+    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[Chunk]:
         if params.max_tokens <= 0:
-            self.last_finish_reason = "length"
+            yield Chunk("", 0, "length")
             return
-        self.last_finish_reason = yield from stream_text(self._token_ids(tokens, image, params), self._decode,
+        yield from stream_text(self._token_ids(tokens, image, params), self._decode,
                                                          params.stop)
 
     def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams

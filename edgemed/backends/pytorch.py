@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import GenParams, expand_placeholder, render_question, stream_text
+from edgemed.backends.base import Chunk, GenParams, expand_placeholder, render_question, stream_text, texts
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import reading
 
@@ -154,7 +154,6 @@ class TorchBackend:
         self.model.eval()
         self.is_vision = self.arch.is_vision
         self._lock = threading.Lock()
-        self.last_finish_reason: str | None = None
         self.image_token_id = None
         if self.is_vision and self.arch.image_placeholder:
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
@@ -245,19 +244,23 @@ class TorchBackend:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
                  ) -> Iterator[str]:
+        """The text pieces of ``stream``."""
+        return texts(self.stream(prompt, image, params))
+
+    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
+               ) -> Iterator[Chunk]:
         """Stream the answer, piece by piece; closing the iterator stops the model within one token."""
         params = params or GenParams()
         inputs, _ = self._inputs(self.tokenize(prompt), image)
         with self._lock:
             yield from self._stream(inputs, params)
 
-    def _stream(self, inputs: dict[str, Any], params: GenParams) -> Iterator[str]:
+    def _stream(self, inputs: dict[str, Any], params: GenParams) -> Iterator[Chunk]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        self.last_finish_reason = None
         if params.max_tokens <= 0:
-            self.last_finish_reason = "length"
+            yield Chunk("", 0, "length")
             return
         cancel = threading.Event()
         q: queue.Queue = queue.Queue()
@@ -299,7 +302,7 @@ class TorchBackend:
                     yield t
 
         try:
-            self.last_finish_reason = yield from stream_text(token_ids(), self._decode, params.stop)
+            yield from stream_text(token_ids(), self._decode, params.stop)
         finally:
             cancel.set()
             thread.join()
