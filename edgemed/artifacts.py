@@ -81,7 +81,7 @@ def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields
         **fields,
     }
     if kind in ("gguf", "onnx"):  # the machine that made an export (the doctor's one line)
-        from edgemed.doctor import machine_summary
+        from edgemed.machine import machine_summary
 
         manifest.setdefault("machine", machine_summary())
     if hash_files:

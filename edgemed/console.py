@@ -9,6 +9,7 @@ edgemed itself (``EdgemedWarning``) are shown as one ``warning:`` line; everyone
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import io
 import logging
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -38,13 +40,26 @@ def user_err() -> IO[str]:
     return _USER or sys.stderr
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Send edgemed's own progress bars and messages nowhere while inside (work the user did not ask to watch)."""
+    global _USER
+    before = _USER
+    with open(os.devnull, "w") as null:
+        _USER = null
+        try:
+            yield
+        finally:
+            _USER = before
+
+
 def log_path() -> Path | None:
     """The log file of this command, once :func:`setup` ran."""
     return _LOG
 
 
 def new_log_path(command: str) -> Path:
-    from edgemed.embedded import cache_root
+    from edgemed.paths import cache_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return cache_root() / "logs" / f"{command}-{stamp}-{os.getpid()}.log"

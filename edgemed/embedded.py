@@ -13,11 +13,11 @@ Models live under ``$EDGEMED_HOME/models`` (default ``~/.cache/edgemed/models``)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from edgemed.artifacts import MANIFEST, atomic_dir, sha256_file, write_manifest
 from edgemed.errors import ArtifactError
+from edgemed.paths import cache_root  # noqa: F401 - re-exported: callers use embedded.cache_root
 
 TEXT = "smollm2-135m"
 IMAGE = "smollm2-135m-llava"
@@ -27,11 +27,6 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_SIZE, PATCH = 64, 16  # 16 image tokens: keeps a CPU training step short
 VISION_SEED = 1234
 BUILD = 2  # bump when the recipe of an embedded model changes: older caches are rebuilt
-
-
-def cache_root() -> Path:
-    """Where edgemed keeps materialised models (``$EDGEMED_HOME`` or ``~/.cache/edgemed``)."""
-    return Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
 
 
 def packaged_gguf() -> Path:

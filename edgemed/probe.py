@@ -21,102 +21,35 @@ backend hands to llama.cpp (``ggml_backend_dev_get_extra_bufts``): llama.cpp has
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from edgemed.errors import EdgemedError
+from edgemed.machine import (  # noqa: F401 - CpuInfo, cpu_info, probe_dir: part of this module's interface
+    PROBE_VERSION,
+    CpuInfo,
+    ProbeResult,
+    TorchProbe,
+    cpu_info,
+    llamacpp_build,
+    llamacpp_cache,
+    probe_dir,
+    torch_cache,
+)
 
 MODES = ("full", "no-amx", "plain")
-PROBE_VERSION = 1  # bump when the probe's files or checks change: cached verdicts are redone
 TEXT_QUANTS = ("q4_0", "q8_0", "q4_k_m")  # the types the AMX and repacked kernels take
 MMPROJ_QUANTS = ("f16", "q8_0")
-# the CPU flags that decide which kernels the runtimes pick (as /proc/cpuinfo spells them)
-FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-         "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 class RuntimeBroken(EdgemedError):
     """A native runtime cannot run on this machine in any mode."""
-
-
-@dataclass
-class CpuInfo:
-    model: str
-    vendor: str
-    flags: list[str]
-    cores: int
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(f"{self.model}|{' '.join(self.flags)}|{platform.machine()}".encode()).hexdigest()[:16]
-
-
-@dataclass
-class ProbeResult:
-    """The probe's verdict for one CPU and llama.cpp build."""
-
-    mode: str | None  # the first mode that survived; None: none did
-    tried: dict[str, str] = field(default_factory=dict)  # mode -> "ok" or what killed it
-    extra_bufts: list[str] = field(default_factory=list)  # the CPU backend's extra buffer types, as built
-    build: str = ""
-    cpu: str = ""
-    seconds: float = 0.0
-    cached: bool = False
-
-    @property
-    def amx(self) -> str:
-        """One phrase for the AMX decision."""
-        if "AMX" not in self.extra_bufts:
-            return "not built in"
-        if self.mode == "full":
-            return "on (proven)"
-        return f"off ({self.tried.get('full', 'failed')})"
-
-
-def cpu_info() -> CpuInfo:
-    """The CPU's model, vendor and the flags in FLAGS it reports (Linux /proc/cpuinfo; elsewhere platform)."""
-    model, vendor, flags = platform.processor() or platform.machine(), "", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        k = k.strip()
-        if k == "model name" and model in ("", platform.processor(), platform.machine()):
-            model = v.strip()
-        elif k == "vendor_id" and not vendor:
-            vendor = v.strip()
-        elif k == "flags" and not flags:
-            flags = set(v.split())
-    return CpuInfo(model=model, vendor=vendor, flags=[f for f in FLAGS if f in flags], cores=os.cpu_count() or 1)
-
-
-def llamacpp_build() -> str:
-    """llama-cpp-python's version and a hash of its CPU backend library: a rebuild is a new build."""
-    import llama_cpp
-
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    h = hashlib.sha256()
-    for name in ("libggml-cpu.so", "libggml-base.so", "libllama.so", "libmtmd.so"):
-        p = lib / name
-        if p.is_file():
-            h.update(p.read_bytes())
-    return f"{llama_cpp.__version__}+{h.hexdigest()[:12]}"
-
-
-def probe_dir() -> Path:
-    from edgemed.embedded import cache_root
-
-    return cache_root() / "probe"
 
 
 # ---------------------------------------------------------------- the CPU backend's extra buffer types
@@ -244,6 +177,7 @@ def _write_text_probe(path: Path) -> None:
 
 def build_probe_files(folder: Path) -> Path:
     """Write the probe's files into ``folder`` once (text f32; a tiny LLaVA's text + mmproj in f16 and q8_0)."""
+    from edgemed import console
     from edgemed.archs import REGISTRY
     from edgemed.artifacts import atomic_dir
     from edgemed.export.gguf import export_gguf
@@ -251,20 +185,12 @@ def build_probe_files(folder: Path) -> Path:
     if (folder / "done").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # these files are an implementation detail: no progress bars for them
-    try:
-        with atomic_dir(folder, overwrite=True) as tmp:
-            _write_text_probe(tmp / "text-f32.gguf")
-            tiny = REGISTRY["llava"].build_tiny(tmp / "tiny-llava", 0)
-            for q in MMPROJ_QUANTS:
-                export_gguf(tiny, ["f16"], tmp / f"vision-{q}", mmproj_quant=q)
-            (tmp / "done").write_text(str(PROBE_VERSION))
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+    with console.quiet(), atomic_dir(folder, overwrite=True) as tmp:  # implementation detail: no bars for these
+        _write_text_probe(tmp / "text-f32.gguf")
+        tiny = REGISTRY["llava"].build_tiny(tmp / "tiny-llava", 0)
+        for q in MMPROJ_QUANTS:
+            export_gguf(tiny, ["f16"], tmp / f"vision-{q}", mmproj_quant=q)
+        (tmp / "done").write_text(str(PROBE_VERSION))
     return folder
 
 
@@ -385,15 +311,12 @@ def run_child(mode: str, folder: Path, timeout: float = 300.0) -> str:
 def probe_llamacpp(refresh: bool = False, child: Callable[[str, Path], str] | None = None,
                    quiet: bool = False) -> ProbeResult:
     """The verdict for this CPU and llama.cpp build: cached, or found by running the probe children now."""
+    from edgemed.machine import cached_llamacpp
+
     cpu, build = cpu_info(), llamacpp_build()
-    cache = probe_dir() / f"llamacpp-{cpu.key}-{build.replace('+', '-')}-v{PROBE_VERSION}.json"
-    if not refresh and cache.is_file():
-        try:
-            res = ProbeResult(**json.loads(cache.read_text()))
-            res.cached = True
-            return res
-        except (json.JSONDecodeError, TypeError, OSError):
-            pass  # a damaged cache is redone
+    cache = llamacpp_cache(cpu, build)
+    if not refresh and (res := cached_llamacpp(cpu, build)) is not None:
+        return res  # a damaged cache reads as none and is redone
     t0 = time.time()
     if not quiet:
         from edgemed.console import user_err
@@ -463,38 +386,13 @@ print(json.dumps(out))
 """
 
 
-@dataclass
-class TorchProbe:
-    """PyTorch's fp32 and bf16 matmul speed here (1024x1024, all threads), measured in a child process."""
-
-    fp32_ms: float | None = None
-    bf16_ms: float | None = None
-    onednn_bf16: bool = False
-    autocast_dtype: str | None = None
-    error: str | None = None  # what killed the child, if it died
-
-    @property
-    def bf16_speedup(self) -> float | None:
-        return round(self.fp32_ms / self.bf16_ms, 2) if self.fp32_ms and self.bf16_ms else None
-
-    @property
-    def use_bf16(self) -> bool:
-        """bf16 autocast pays on this CPU: it ran, autocast produced bf16, and it was at least 1.2x faster."""
-        return bool(self.autocast_dtype == "torch.bfloat16" and (self.bf16_speedup or 0) >= 1.2)
-
-
 def probe_torch(refresh: bool = False) -> TorchProbe:
     """PyTorch's bf16 verdict for this CPU and torch version (cached like the llama.cpp one)."""
-    from importlib.metadata import version
+    from edgemed.machine import cached_torch
 
-    cpu = cpu_info()
-    cache = probe_dir() / f"torch-{cpu.key}-{version('torch')}-v{PROBE_VERSION}.json"
-    if not refresh and cache.is_file():
-        try:
-            return TorchProbe(**{k: v for k, v in json.loads(cache.read_text()).items() if k in
-                                 TorchProbe.__dataclass_fields__})
-        except (json.JSONDecodeError, TypeError, OSError):
-            pass
+    cache = torch_cache(cpu_info())
+    if not refresh and (res := cached_torch()) is not None:
+        return res
     try:
         p = subprocess.run([sys.executable, "-c", _TORCH_CHILD], capture_output=True, text=True, timeout=300)
         res = (TorchProbe(**json.loads(p.stdout.strip().splitlines()[-1])) if p.returncode == 0
