@@ -446,6 +446,30 @@ def doctor(as_json: bool, refresh: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.argument("recipe", type=EXISTING)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (repeatable).")
+@click.option("--model", "model_dir", type=EXISTING, help="Model folder to plan for (default: the recipe's).")
+@click.option("--batch", type=click.IntRange(1), help="Sequences per step (default: the recipe's batch_size).")
+@click.option("--seq", type=click.IntRange(16), help="Tokens per sequence (default: the recipe's max_length).")
+@click.option("--supervised", type=click.IntRange(1), help="Answer tokens per sequence that carry the loss "
+              "(default: all of --seq, the most memory).")
+@click.option("--json", "as_json", is_flag=True, help="Write the plan as JSON on stdout.")
+@handled
+def plan(recipe: Path, overrides: tuple[str, ...], model_dir: Path | None, batch: int | None, seq: int | None,
+         supervised: int | None, as_json: bool) -> None:
+    """Predict the GPU memory RECIPE's fine-tune needs (QLoRA on CUDA), from the model's config alone."""
+    import json
+
+    from edgemed import embedded
+    from edgemed.plan import plan as make_plan
+    from edgemed.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    p = make_plan(r, model_dir or embedded.resolve(r.model.path), batch=batch, seq=seq, supervised=supervised)
+    click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.table())
+
+
 # ---------------------------------------------------------------- the whole pipeline
 @main.command()
 @click.option("--out", type=OUT, default=Path("edgemed-demo"), show_default=True)

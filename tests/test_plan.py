@@ -1,0 +1,99 @@
+"""`edgemed plan` against what was measured: the QLoRA rows of docs/benchmarks-gpu.md (an H100, one session)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.plan import plan
+from edgemed.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+# the public configs of the two shapes the GPU benchmark ran (random weights of google/medgemma-4b-it and
+# meta-llama/Llama-3.2-11B-Vision-Instruct), as config.json holds them
+CONFIGS = {
+    "MedGemma-4B": {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+        "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                        "vocab_size": 262208, "sliding_window": 1024, "query_pre_attn_scalar": 256},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                          "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                          "vision_use_head": False}},
+    "Llama-3.2-11B-Vision": {
+        "architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama", "image_token_index": 128256,
+        "text_config": {"model_type": "mllama_text_model", "hidden_size": 4096, "intermediate_size": 14336,
+                        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "vocab_size": 128256, "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]},
+        "vision_config": {"model_type": "mllama_vision_model", "hidden_size": 1280, "intermediate_size": 5120,
+                          "num_hidden_layers": 32, "num_global_layers": 8, "attention_heads": 16, "image_size": 560,
+                          "patch_size": 14, "max_num_tiles": 4, "vision_output_dim": 7680,
+                          "intermediate_layers_indices": [3, 7, 15, 23, 30]}},
+}
+RECIPES = {"MedGemma-4B": "medgemma_decoder_lora.yaml", "Llama-3.2-11B-Vision": "llama32_med.yaml"}
+
+
+def measured() -> list[tuple[str, int, int, float, float]]:
+    """(model, batch, seq, peak training GB, peak loading GB) of the edgemed-qlora rows."""
+    rows = []
+    for line in (ROOT / "docs" / "benchmarks-gpu.md").read_text().splitlines():
+        m = re.match(r"\| (\S+) \| edgemed-qlora \| (\d+)x(\d+) \| [\d.]+ \| \d+ \| ([\d.]+) \| ([\d.]+) \|", line)
+        if m:
+            rows.append((m[1], int(m[2]), int(m[3]), float(m[4]), float(m[5])))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for name, cfg in CONFIGS.items():
+        d = tmp_path_factory.mktemp(name)
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = d
+    return out
+
+
+def test_the_benchmark_table_is_read():
+    rows = measured()
+    assert {r[0] for r in rows} == set(CONFIGS) and len(rows) == 4, rows
+
+
+@pytest.mark.parametrize("row", measured(), ids=lambda r: f"{r[0]}-{r[1]}x{r[2]}")
+def test_qlora_peak_within_15_percent_of_the_gpu_measurement(folders, row):
+    name, batch, seq, train_gb, load_gb = row
+    recipe = load_recipe(ROOT / "recipes" / RECIPES[name], ())
+    # the benchmark: r=16 on the decoder's attention and MLP, checkpointing on, the last 64 tokens supervised
+    p = plan(recipe, folders[name], batch=batch, seq=seq, supervised=64)
+    assert abs(p.gpu_weights - load_gb) / load_gb < 0.05, (p.gpu_weights, load_gb)
+    assert abs(p.gpu_peak - train_gb) / train_gb < 0.15, (p.gpu_peak, train_gb)
+
+
+def test_the_terms_move_the_way_they_must(folders):
+    recipe = load_recipe(ROOT / "recipes" / "medgemma_decoder_lora.yaml", ())
+    base = plan(recipe, folders["MedGemma-4B"], batch=1, seq=1024, supervised=64)
+    h, q, kv, i = 2560, 8 * 256, 4 * 256, 10240  # r=16 on q,k,v,o,gate,up,down of 34 layers (the bench's 29.8M)
+    assert base.counts.lora == 34 * 16 * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i))
+    wider = plan(recipe, folders["MedGemma-4B"], batch=4, seq=1024, supervised=64)
+    assert wider.gpu_weights == base.gpu_weights and wider.gpu_activations > 3.5 * base.gpu_activations
+    nockpt = plan(recipe.model_copy(update={"gradient_checkpointing": False}), folders["MedGemma-4B"], batch=1,
+                  seq=1024, supervised=64)
+    assert nockpt.gpu_activations > 10 * base.gpu_activations  # every layer's activations kept, not one
+    lora16 = plan(recipe.model_copy(update={"method": "lora", "dtype": "bfloat16"}), folders["MedGemma-4B"],
+                  batch=1, seq=1024, supervised=64)
+    assert lora16.gpu_weights == pytest.approx(base.counts.total * 2 / 1e9)
+
+
+def test_cli_plan_prints_the_terms_and_refuses_a_folder_without_config(folders, tmp_path):
+    from edgemed.cli import main
+
+    recipe = str(ROOT / "recipes" / "medgemma_decoder_lora.yaml")
+    r = CliRunner().invoke(main, ["plan", recipe, "--model", str(folders["MedGemma-4B"]), "--supervised", "64"])
+    assert r.exit_code == 0, r.output
+    assert "peak GPU" in r.output and "4.30B parameters" in r.output
+    r = CliRunner().invoke(main, ["plan", recipe, "--model", str(tmp_path)])
+    assert r.exit_code == 2 and "no config.json" in r.output and "Traceback" not in r.output
