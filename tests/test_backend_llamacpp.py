@@ -30,7 +30,7 @@ def text(folders):
     b.close()
 
 
-def test_open_backend_dispatches_on_the_manifest_and_picks_the_quant(folders, text):
+def test_open_model_dispatches_on_the_manifest_and_picks_the_quant(folders, text):
     from edgemed.backends.llamacpp import LlamaCppBackend
 
     assert isinstance(text, LlamaCppBackend) and isinstance(text, Backend)

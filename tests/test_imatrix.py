@@ -77,9 +77,9 @@ def test_calibration_changes_the_quantized_bytes_and_is_recorded(tiny_model, tmp
     assert read_manifest(plain)["calibration"] is None
     assert b.get_field("edgemed.calibration.imatrix_sha256").contents() == c["imatrix_sha256"]
 
-    from edgemed.backends import open_backend
+    from edgemed.backends import open_model
 
-    with contextlib.closing(open_backend(cal, quant="q4_k_m")) as be:
+    with contextlib.closing(open_model(cal, quant="q4_k_m")) as be:
         assert np.isfinite(be.logits(be.tokenize("Which side is bright?"))).all()  # llama.cpp loads it
 
 
@@ -129,7 +129,7 @@ def test_imatrix_file_is_in_llama_cpp_layout(tiny_model, tmp_path):
 
 
 def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tmp_path):
-    from edgemed.backends import open_backend
+    from edgemed.backends import open_model
     from edgemed.export.gguf import export_gguf
     from edgemed.parity import _cosines
 
@@ -147,6 +147,6 @@ def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tm
     from PIL import Image
 
     img = Image.open(data.parent / "img0.png").convert("RGB")
-    with contextlib.closing(open_backend(f16, quant="f16")) as a, \
-            contextlib.closing(open_backend(q5, quant="f16")) as b:
+    with contextlib.closing(open_model(f16, quant="f16")) as a, \
+            contextlib.closing(open_model(q5, quant="f16")) as b:
         assert _cosines(a.image_embeddings(img), b.image_embeddings(img)) > 0.99

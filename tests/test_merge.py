@@ -110,3 +110,61 @@ def test_bitsandbytes_base_is_refused(tiny_model, tmp_path):
     with pytest.raises(ExportError, match="bitsandbytes"):
         merge(run, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "llava"])
+def test_the_bounded_check_sees_what_peft_sees_and_bites(arch, tiny_model, tmp_path):
+    """The check's adapter model (LoRA hooks on an offloaded base) gives PEFT's logits, and a merged checkpoint
+    with one wrong tensor fails it by far more than the 1e-4 a good merge gives."""
+    from safetensors.torch import load_file, save_file
+
+    from edgemed.merge import CHECK_PROMPTS, _add_lora, _logits, _lora_pairs, _offloaded, check_merge
+    from edgemed.modeling import load_run
+
+    spec = REGISTRY[arch]
+    parts = {"vision": "frozen", "projector": "frozen", "decoder": "lora"}
+    run, _ = train_run(tiny_model(arch), tmp_path, arch, parts)
+    out = merge(run, tmp_path / "merged", check=False)
+    ids = [torch.tensor([[1, 5, 9, 12, 3]])]
+    pairs, scale = _lora_pairs(run)
+    ref = _offloaded(tiny_model(arch), spec, tmp_path / "off")
+    _add_lora(ref, pairs, scale, {})
+    peft = load_run(run).model
+    with torch.no_grad():
+        want = peft(input_ids=ids[0]).logits.float()
+    assert (want - _logits(ref, ids)[0]).abs().max() < 1e-4
+    assert check_merge(run, out, tiny_model(arch), CHECK_PROMPTS) < 1e-4
+    state = load_file(out / "model.safetensors")
+    target = next(k for k in sorted(state) if "layers.0" in k and "proj" in k and k.endswith(".weight"))
+    state[target] = state[target] + 0.5
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    assert check_merge(run, out, tiny_model(arch), CHECK_PROMPTS) > 1e-2
+
+
+def test_sharded_checkpoint_streams_into_equal_shards(tiny_model, tmp_path):
+    """A base in several shards merges shard for shard: same files, names, dtypes and shapes, index copied."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model("llama")
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(base, max_shard_size="20KB")
+    for p in src.iterdir():
+        if p.suffix != ".safetensors" and p.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(p, base / p.name)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 2
+    run, _ = train_run(base, tmp_path, "llama")
+    out = merge(run, tmp_path / "merged")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (base / "model.safetensors.index.json").read_text()
+    changed = 0
+    for s in shards:
+        with safe_open(base / s, "pt") as a, safe_open(out / s, "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for k in a.keys():
+                x, y = a.get_tensor(k), b.get_tensor(k)
+                assert x.dtype == y.dtype == torch.bfloat16 and x.shape == y.shape
+                changed += not torch.equal(x, y)
+    assert changed > 0
+    assert json.loads((out / "manifest.json").read_text())["merge"]["check_max_abs_logit_diff"] < 0.05  # bf16
