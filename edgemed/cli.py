@@ -225,12 +225,16 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
     from edgemed.export.gguf import export_gguf
 
     if auto_quant:
-        from edgemed.parity import auto_quant as pick
+        from click.core import ParameterSource
 
-        kw = {"candidates": tuple(quants)} if tuple(quants) != ("f16",) else {}  # --quant narrows the candidates
+        from edgemed.export.auto_quant import auto_quant as pick
+
+        # the quants given on the command line are the candidates (even `--quant f16`); none given: the default list
+        given = click.get_current_context().get_parameter_source("quants") is not ParameterSource.DEFAULT
+        kw = {"candidates": tuple(quants)} if given else {}
         if calibration is not None:
             kw["calibration"] = calibration
-        click.echo(pick(model_dir, out, overwrite=overwrite, **kw))
+        click.echo(pick(model_dir, out, overwrite=overwrite, mmproj_quant=mmproj_quant, **kw))
         return
     from edgemed.prompting import read_template
 
@@ -276,12 +280,14 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
            report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None,
            chat_template: Path | None) -> None:
     """Compare an export with the PyTorch model it came from; exit 1 when it fails the thresholds."""
+    from edgemed.export.auto_quant import fresh_float_export
     from edgemed.parity import run_parity
     from edgemed.prompting import read_template
 
     result = run_parity(export_dir, reference=reference, adapter=adapter, probes=probes, report=report,
                         thresholds=thresholds, max_probes=max_probes, n_threads=threads,
-                        chat_template=read_template(chat_template) if chat_template else None)
+                        chat_template=read_template(chat_template) if chat_template else None,
+                        float_export=fresh_float_export)  # the conversion stage of a quantised-only folder
     click.echo(result.table())
     sys.exit(0 if result.passed else 1)
 

@@ -115,6 +115,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
 
     from edgemed import embedded
     from edgemed.data import generate_demo_set, read_dataset
+    from edgemed.export.auto_quant import fresh_float_export
     from edgemed.export.gguf import export_gguf
     from edgemed.merge import merge
     from edgemed.parity import run_parity
@@ -156,7 +157,8 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
         rows.append(tuned)
     with s.step(f"export GGUF ({', '.join(GGUF_QUANTS)}) and parity"):
         gguf = export_gguf(model, list(GGUF_QUANTS), out / "gguf")
-        gguf_parity = run_parity(gguf, reference=model, adapter=run, report=out / "parity-gguf.json", max_probes=16)
+        gguf_parity = run_parity(gguf, reference=model, adapter=run, report=out / "parity-gguf.json", max_probes=16,
+                                 float_export=fresh_float_export)
         s.console.print(gguf_parity.table())
     onnx_dirs: dict[str, tuple[Path, Any]] = {}
     if onnx:
@@ -165,7 +167,8 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
 
             for q in ONNX_QUANTS:
                 folder = export_onnx(model, q, out / f"onnx-{q}")
-                result = run_parity(folder, reference=model, report=out / f"parity-onnx-{q}.json", max_probes=16)
+                result = run_parity(folder, reference=model, report=out / f"parity-onnx-{q}.json", max_probes=16,
+                                    float_export=fresh_float_export)
                 s.console.print(result.table())
                 onnx_dirs[q] = (folder, result)
     with s.step("accuracy and decode speed of every export"):
@@ -212,8 +215,8 @@ def _check_machine() -> str:
 def _parity_row(result: Any, quant: str) -> dict[str, Any]:
     for r in result.rows:
         if r.quant in (quant, f"onnx-{quant}"):  # parity names ONNX quants onnx-int8, onnx-int4
-            return {"passed": r.passed, "top1": r.metrics.get("top1"), "kl_mean": r.metrics.get("kl_mean"),
-                    "image_cos": r.metrics.get("image_cos")}
+            return {"passed": r.passed, "top1": r.metrics.top1, "kl_mean": r.metrics.kl_mean,
+                    "image_cos": r.metrics.image_cos}
     return {}
 
 

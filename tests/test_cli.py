@@ -128,3 +128,42 @@ def test_help_is_fast():
 def test_models_embedded_command(embedded_image):
     r = CliRunner().invoke(main, ["models", "embedded", "--name", "smollm2-135m-llava"])
     assert r.exit_code == 0 and str(embedded_image) in r.output
+
+
+# ---------------------------------------------------------------- export gguf --auto-quant passes on what it was given
+def _record_gguf_exports(monkeypatch) -> list[dict]:
+    """Replace the GGUF exporter with one that records its call and stops (auto-quant's first step is an export)."""
+    from edgemed.errors import ArtifactError
+
+    calls: list[dict] = []
+
+    def fake(model_dir, quants, out, **kw):
+        calls.append({"quants": list(quants), **kw})
+        raise ArtifactError("stopped after the export call was recorded")
+
+    monkeypatch.setattr("edgemed.export.gguf.export_gguf", fake)
+    return calls
+
+
+def test_auto_quant_chooses_among_the_quants_given_even_the_default_one(tiny_model, tmp_path, monkeypatch):
+    calls = _record_gguf_exports(monkeypatch)
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant", "--quant", "f16",
+                                  "--mmproj-quant", "q8_0", "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 2 and "stopped after the export call" in r.output, r.output
+    assert calls and all(c["quants"] == ["f16"] for c in calls), calls  # `--quant f16` is the one candidate
+    assert all(c["mmproj_quant"] == "q8_0" for c in calls), calls  # --mmproj-quant reaches the exporter
+    assert not [p.name for p in tmp_path.iterdir()], "auto-quant left a folder behind"
+
+
+def test_auto_quant_without_quant_tries_the_default_candidates(tiny_model, tmp_path, monkeypatch):
+    from edgemed.export.auto_quant import DEFAULT_CANDIDATES
+
+    calls = _record_gguf_exports(monkeypatch)
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant", "--quant", "q8_0",
+                                  "--quant", "q4_k_m", "--out", str(tmp_path / "given")])
+    assert r.exit_code == 2 and calls[-1]["quants"] == ["q4_k_m", "q8_0"], (r.output, calls)  # smallest first
+    calls.clear()
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant",
+                                  "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 2 and calls, r.output
+    assert calls[0]["quants"] == list(DEFAULT_CANDIDATES) and calls[0]["mmproj_quant"] == "f16", calls

@@ -131,7 +131,7 @@ def test_imatrix_file_is_in_llama_cpp_layout(tiny_model, tmp_path):
 def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tmp_path):
     from edgemed.backends import open_model
     from edgemed.export.gguf import export_gguf
-    from edgemed.parity import _cosines
+    from edgemed.parity import mean_cosine
 
     model = tiny_model("llava")
     data = write_vqa(tmp_path / "d", n=2, image=True)
@@ -149,4 +149,4 @@ def test_mmproj_q5_0_is_calibrated_and_keeps_the_image_embeddings(tiny_model, tm
     img = Image.open(data.parent / "img0.png").convert("RGB")
     with contextlib.closing(open_model(f16, quant="f16")) as a, \
             contextlib.closing(open_model(q5, quant="f16")) as b:
-        assert _cosines(a.image_embeddings(img), b.image_embeddings(img)) > 0.99
+        assert mean_cosine(a.image_embeddings(img), b.image_embeddings(img)) > 0.99

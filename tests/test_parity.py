@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from edgemed.archs import REGISTRY
 from edgemed.artifacts import write_manifest
 from edgemed.cli import main
 from edgemed.errors import ArtifactError, DataError, ParityError
-from edgemed.parity import THRESHOLDS, Probe, compare_logits, read_probes, run_parity, thresholds_for
+from edgemed.parity import THRESHOLDS, compare_logits, read_probes, run_parity, thresholds_for
 
 N_PROBES = 4
 
@@ -100,27 +101,33 @@ def probe_file(tmp_path: Path, image: bool) -> Path:
 def test_compare_logits_numbers():
     ref = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     same = compare_logits(ref, ref.copy())
-    assert np.allclose(same["kl"], 0) and same["top1"].all() and same["diff"].max() == 0
+    assert np.allclose(same.kl, 0) and same.top1.all() and same.diff.max() == 0
+    assert same.margin.tolist() == [2.0, 1.0]  # the reference's top-1 lead over its runner-up, in nats
     flipped = compare_logits(ref, ref[:, ::-1].copy())
     p = np.exp(ref[0]) / np.exp(ref[0]).sum()
     q = p[::-1]
-    assert np.isclose(flipped["kl"][0], (p * np.log(p / q)).sum())
-    assert flipped["top1"].tolist() == [False, True]
-    assert np.isclose(flipped["diff"][0], 3.0)
+    assert np.isclose(flipped.kl[0], (p * np.log(p / q)).sum())
+    assert flipped.top1.tolist() == [False, True]
+    assert np.isclose(flipped.diff[0], 3.0)
 
 
 def test_thresholds_cover_every_quant_and_override():
     for q in ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "onnx-fp32", "onnx-fp16",
               "onnx-int8", "onnx-int4"):
         th = THRESHOLDS[q]
-        assert th["kl_mean"] < th["kl_p99"] and 0 < th["top1_min"] <= 1
-    # looser quants never get tighter KL bounds than finer ones
-    order = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
-    kls = [THRESHOLDS[q]["kl_mean"] for q in order]
+        assert th.kl_mean < th.kl_p99 and 0 < th.top1_min <= 1
+    # looser quants never get tighter bounds than finer ones, on any figure
+    order = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+    kls = [THRESHOLDS[q].kl_mean for q in order]
     assert kls == sorted(kls)
+    for key in ("kl_p99", "top1_min", "image_cos_min"):
+        bounds = [getattr(THRESHOLDS[q], key) for q in order]
+        assert bounds == sorted(bounds, reverse=key.endswith("_min")), (key, bounds)
     th = thresholds_for("q4_k_m", ["kl_mean=0.5", "q8_0.top1_min=0.5", "greedy_match_min=off"])
-    assert th["kl_mean"] == 0.5 and th["greedy_match_min"] is None
-    assert th["top1_min"] == THRESHOLDS["q4_k_m"]["top1_min"]
+    assert th.kl_mean == 0.5 and th.greedy_match_min is None
+    assert th.top1_min == THRESHOLDS["q4_k_m"].top1_min
+    assert THRESHOLDS["q4_k_m"].kl_mean == 0.3  # an override never changes the table itself
+    assert thresholds_for("q8_0", ["q8_0.top1_min=0.5"]).top1_min == 0.5  # a scoped override reaches its quant
     with pytest.raises(ParityError, match="KEY=VALUE"):
         thresholds_for("f16", ["kl_avg=1"])
     with pytest.raises(ParityError, match="not a number"):
@@ -149,19 +156,19 @@ def test_clean_copy_passes_and_one_perturbed_tensor_fails(arch, tiny_model, tmp_
     ok = run_parity(clean, reference=ref, probes=probes)
     assert ok.passed, ok.table()
     row = ok.rows[0]
-    assert row.metrics["kl_max"] < 1e-6 and row.metrics["top1"] == 1.0
+    assert row.metrics.kl_max < 1e-6 and row.metrics.top1 == 1.0
     assert row.checks["tokens_identical"] and row.checks["template_identical"]
-    if REGISTRY[arch].is_vision and row.metrics["image_cos"] is not None:  # None: cross-attention (Mllama)
-        assert row.metrics["image_cos"] > 0.9999
+    if REGISTRY[arch].is_vision and row.metrics.image_cos is not None:  # None: cross-attention (Mllama)
+        assert row.metrics.image_cos > 0.9999
 
     name = perturb_one(clean)
     bad = run_parity(clean, reference=ref, probes=probes, report=tmp_path / "parity.json")
     assert not bad.passed
     assert "weights" in bad.rows[0].causes() and set(bad.rows[0].causes()) <= {"weights", "greedy"}, bad.table()
-    assert bad.rows[0].metrics["kl_mean"] > THRESHOLDS["f32"]["kl_mean"]
+    assert bad.rows[0].metrics.kl_mean > THRESHOLDS["f32"].kl_mean
     assert any(v.startswith("conversion") and name in v for v in bad.verdict), bad.verdict
     report = json.loads((tmp_path / "parity.json").read_text())
-    assert report["passed"] is False and report["rows"][0]["metrics"]["kl_mean"] == bad.rows[0].metrics["kl_mean"]
+    assert report["passed"] is False and report["rows"][0]["metrics"]["kl_mean"] == bad.rows[0].metrics.kl_mean
     assert "worst position" in bad.table()
 
 
@@ -181,12 +188,12 @@ def test_projector_from_another_seed_fails_on_image(arch, tiny_model, tmp_path):
     assert changed
     res = run_parity(cand, reference=ref, probes=probe_file(tmp_path, image=True))
     assert not res.passed
-    cos = res.rows[0].metrics["image_cos"]
+    cos = res.rows[0].metrics.image_cos
     if cos is None:  # a cross-attention family has no image tokens to compare; the logits must show it
         assert "weights" in res.rows[0].causes(), res.table()
         return
     assert "image" in res.rows[0].causes(), res.table()
-    assert cos < THRESHOLDS["f32"]["image_cos_min"]
+    assert cos < THRESHOLDS["f32"].image_cos_min
     assert spec.is_vision and any("image path" in v for v in res.verdict), res.verdict
 
 
@@ -338,6 +345,35 @@ def test_gguf_clean_export_passes_and_perturbed_fails(tiny_model, tmp_path):
 
 
 @needs_gguf
+def test_quantised_only_folder_is_localised_with_a_fresh_float_export(tiny_model, tmp_path, monkeypatch):
+    """A folder holding one quantised file has no float file that separates conversion from quantisation:
+    `edgemed parity` hands parity a fresh f16 export of the reference; without one, or when making it fails, the
+    verdict says the stages were not separated (parity itself never exports)."""
+    ref = tiny_model("llama")
+    probes = probe_file(tmp_path, image=False)
+    q8 = _export(ref, tmp_path / "q8", ("q8_0",))
+    strict = ("q8_0.kl_mean=0",)  # q8_0 is made to fail: no KL allowed at all
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the fresh export is made, and removed
+    r = _cli([q8, "--reference", ref, "--probes", probes, "--threads", 1, "--threshold", strict[0]])
+    assert r.exit_code == 1 and "fresh f16 export" in r.output, r.output
+    assert "verdict: quantisation: fresh f16 export matches the merged model but gguf q8_0 does not" in r.output
+    assert not list(scratch.glob("edgemed-parity-*"))
+
+    alone = run_parity(q8, reference=ref, probes=probes, n_threads=1, thresholds=strict)
+    assert not alone.passed and alone.localisation == [], alone.table()
+    assert [v.split(" (")[0] for v in alone.verdict] == ["conversion: not separated from quantisation"], alone.verdict
+
+    def broken(model_dir: Path, kind: str, out: Path) -> Path:
+        assert (Path(model_dir), kind) == (ref, "gguf")
+        raise ArtifactError("disk full")
+
+    failed = run_parity(q8, reference=ref, probes=probes, n_threads=1, thresholds=strict, float_export=broken)
+    assert any("a fresh float export failed: disk full" in v for v in failed.verdict), failed.verdict
+
+
+@needs_gguf
 def test_gguf_wrong_template_and_doubled_bos_fail(tiny_model, tmp_path):
     ref = tiny_model("llama")
     probes = probe_file(tmp_path, image=False)
@@ -376,9 +412,9 @@ def test_onnx_clean_export_passes_and_perturbed_fails(arch, tiny_model, tmp_path
     probes = probe_file(tmp_path, image=REGISTRY[arch].is_vision)
     ok = run_parity(export_onnx(ref, "fp32", tmp_path / "clean"), reference=ref, probes=probes)
     assert ok.passed and ok.rows[0].quant == "onnx-fp32", ok.table()
-    assert ok.rows[0].metrics["kl_mean"] < THRESHOLDS["onnx-fp32"]["kl_mean"]
+    assert ok.rows[0].metrics.kl_mean < THRESHOLDS["onnx-fp32"].kl_mean
     if REGISTRY[arch].is_vision:
-        assert ok.rows[0].metrics["image_cos"] > 0.9999, ok.table()
+        assert ok.rows[0].metrics.image_cos > 0.9999, ok.table()
     src = copy_model(ref, tmp_path / "src")
     perturb_one(src, scale=10.0)
     bad = run_parity(as_if_exported_from(export_onnx(src, "fp32", tmp_path / "bad"), ref), reference=ref,
@@ -403,7 +439,7 @@ def test_onnx_projector_from_another_seed_fails_on_image(arch, tiny_model, tmp_p
     assert edit_tensors(cand, lambda k, t: donor[k] if k in proj else None)
     bad = run_parity(export_onnx(cand, "fp32", tmp_path / "bad"), reference=ref, probes=probe_file(tmp_path, True))
     assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
-    assert bad.rows[0].metrics["image_cos"] < THRESHOLDS["onnx-fp32"]["image_cos_min"]
+    assert bad.rows[0].metrics.image_cos < THRESHOLDS["onnx-fp32"].image_cos_min
 
 
 # ---------------------------------------------------------------- real weights
@@ -423,14 +459,14 @@ def test_gguf_real_weights_clean_passes_perturbed_fails(embedded_text, tmp_path)
     name = perturb_one(src, scale=0.5)
     bad = run_parity(_export(src, tmp_path / "bad"), reference=embedded_text, probes=probes, n_threads=1)
     assert not bad.passed and "weights" in bad.rows[0].causes(), bad.table()
-    assert bad.rows[0].metrics["kl_mean"] > 10 * ok.rows[0].metrics["kl_mean"]
+    assert bad.rows[0].metrics.kl_mean > 10 * ok.rows[0].metrics.kl_mean
     assert name.startswith("model.layers.1.")
 
 
 @needs_gguf
 def test_auto_quant_keeps_smallest_passing_and_says_why(tiny_model, tmp_path):
     from edgemed.artifacts import read_manifest
-    from edgemed.parity import auto_quant
+    from edgemed.export.auto_quant import auto_quant
 
     ref = tiny_model("llama")
     # q4_k_m is made to fail (no KL allowed at all), so q5_k_m is the smallest that passes
@@ -457,7 +493,7 @@ def test_gguf_projector_from_another_model_fails(tiny_model, tmp_path):
     assert edit_tensors(cand, lambda k, t: donor[k] if "multi_modal_projector" in k else None)
     bad = run_parity(as_if_exported_from(_export(cand, tmp_path / "bad"), ref), reference=ref, probes=probes)
     assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
-    assert bad.rows[0].metrics["image_cos"] < 0.5
+    assert bad.rows[0].metrics.image_cos < 0.5
     assert any("image path" in v for v in bad.verdict), bad.verdict
 
 
@@ -479,7 +515,7 @@ def test_gguf_clean_siglip_llava_export_passes(tmp_path):
                       siglip_processor(tok, 32, 8))
     res = run_parity(_export(ref, tmp_path / "clean"), reference=ref, probes=probe_file(tmp_path, image=True))
     assert res.passed, res.table()
-    assert min(r.metrics["image_cos"] for r in res.rows) > 0.999
+    assert min(r.metrics.image_cos for r in res.rows) > 0.999
 
 
 @needs_gguf
@@ -529,17 +565,16 @@ def test_base_model_without_template_is_probed_with_plain_text(tiny_model, tmp_p
 
 # ---------------------------------------------------------------- the gate: decided positions, monotone verdicts
 def _acc_from(ref: np.ndarray, cand: np.ndarray):
-    from edgemed.parity import _Acc, _accumulate
+    from edgemed.parity import Accumulator
 
-    a = _Acc()
-    _accumulate(a, compare_logits(ref, cand), 0, Probe("q"), list(range(len(ref))), ref, cand,
-                type("R", (), {"tokenizer": None})())
+    a = Accumulator()
+    a.add(compare_logits(ref, cand), 0, "probe 0", list(range(len(ref))), ref, cand, lambda t: f"#{t}")
     a.greedy, a.template_same, a.tokens_same, a.bos, a.widths = [True], [True], [True], [(1, 1)], {(3, 3)}
     return a
 
 
 def test_near_ties_do_not_flip_the_verdict_decided_flips_do():
-    from edgemed.parity import DECIDED_MARGIN, _row
+    from edgemed.parity import DECIDED_MARGIN, judged_row
 
     rng = np.random.default_rng(0)
     n = 200
@@ -549,40 +584,73 @@ def test_near_ties_do_not_flip_the_verdict_decided_flips_do():
     ref[ties, 1] = 3.0 - 0.01  # near-ties
     noise = ref.copy()
     noise[ties, 1] += 0.02  # float-order noise swaps the near-tied pair
-    row = _row("noise", "q8_0", "x", _acc_from(ref, noise), thresholds_for("q8_0"))
-    assert row.metrics["top1"] < 0.8 and row.metrics["flip_rate"] == 0.0, row.metrics
-    assert row.metrics["decided_positions"] == int((~ties).sum()) and row.metrics["decided_margin"] == DECIDED_MARGIN
+    row = judged_row("noise", "q8_0", "x", _acc_from(ref, noise), thresholds_for("q8_0"))
+    assert row.metrics.top1 < 0.8 and row.metrics.flip_rate == 0.0, row.metrics
+    assert row.metrics.decided_positions == int((~ties).sum()) and row.metrics.decided_margin == DECIDED_MARGIN
     assert row.passed, row.failures
     flips = ref.copy()
     flips[~ties, 2] = 3.5  # real damage: decided positions change their answer
-    bad = _row("flips", "q8_0", "x", _acc_from(ref, flips), thresholds_for("q8_0"))
+    bad = judged_row("flips", "q8_0", "x", _acc_from(ref, flips), thresholds_for("q8_0"))
     assert not bad.passed and any("flip rate" in f and "nats" in f for f in bad.failures), bad.failures
 
 
-def test_closer_export_never_fails_where_a_farther_one_passes():
-    from edgemed.parity import FLOAT_TYPES, _judge
+def _metrics(**figures):
+    from edgemed.parity import Metrics
+
+    base = {"positions": 100, "top1": 1.0, "kl_mean": 0.0, "kl_p99": 0.0, "kl_max": 0.0, "logit_diff_max": 0.0,
+            "greedy_match": 1.0, "image_cos": None, "first_divergence": (), "decided_margin": 1.0,
+            "decided_positions": 100, "top1_decided": 1.0, "flip_rate": 0.0}
+    m = base | figures
+    return Metrics(**(m | {"flip_rate": 1 - m["top1_decided"]}))
+
+
+def _monotonicity(bars, draws: int = 3000) -> tuple[int, int, int]:
+    """(violations, far ones passed, far ones failed) over random pairs of a file and one closer on every figure,
+    each judged as a random lossy type with ``bars(quant)``."""
+    from edgemed.parity import FLOAT_TYPES, judge
 
     lossy = [q for q in THRESHOLDS if q not in FLOAT_TYPES]
     rng = np.random.default_rng(1)
-    for _ in range(3000):
+    violations = passed = failed = 0
+    for _ in range(draws):
         far = {"kl_mean": rng.uniform(0, 0.6), "kl_p99": rng.uniform(0, 4), "logit_diff_max": rng.uniform(0, 30),
                "top1_decided": rng.uniform(0.8, 1), "greedy_match": rng.uniform(0, 1), "image_cos": rng.uniform(0.9, 1)}
         near = {k: v * rng.uniform(0.3, 1) if k.startswith(("kl", "logit")) else v + (1 - v) * rng.uniform(0, 1)
                 for k, v in far.items()}
-        for m in (far, near):
-            m |= {"flip_rate": 1 - m["top1_decided"], "decided_positions": 100, "decided_margin": 1.0}
         qa, qb = rng.choice(lossy, 2)
-        assert not (_judge(near, thresholds_for(qa)) and not _judge(far, thresholds_for(qb))), (qa, qb, near, far)
+        far_fails = judge(_metrics(**far), bars(qb))
+        violations += bool(judge(_metrics(**near), bars(qa)) and not far_fails)
+        failed, passed = failed + bool(far_fails), passed + (not far_fails)
+    return violations, passed, failed
+
+
+def test_closer_export_never_fails_where_a_farther_one_passes():
+    violations, passed, failed = _monotonicity(thresholds_for)
+    assert violations == 0
+    assert passed > 100 and failed > 100, (passed, failed)  # the draws straddle the budget: the gate decides
+
+
+def test_per_quant_bars_are_caught_failing_a_closer_export():
+    """The control: the per-type bars used before the single budget (q8_0 held to its own tighter bar) failed a
+    closer q8_0 where a farther q4_k_m passed; the same draws must find that."""
+    from dataclasses import replace
+
+    def old_bars(quant: str):
+        th = thresholds_for(quant)
+        return replace(th, kl_mean=0.02, kl_p99=0.1, top1_min=0.92) if quant in ("q8_0", "onnx-int8") else th
+
+    violations, _, _ = _monotonicity(old_bars)
+    assert violations > 10, violations
 
 
 def test_worse_than_its_type_is_warned_not_failed():
-    from edgemed.parity import _row
+    from edgemed.parity import judged_row
 
     ref = np.tile([3.0, 0.0, 0.0], (50, 1))
     cand = np.tile([2.0, 0.5, 0.5], (50, 1))  # KL about 0.15: within the budget, far beyond what q8_0 measures
-    row = _row("x", "q8_0", "x", _acc_from(ref, cand), thresholds_for("q8_0"))
+    row = judged_row("x", "q8_0", "x", _acc_from(ref, cand), thresholds_for("q8_0"))
     assert row.passed and row.warnings and "q8_0 usually measures" in row.warnings[0], (row.failures, row.warnings)
-    assert not _row("x", "q4_k_m", "x", _acc_from(ref, cand), thresholds_for("q4_k_m")).warnings
+    assert not judged_row("x", "q4_k_m", "x", _acc_from(ref, cand), thresholds_for("q4_k_m")).warnings
 
 
 @needs_gguf
@@ -603,3 +671,39 @@ def test_probes_must_be_disjoint_from_the_calibration_data(tiny_model, tmp_path)
     assert report["calibration"]["disjoint"] is True and report["calibration"]["samples"] == 4
     assert report["rows"][0]["quant"] == "q4_k_m" and "kl_mean" in report["rows"][0]["metrics"]
     assert "disjoint from it: yes" in ok.table()
+
+
+# ---------------------------------------------------------------- the import graph
+def _edgemed_imports(path: Path) -> set[str]:
+    """Every edgemed module a source file imports, at its top or inside a function."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] == "edgemed"}
+
+
+def test_checkers_and_exporters_do_not_import_each_other():
+    """Dependencies point one way: parity and eval never import an exporter (nor each other), the exporters never
+    import parity or eval; edgemed.export.auto_quant is the one module that joins them."""
+    import edgemed
+
+    pkg = Path(edgemed.__file__).parent
+
+    def crossings(files: list[Path], banned: tuple[str, ...]) -> list[str]:
+        return sorted(f"{f.relative_to(pkg)} imports {m}" for f in files for m in _edgemed_imports(f)
+                      if any(m == b or m.startswith(b + ".") for b in banned))
+
+    parity = sorted((pkg / "parity").glob("*.py"))
+    exporters = [f for f in sorted((pkg / "export").glob("*.py")) if f.name != "auto_quant.py"]
+    assert len(parity) >= 6 and len(exporters) >= 6
+    assert crossings(parity, ("edgemed.export", "edgemed.evaluate")) == []
+    assert crossings([pkg / "evaluate.py"], ("edgemed.parity", "edgemed.export")) == []
+    assert crossings(exporters, ("edgemed.parity", "edgemed.evaluate")) == []
+    # the control: the walker sees imports made inside functions, as auto_quant's are
+    joined = crossings([pkg / "export" / "auto_quant.py"], ("edgemed.parity", "edgemed.evaluate"))
+    assert any("edgemed.parity" in c for c in joined) and any("edgemed.evaluate" in c for c in joined), joined

@@ -2,7 +2,7 @@
 
 Exports the model to GGUF (f16, q8_0, q5_k_m, q4_k_m by default), runs ``edgemed parity`` on each quant over the
 default probe set (32 probes), and prints the table, the wall time of one quant's check and of all of them.
-These figures are what the thresholds in ``edgemed/parity.py`` and ``docs/parity.md`` are derived from.
+These figures are what the thresholds in ``edgemed/parity/thresholds.py`` and ``docs/parity.md`` are derived from.
 
     .venv/bin/python tools/bench_parity.py [--model smollm2-135m] [--quants f16,q8_0,q5_k_m,q4_k_m]
         [--work DIR] [--probes 32] [--report parity-bench.json]
@@ -35,6 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgemed import embedded
+    from edgemed.export.auto_quant import fresh_float_export
     from edgemed.export.gguf import export_gguf
     from edgemed.parity import THRESHOLDS, run_parity
 
@@ -52,14 +53,16 @@ def main() -> None:
         single = args.work / f"{model.name}-gguf-{args.timing_quant}"
         export_gguf(model, [args.timing_quant], single, overwrite=True)
         t0, c0 = time.time(), time.process_time()
-        one = run_parity(single, reference=model, max_probes=args.probes, n_threads=threads)
+        one = run_parity(single, reference=model, max_probes=args.probes, n_threads=threads,
+                         float_export=fresh_float_export)
         t_one, c_one = time.time() - t0, time.process_time() - c0
         print(f"parity of {args.timing_quant} alone over {one.probes} probes ({one.positions} positions), "
               f"{threads or 'default'} thread(s): {t_one:.1f} s wall, {c_one:.1f} s CPU; load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     t0 = time.time()
-    res = run_parity(out, reference=model, max_probes=args.probes, report=args.report, n_threads=threads)
+    res = run_parity(out, reference=model, max_probes=args.probes, report=args.report, n_threads=threads,
+                     float_export=fresh_float_export)
     t_all = time.time() - t0
     print(res.table())
     print(f"parity of {len(quants)} quants in one pass: {t_all:.1f} s")
@@ -68,7 +71,8 @@ def main() -> None:
         from edgemed.export.onnx import export_onnx
 
         folder = export_onnx(model, q, args.work / f"{model.name}-onnx-{q}", overwrite=True)
-        r = run_parity(folder, reference=model, max_probes=args.probes, n_threads=threads)
+        r = run_parity(folder, reference=model, max_probes=args.probes, n_threads=threads,
+                       float_export=fresh_float_export)
         print(r.table())
         rows += r.rows
     print("\nmarkdown:")
@@ -76,14 +80,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r.metrics
-        print(f"| {r.quant} | {m['top1']:.1%} | {m['kl_mean']:.2e} | {m['kl_p99']:.2e} | {m['kl_max']:.2e} | "
-              f"{m['logit_diff_max']:.2f} | {m['greedy_match']:.0%} | {THRESHOLDS[r.quant]['kl_mean']} |")
+        print(f"| {r.quant} | {m.top1:.1%} | {m.kl_mean:.2e} | {m.kl_p99:.2e} | {m.kl_max:.2e} | "
+              f"{m.logit_diff_max:.2f} | {m.greedy_match:.0%} | {THRESHOLDS[r.quant].kl_mean} |")
     print(json.dumps({"model": str(model), "probes": res.probes, "positions": res.positions,
                       "seconds_one_quant": t_one and round(t_one, 1),
                       "cpu_seconds_one_quant": c_one and round(c_one, 1),
                       "seconds_all": round(t_all, 1), "threads": threads,
-                      "rows": {r.quant: {k: r.metrics[k] for k in ("top1", "kl_mean", "kl_p99", "kl_max",
-                                                                    "logit_diff_max", "greedy_match")}
+                      "rows": {r.quant: {k: getattr(r.metrics, k) for k in ("top1", "kl_mean", "kl_p99", "kl_max",
+                                                                             "logit_diff_max", "greedy_match")}
                                for r in rows}}, indent=1))
 
 

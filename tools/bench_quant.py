@@ -64,10 +64,10 @@ def main() -> None:
                              localise=False, n_threads=args.threads)
             for r in res.rows:
                 m = r.metrics
-                rows.append({"quant": r.quant, "mode": mode, "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"],
-                             "top1": m["top1"], "flip_rate": m["flip_rate"], "decided": m["decided_positions"],
-                             "positions": m["positions"], "answer_flips": 1 - m["greedy_match"],
-                             "image_cos": m["image_cos"], "passed": r.passed,
+                rows.append({"quant": r.quant, "mode": mode, "kl_mean": m.kl_mean, "kl_p99": m.kl_p99,
+                             "top1": m.top1, "flip_rate": m.flip_rate, "decided": m.decided_positions,
+                             "positions": m.positions, "answer_flips": 1 - m.greedy_match,
+                             "image_cos": m.image_cos, "passed": r.passed,
                              "size_mb": (folder / f"model-{r.quant}.gguf").stat().st_size / 1e6,
                              "export_s": export_s})
     finally:

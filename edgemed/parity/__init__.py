@@ -1,0 +1,165 @@
+"""Parity: does an export still behave like the PyTorch model it came from?
+
+``run_parity(export_dir)`` renders a probe set (the run's validation questions plus general medical prompts) with
+each runtime's own chat template and compares the export with the PyTorch reference:
+
+* identity: chat template text and rendered prompts, token ids of the same text, BOS count, vocabulary width;
+* teacher-forced, per position of prompt + the reference's greedy answer: top-1 agreement, KL(reference || export)
+  (mean, p99, max) and the largest logit difference;
+* free-running: greedy exact-match rate and the first token where the answers part;
+* image models: cosine similarity of the projected image embeddings.
+
+Each file of the export (a GGUF folder may hold several quants) gets a row, judged against the thresholds of its
+quant type (:data:`THRESHOLDS`, documented and justified in ``docs/parity.md``). KL divergence is the primary
+figure: top-1 agreement is noisy on small models whose logits often nearly tie. When a row fails, the check
+localises the loss: tokenizer/template, merge (adapter vs merged), conversion (merged vs a float export) or
+quantisation (float export vs the quantised one).
+
+The package: ``probes`` (what is asked), ``metrics`` (the numbers), ``thresholds`` (the bars and the judgement),
+``compare`` (one pass over the runtimes), ``localise`` (which stage lost it), ``report`` (rows, table, JSON).
+Parity opens folders with :func:`edgemed.backends.open_model` and imports no exporter and no evaluator.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgemed import prompting
+from edgemed.artifacts import MANIFEST, read_manifest
+from edgemed.backends import open_model, runtime_of
+from edgemed.errors import ParityError
+from edgemed.parity.compare import GREEDY_TOKENS, Reference, candidates, gguf_file_checks, judged_row, opened
+from edgemed.parity.localise import FloatExport, Localiser, merge_row
+from edgemed.parity.metrics import Accumulator, Metrics, PositionFigures, compare_logits, mean_cosine
+from edgemed.parity.probes import GENERAL_PROMPTS, Probe, default_probes, disjoint_from_calibration, read_probes
+from edgemed.parity.report import ParityResult, Row
+from edgemed.parity.thresholds import (
+    DECIDED_MARGIN,
+    EXPECTED,
+    FLOAT_TYPES,
+    KEYS,
+    LOSSY_BUDGET,
+    SIZE_ORDER,
+    THRESHOLDS,
+    Thresholds,
+    judge,
+    thresholds_for,
+    warnings_for,
+)
+
+__all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_TOKENS", "KEYS", "LOSSY_BUDGET",
+           "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics", "ParityResult", "PositionFigures",
+           "Probe", "Row", "Thresholds", "compare_logits", "default_probes", "judge", "judged_row", "mean_cosine",
+           "read_probes", "run_parity", "thresholds_for", "warnings_for"]
+
+
+def run_parity(export_dir: Path | str, reference: Path | str | None = None, adapter: Path | str | None = None,
+               probes: Path | str | None = None, report: Path | str | None = None,
+               thresholds: tuple[str, ...] | list[str] = (), max_probes: int = 32, localise: bool = True,
+               n_threads: int | None = None, chat_template: str | None = None,
+               float_export: FloatExport | None = None) -> ParityResult:
+    """Compare every file of an export with the PyTorch model it came from.
+
+    Args:
+        export_dir: a gguf or onnx export folder (or a model folder, compared as f32).
+        reference: the merged model folder (default: the export manifest's parent).
+        adapter: the run folder (base + LoRA): adds the adapter-vs-merged stage to localisation.
+        probes: probe JSONL (default: the run's validation split plus general medical prompts).
+        report: write the JSON report here (replaced if it exists: a report is refreshed on every run).
+        thresholds: ``key=value`` or ``quant.key=value`` overrides of :data:`THRESHOLDS`.
+        max_probes: at most this many probes.
+        localise: on failure, compare the stages to say which one lost the behaviour.
+        n_threads: CPU threads per runtime (default: each runtime's own choice). On a machine whose cores are
+            busy with other work, 1 is often several times faster: spinning thread pools wait on each other.
+        chat_template: template text every runtime renders with (``--chat-template``), instead of the folders'.
+        float_export: makes a float export of the reference (``(model_dir, "gguf" | "onnx", out) -> folder``) for
+            localisation when the export folder holds no float file; parity itself never exports
+            (:func:`edgemed.export.auto_quant.fresh_float_export` is the one ``edgemed parity`` passes).
+
+    Returns:
+        The result; ``passed`` is False when any row fails its thresholds.
+        A model without a chat template is probed with plain text prompts, and the result says so.
+    """
+    t0 = time.time()
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    cands = candidates(export_dir, manifest)
+    ref_dir = _resolve_reference(export_dir, manifest, Path(reference) if reference else None)
+    _check_same_arch(export_dir, manifest, ref_dir)
+    if max_probes < 1:
+        raise ParityError(f"--max-probes must be at least 1, got {max_probes}")
+    for q in dict.fromkeys([*(q for _, q, _ in cands), "f32"]):  # bad overrides fail before any model loads
+        thresholds_for(q, thresholds)
+    given = read_probes(probes)[:max_probes] if probes else None  # a bad file fails before any model loads
+    kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
+    backend = open_model(ref_dir, **kw)
+    try:
+        plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, backend.is_vision, max_probes)
+        plist, calibration = disjoint_from_calibration(manifest, plist, given is not None)
+        ref = Reference(backend, ref_dir, plist, thresholds, kw)
+        floats = [label for label, q, _ in cands if q in FLOAT_TYPES]
+        pairs = {f"{floats[0]} > {label.split()[-1]}": (floats[0], label)
+                 for label, q, _ in cands if floats and q not in FLOAT_TYPES}
+        with opened({label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}) as cand_backends:
+            accs, positions = ref.compare(cand_backends, pairs)
+        rows = [ref.row(label, q, runtime_of(manifest), accs[label]) for label, q, _ in cands]
+        if manifest.get("kind") == "gguf":
+            _add_gguf_file_checks(ref, export_dir, manifest, rows)
+        result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
+                              prompt_format=prompting.prompt_format(backend.processor), calibration=calibration)
+        if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
+            result.merge = merge_row(ref, Path(adapter))
+        passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
+        result.smallest_passing = min(passing, key=SIZE_ORDER.index) if passing else None
+        if localise and not result.passed:
+            Localiser(ref, result, export_dir, manifest, cands, accs, pairs, float_export).run()
+    finally:
+        backend.close()
+    result.seconds = time.time() - t0
+    if report:
+        result.write(report)
+    return result
+
+
+def _add_gguf_file_checks(ref: Reference, export_dir: Path, manifest: dict[str, Any], rows: list[Row]) -> None:
+    """Each GGUF row also gets the checks of what its file carries (embedded template, BOS rule)."""
+    bos_ref = rows[0].checks["bos_reference"]
+    for row in rows:
+        checks, fails = gguf_file_checks(export_dir / manifest["models"][row.quant], ref.backend, ref.probes, bos_ref)
+        row.checks.update(checks)
+        row.failures += fails
+
+
+def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Path | None) -> Path:
+    if reference is None:
+        parent = (manifest.get("parent") or {}).get("path")
+        if manifest.get("kind") in ("model", "run") or not parent:
+            raise ParityError(f"{export_dir}: no reference given and its manifest names no parent model; pass "
+                              "--reference MODEL_DIR (the merged PyTorch model it was exported from)")
+        reference = Path(parent)
+        if not reference.is_dir():
+            raise ParityError(f"{export_dir}: its parent model {reference} is gone; pass --reference MODEL_DIR")
+    return Path(reference)
+
+
+def _check_same_arch(export_dir: Path, manifest: dict[str, Any], reference: Path) -> str:
+    from edgemed.archs import arch_for_dir
+
+    if (reference / MANIFEST).is_file() and read_manifest(reference).get("kind") == "run":
+        from edgemed.modeling import run_base
+
+        ref_arch = arch_for_dir(run_base(reference, check_hash=False)).name
+    else:
+        ref_arch = arch_for_dir(reference).name
+    if manifest.get("kind") in ("model", "run"):
+        exp_arch = arch_for_dir(export_dir).name if (export_dir / "config.json").is_file() else manifest.get("arch")
+    else:
+        exp_arch = manifest.get("arch")
+    if exp_arch and exp_arch != ref_arch:
+        raise ParityError(f"reference {reference} is a {ref_arch!r} model but {export_dir} holds a {exp_arch!r} "
+                          "model; give the model the export was made from as --reference")
+    return ref_arch

@@ -1,0 +1,294 @@
+"""One comparison pass: every probe through the reference and each candidate runtime, summed into judged rows.
+
+Candidates are opened with :func:`edgemed.backends.open_model` only; a pass takes folders, never makes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemed import prompting
+from edgemed.backends import Backend, open_model
+from edgemed.errors import ArtifactError, EdgemedError, ParityError
+from edgemed.parity.metrics import Accumulator, bos_count, compare_logits, mean_cosine
+from edgemed.parity.probes import Probe
+from edgemed.parity.report import Row
+from edgemed.parity.thresholds import DECIDED_MARGIN, SIZE_ORDER, Thresholds, judge, thresholds_for, warnings_for
+
+GREEDY_TOKENS = 16  # answers to the probes are short; 16 tokens show where two runtimes part
+
+
+def candidates(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, quant type, open_model kwargs) for every file of an export folder."""
+    kind = manifest.get("kind")
+    if kind == "gguf":
+        models = manifest.get("models") or {}
+        if not models:
+            raise ArtifactError(f"{folder}: its manifest lists no GGUF files ('models'); export it again")
+        order = {q: i for i, q in enumerate(reversed(SIZE_ORDER))}
+        return [(f"gguf {q}", q, {"quant": q}) for q in sorted(models, key=lambda q: order.get(q, 99))]
+    if kind == "onnx":
+        return [(f"onnx {manifest.get('quant', 'fp32')}", f"onnx-{manifest.get('quant', 'fp32')}", {})]
+    if kind in ("model", "run"):
+        return [(f"pytorch {folder.name}", "f32", {})]
+    raise ArtifactError(f"{folder}: artifact kind {kind!r} cannot be checked; give a gguf, onnx or model folder")
+
+
+@contextlib.contextmanager
+def opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[str, Backend]]:
+    """Open every folder (label -> (folder, open_model kwargs)); close them all on the way out."""
+    out: dict[str, Backend] = {}
+    try:
+        for k, (folder, kw) in folders.items():
+            out[k] = open_model(folder, **kw)
+        yield out
+    finally:
+        for b in out.values():
+            with contextlib.suppress(Exception):
+                b.close()
+
+
+def _image_embeddings(backend: Backend, image: Any) -> np.ndarray | None:
+    """Projected image features, or None where the family has none to compare (Mllama feeds the image through
+    cross-attention, so no image tokens reach the decoder's input); its image path is still covered by logits."""
+    try:
+        return backend.image_embeddings(image)
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@dataclass
+class _Turn:
+    """What the reference did with one probe: its prompt, tokens, greedy answer and teacher-forced logits."""
+
+    index: int
+    probe: Probe
+    image: Any  # the image when the reference takes it, else None
+    prompt: str
+    tokens: list[int]
+    answer: str
+    seq: list[int]  # prompt tokens + the answer's continuation ids
+    logits: np.ndarray
+    embeddings: np.ndarray | None
+
+
+@dataclass
+class Reference:
+    """The reference side of a parity run, shared by every pass: the open PyTorch model, the probes, and the
+    settings each candidate is opened (``open_kw``) and judged (threshold ``overrides``) with."""
+
+    backend: Backend
+    folder: Path
+    probes: list[Probe]
+    overrides: tuple[str, ...] | list[str] = ()
+    open_kw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bos(self) -> int | None:
+        return getattr(getattr(self.backend, "tokenizer", None), "bos_token_id", None)
+
+    def piece(self, token: int) -> str:
+        """The reference tokenizer's text of one token, for messages."""
+        try:
+            return self.backend.tokenizer.decode([int(token)])
+        except Exception:  # noqa: BLE001 - only for messages; a runtime without a HF tokenizer shows the id
+            return f"#{token}"
+
+    # ------------------------------------------------------------ the pass
+    def compare(self, cands: dict[str, Backend], pairs: dict[str, tuple[str, str]]
+                ) -> tuple[dict[str, Accumulator], int]:
+        """Run every probe through the reference and every candidate (probe-major, so no logits are kept).
+
+        ``pairs`` adds candidate-vs-candidate comparisons (e.g. "f16>q4_k_m": ("f16", "q4_k_m")) on the same tokens.
+        Returns the accumulators (by candidate label and pair name) and the number of teacher-forced positions.
+        """
+        accs = {k: Accumulator() for k in [*cands, *pairs]}
+        positions = 0
+        ref_template = self.backend.chat_template()
+        templates = {k: c.chat_template() for k, c in cands.items()}
+        for i, p in enumerate(self.probes):
+            turn = self._turn(i, p)
+            positions += len(turn.seq)
+            logits = {k: self._candidate(accs[k], k, c, turn, templates[k] == ref_template)
+                      for k, c in cands.items()}
+            for name, (base, other) in pairs.items():
+                accs[name].add(compare_logits(logits[base], logits[other]), i, p.source, turn.seq, logits[base],
+                               logits[other], self.piece)
+        return accs, positions
+
+    def _generate(self, backend: Backend, prompt: str, image: Any) -> str:
+        from edgemed.backends.base import GenParams
+
+        return "".join(backend.generate(prompt, image=image, params=GenParams(max_tokens=GREEDY_TOKENS,
+                                                                              temperature=0.0)))
+
+    def _continuation_ids(self, prompt: str, tokens: list[int], text: str) -> list[int]:
+        full = self.backend.tokenize(prompt + text)
+        return full[len(tokens):] if full[:len(tokens)] == tokens else []
+
+    def _turn(self, i: int, p: Probe) -> _Turn:
+        ref = self.backend
+        image = p.load_image()
+        image = image if image is not None and ref.is_vision else None
+        prompt = ref.render(p.question, image=image is not None, system=p.system)
+        tokens = ref.tokenize(prompt)
+        answer = self._generate(ref, prompt, image)
+        seq = tokens + self._continuation_ids(prompt, tokens, answer)
+        return _Turn(i, p, image, prompt, tokens, answer, seq, ref.logits(seq, image),
+                     _image_embeddings(ref, image) if image is not None else None)
+
+    def _candidate(self, a: Accumulator, label: str, c: Backend, t: _Turn, same_template: bool) -> np.ndarray:
+        """One candidate on one probe: identity checks, teacher-forced figures, greedy answer, image cosine.
+        Returns its logits (for the pairs)."""
+        p, use_image = t.probe, t.image is not None
+        try:
+            cprompt = c.render(p.question, image=use_image, system=p.system)
+        except EdgemedError as e:  # e.g. a text-only export asked an image question
+            raise ParityError(f"{label}: cannot render probe {p.source}: {e}") from e
+        a.template_same.append(cprompt == t.prompt and same_template)
+        ctoks = c.tokenize(t.prompt)
+        a.tokens_same.append(ctoks == t.tokens)
+        if ctoks != t.tokens and not a.token_diff:
+            j = _first_difference(ctoks, t.tokens)
+            a.token_diff.append(f"probe {t.index} ({p.source}) token {j}: reference {t.tokens[j:j + 3]} export "
+                                f"{ctoks[j:j + 3]}")
+        a.bos.append((bos_count(t.tokens, self.bos), bos_count(c.tokenize(cprompt), self.bos)))
+        lc = c.logits(t.seq, t.image)
+        a.widths.add((t.logits.shape[-1], lc.shape[-1]))
+        a.add(compare_logits(t.logits, lc), t.index, p.source, t.seq, t.logits, lc, self.piece)
+        canswer = self._generate(c, cprompt, t.image)
+        a.greedy.append(canswer.strip() == t.answer.strip())
+        if canswer.strip() != t.answer.strip() and len(a.first_divergence) < 5:
+            cids = self._continuation_ids(t.prompt, t.tokens, canswer)
+            rids = t.seq[len(t.tokens):]
+            j = _first_difference(rids, cids)
+            a.first_divergence.append({
+                "probe": t.index, "source": p.source, "token": j,
+                "reference": self.piece(rids[j]) if j < len(rids) else "<end>",
+                "export": self.piece(cids[j]) if j < len(cids) else "<end>",
+                "reference_answer": t.answer[:80], "export_answer": canswer[:80]})
+        if t.embeddings is not None:
+            a.cos.append(mean_cosine(t.embeddings, c.image_embeddings(t.image)) if c.is_vision else 0.0)
+        return lc
+
+    def compare_folder(self, label: str, quant: str, runtime: str, folder: Path, kw: dict[str, Any]) -> Row:
+        """Open one folder (``kw`` on top of ``open_kw``), compare it on every probe and judge it as ``quant``."""
+        with opened({label: (folder, {**kw, **self.open_kw})}) as o:
+            acc = self.compare(o, {})[0][label]
+        return self.row(label, quant, runtime, acc)
+
+    # ------------------------------------------------------------ judging
+    def row(self, label: str, quant: str, runtime: str, a: Accumulator, pair: bool = False) -> Row:
+        """Figures of one accumulator, judged against ``quant``'s thresholds; each failure starts with its cause."""
+        return judged_row(label, quant, runtime, a, thresholds_for(quant, self.overrides), pair)
+
+
+def judged_row(label: str, quant: str, runtime: str, a: Accumulator, th: Thresholds, pair: bool = False) -> Row:
+    """Figures of one accumulator, judged against ``th``: identity failures (unless ``pair``), then the figures'."""
+    m = a.metrics(DECIDED_MARGIN, pair)
+    checks, fails = ({}, []) if pair else _identity(a)
+    fails += judge(m, th, pair)
+    if a.first_divergence:
+        d = a.first_divergence[0]
+        fails = [f + (f"; first divergence: probe {d['probe']} token {d['token']}, reference {d['reference']!r} vs "
+                      f"export {d['export']!r}" if f.startswith("greedy:") else "") for f in fails]
+    return Row(label, quant, runtime, m, checks, th, fails, a.worst, warnings_for(quant, m))
+
+
+def _identity(a: Accumulator) -> tuple[dict[str, Any], list[str]]:
+    """What the identity checks saw (template, token ids, BOS count, vocabulary width) and their failures."""
+    bos_r = max((b[0] for b in a.bos), default=0)
+    bos_e = max((b[1] for b in a.bos), default=0)
+    checks = {"template_identical": all(a.template_same), "tokens_identical": all(a.tokens_same),
+              "bos_reference": bos_r, "bos_export": bos_e, "vocab": sorted(a.widths)}
+    fails: list[str] = []
+    if not all(a.template_same):
+        fails.append(f"template: the chat template renders {a.template_same.count(False)}/{len(a.template_same)}"
+                     " prompts differently from the reference (or its text differs); export the model's own "
+                     "chat template")
+    if not all(a.tokens_same):
+        fails.append(f"tokenizer: token ids differ from the reference on the same text for "
+                     f"{a.tokens_same.count(False)}/{len(a.tokens_same)} probes ({a.token_diff[0]})")
+    if bos_e != bos_r:
+        fails.append(f"bos: the export starts prompts with {bos_e} BOS token(s), the reference with {bos_r}"
+                     + ("; a template that writes BOS plus a tokenizer that adds one doubles it"
+                        if bos_e > bos_r else ""))
+    if any(r != c for r, c in a.widths):
+        fails.append(f"vocab: logits widths differ (reference, export) {sorted(a.widths)}")
+    return checks, fails
+
+
+# ---------------------------------------------------------------- what a GGUF file carries
+def gguf_file_checks(file: Path, ref: Backend, probes: list[Probe], bos_ref: int) -> tuple[dict[str, Any], list[str]]:
+    """What a llama.cpp deployment that reads only the GGUF sees: its embedded chat template, rendered the way
+    llama.cpp's servers render it (Jinja, trim/lstrip blocks), and its BOS rule (add_bos_token + the template's
+    own BOS). The backend renders with the HF files beside the GGUF, so these are checked here, from the file."""
+    import gguf
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    reader = gguf.GGUFReader(file)
+
+    def get(key: str) -> Any:
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    template, add_bos = get("tokenizer.ggml.chat_template") or get("tokenizer.chat_template"), bool(
+        get("tokenizer.ggml.add_bos_token"))
+    tok = getattr(ref, "tokenizer", None)
+    bos_id, eos_id = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
+    bos_text = tok.convert_ids_to_tokens(int(bos_id)) if tok is not None and bos_id is not None else None
+    eos_text = tok.convert_ids_to_tokens(int(eos_id)) if tok is not None and eos_id is not None else ""
+    checks: dict[str, Any] = {"gguf_template_identical": template == ref.chat_template(), "gguf_add_bos": add_bos}
+    fails: list[str] = []
+    if template is None and ref.chat_template() is None:  # a base model: plain prompts, only BOS to check
+        checks["gguf_bos"] = int(add_bos)
+        if checks["gguf_bos"] != bos_ref:
+            fails.append(f"bos: {file.name} starts prompts with {checks['gguf_bos']} BOS token(s) "
+                         f"(add_bos_token={add_bos}), the reference with {bos_ref}")
+        return checks, fails
+    if template is None:
+        fails.append("template: the GGUF holds no tokenizer.chat_template; llama.cpp servers would fall back to a "
+                     "built-in template; export the model's own chat template")
+        return checks, fails
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def _raise(msg: str) -> None:
+        raise ValueError(msg)
+
+    env.globals["raise_exception"] = _raise
+    texts = []
+    for p in probes[:2] + [q for q in probes if q.image is not None][:1]:
+        use_image = p.image is not None and ref.is_vision
+        msgs = prompting.messages(p.question, image=use_image, system=p.system, typed=ref.is_vision)
+        want = ref.render(p.question, image=use_image, system=p.system)
+        try:
+            got = env.from_string(template).render(messages=msgs, add_generation_prompt=True,
+                                                   bos_token=bos_text or "", eos_token=eos_text)
+        except Exception as e:  # noqa: BLE001 - any template error means the file's template is unusable
+            got = f"<render error: {e}>"
+        texts.append(got)
+        if got != want:
+            checks["gguf_template_identical"] = False
+    if not checks["gguf_template_identical"]:
+        fails.append(f"template: the chat template embedded in {file.name} differs from the reference's; llama.cpp "
+                     "servers reading the GGUF would render other prompts; export the model's own template")
+    lead = 0
+    while bos_text and texts and texts[0][lead * len(bos_text):].startswith(bos_text):
+        lead += 1
+    checks["gguf_bos"] = lead + int(add_bos)
+    if checks["gguf_bos"] != bos_ref:
+        fails.append(f"bos: {file.name} starts prompts with {checks['gguf_bos']} BOS token(s) (template writes "
+                     f"{lead}, add_bos_token={add_bos}), the reference with {bos_ref}"
+                     + ("; BOS doubled: the template writes it and the tokenizer adds it; set add_bos_token false"
+                        if checks["gguf_bos"] > bos_ref else ""))
+    return checks, fails

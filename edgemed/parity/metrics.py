@@ -1,0 +1,127 @@
+"""The numbers of a comparison: per-position logit figures, image-embedding cosines, and the running accumulator
+that sums them over the probes into one :class:`Metrics` record. Pure numpy: no runtime, no policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The figures of one candidate (or one candidate pair) over every probe position.
+
+    ``top1`` counts all positions; ``top1_decided`` and ``flip_rate`` only those the reference decides by at least
+    ``decided_margin`` nats. ``image_cos`` is None where no image embeddings were compared.
+    """
+
+    positions: int
+    top1: float
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    logit_diff_max: float
+    greedy_match: float
+    image_cos: float | None
+    first_divergence: tuple[dict[str, Any], ...]
+    decided_margin: float
+    decided_positions: int
+    top1_decided: float
+    flip_rate: float
+
+
+@dataclass(frozen=True)
+class PositionFigures:
+    """Per-position figures of one logits comparison (see :func:`compare_logits`)."""
+
+    kl: np.ndarray
+    top1: np.ndarray
+    diff: np.ndarray
+    margin: np.ndarray
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, cand: np.ndarray) -> PositionFigures:
+    """Per-position KL(ref || cand), top-1 agreement, largest absolute logit difference, and the reference's margin
+    (its top-1 logit minus its runner-up's, in nats) that says whether the position is decided."""
+    v = min(ref.shape[-1], cand.shape[-1])
+    ref, cand = ref[:, :v], cand[:, :v]
+    lr, lc = _log_softmax(ref), _log_softmax(cand)
+    kl = (np.exp(lr) * (lr - lc)).sum(axis=-1)
+    srt = np.sort(ref, axis=-1)
+    return PositionFigures(kl=np.maximum(kl, 0.0), top1=(ref.argmax(-1) == cand.argmax(-1)),
+                           diff=np.abs(ref.astype(np.float64) - cand).max(axis=-1),
+                           margin=(srt[:, -1] - srt[:, -2]).astype(np.float64) if v > 1 else np.full(len(ref), np.inf))
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of matching rows (image tokens); 0 when the shapes differ."""
+    if a.shape != b.shape:
+        return 0.0
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12
+    return float((num / den).mean())
+
+
+def bos_count(tokens: list[int], bos: int | None) -> int:
+    """How many BOS tokens open the sequence."""
+    n = 0
+    while bos is not None and n < len(tokens) and tokens[n] == bos:
+        n += 1
+    return n
+
+
+@dataclass
+class Accumulator:
+    """Running figures of one candidate over the probes, and what the identity checks saw."""
+
+    kl: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+    diff: list[np.ndarray] = field(default_factory=list)
+    margin: list[np.ndarray] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+    first_divergence: list[dict[str, Any]] = field(default_factory=list)
+    cos: list[float] = field(default_factory=list)
+    template_same: list[bool] = field(default_factory=list)
+    tokens_same: list[bool] = field(default_factory=list)
+    token_diff: list[str] = field(default_factory=list)
+    bos: list[tuple[int, int]] = field(default_factory=list)
+    widths: set[tuple[int, int]] = field(default_factory=set)
+    worst: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, r: PositionFigures, probe: int, source: str, seq: list[int], lref: np.ndarray, lc: np.ndarray,
+            piece: Callable[[int], str]) -> None:
+        """Add one probe's figures; keep the position of largest KL as the worst (``piece`` names its tokens)."""
+        self.kl.append(r.kl)
+        self.top1.append(r.top1)
+        self.diff.append(r.diff)
+        self.margin.append(r.margin)
+        j = int(r.kl.argmax())
+        if not self.worst or r.kl[j] > self.worst["kl"]:
+            self.worst = {"probe": probe, "source": source, "position": j, "token": piece(seq[j]),
+                          "kl": float(r.kl[j]), "ref_top1": piece(int(lref[j].argmax())),
+                          "export_top1": piece(int(lc[j].argmax()))}
+
+    def metrics(self, decided_margin: float, pair: bool = False) -> Metrics:
+        """The figures so far; agreement on decided positions counts those the reference leads by ``decided_margin``
+        nats. A pair (candidate vs candidate) has no greedy answers of its own: its greedy match reads 1."""
+        kl = np.concatenate(self.kl) if self.kl else np.zeros(1)
+        margin = np.concatenate(self.margin) if self.margin else np.zeros(0)
+        decided = margin >= decided_margin
+        agree = np.concatenate(self.top1)[decided] if self.top1 and decided.any() else np.ones(1, bool)
+        return Metrics(
+            positions=int(kl.size), top1=float(np.concatenate(self.top1).mean()) if self.top1 else 1.0,
+            kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
+            logit_diff_max=float(np.concatenate(self.diff).max()) if self.diff else 0.0,
+            greedy_match=float(np.mean(self.greedy)) if self.greedy else 1.0 if pair else 0.0,
+            image_cos=float(min(self.cos)) if self.cos else None, first_divergence=tuple(self.first_divergence),
+            decided_margin=decided_margin, decided_positions=int(decided.sum()),
+            top1_decided=float(agree.mean()), flip_rate=float(1.0 - agree.mean()))
