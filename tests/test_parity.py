@@ -671,39 +671,3 @@ def test_probes_must_be_disjoint_from_the_calibration_data(tiny_model, tmp_path)
     assert report["calibration"]["disjoint"] is True and report["calibration"]["samples"] == 4
     assert report["rows"][0]["quant"] == "q4_k_m" and "kl_mean" in report["rows"][0]["metrics"]
     assert "disjoint from it: yes" in ok.table()
-
-
-# ---------------------------------------------------------------- the import graph
-def _edgemed_imports(path: Path) -> set[str]:
-    """Every edgemed module a source file imports, at its top or inside a function."""
-    import ast
-
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in out if m.split(".")[0] == "edgemed"}
-
-
-def test_checkers_and_exporters_do_not_import_each_other():
-    """Dependencies point one way: parity and eval never import an exporter (nor each other), the exporters never
-    import parity or eval; edgemed.export.auto_quant is the one module that joins them."""
-    import edgemed
-
-    pkg = Path(edgemed.__file__).parent
-
-    def crossings(files: list[Path], banned: tuple[str, ...]) -> list[str]:
-        return sorted(f"{f.relative_to(pkg)} imports {m}" for f in files for m in _edgemed_imports(f)
-                      if any(m == b or m.startswith(b + ".") for b in banned))
-
-    parity = sorted((pkg / "parity").glob("*.py"))
-    exporters = [f for f in sorted((pkg / "export").glob("*.py")) if f.name != "auto_quant.py"]
-    assert len(parity) >= 6 and len(exporters) >= 6
-    assert crossings(parity, ("edgemed.export", "edgemed.evaluate")) == []
-    assert crossings([pkg / "evaluate.py"], ("edgemed.parity", "edgemed.export")) == []
-    assert crossings(exporters, ("edgemed.parity", "edgemed.evaluate")) == []
-    # the control: the walker sees imports made inside functions, as auto_quant's are
-    joined = crossings([pkg / "export" / "auto_quant.py"], ("edgemed.parity", "edgemed.evaluate"))
-    assert any("edgemed.parity" in c for c in joined) and any("edgemed.evaluate" in c for c in joined), joined
