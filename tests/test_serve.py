@@ -265,10 +265,30 @@ def test_models_health_and_metrics(text_server):
     assert after["requests_completed"] == before["requests_completed"] + 1
     assert after["tokens_generated"] > before["tokens_generated"]
     assert after["tokens_per_second"] > 0 and after["queue_depth"] == 0
-    prom = httpx.get(f"{text_server.url}/metrics?format=prometheus").text.splitlines()
-    values = dict(line.split(" ") for line in prom)
-    assert float(values["edgemed_requests_completed"]) >= after["requests_completed"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = httpx.get(f"{text_server.url}/metrics?format=prometheus")
+    assert prom.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {s.name: s.value for f in text_string_to_metric_families(prom.text) for s in f.samples}
+    assert float(values["edgemed_requests_completed_total"]) >= after["requests_completed"]
     assert "edgemed_queue_depth" in values and "edgemed_tokens_per_second" in values
+    assert values["edgemed_latency_seconds_count"] >= after["requests_completed"]
+
+
+def test_each_app_counts_only_its_own_requests(text_backend):
+    """Two apps in one process: their registries are their own (a shared one would refuse the second app)."""
+    from fastapi.testclient import TestClient
+
+    config = ServeConfig(export_dir=text_backend.folder)
+    with TestClient(create_app(config, text_backend), base_url="http://127.0.0.1:8080") as a, TestClient(
+            create_app(config, text_backend), base_url="http://127.0.0.1:8080") as b:
+        r = a.post("/v1/chat/completions", content=chat_body([{"role": "user", "content": "hi"}], max_tokens=2),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert a.get("/nowhere").status_code == 404
+        ma, mb = a.get("/metrics").json(), b.get("/metrics").json()
+    assert (ma["requests_total"], ma["requests_completed"], ma["requests_client_errors"]) == (1, 1, 1)
+    assert (mb["requests_total"], mb["requests_completed"], mb["tokens_generated"]) == (0, 0, 0)
 
 
 def test_local_image_path_only_under_an_allowed_folder(image_server, image_backend, tmp_path):
@@ -664,11 +684,12 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
     thread at the same time as the other (replicas slowed to 20 ms a piece so that the overlap is certain), and
     every answer equal to a single backend's."""
     pytest.importorskip("onnxruntime")
-    import edgemed.serve as serve_mod
+    import edgemed.serve.models as serve_models
+    from edgemed.backends import open_model
     from edgemed.export.onnx import export_onnx
 
     out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
-    reference = serve_mod.open_model(out)
+    reference = open_model(out)
     active, peak, lock = [0], [0], threading.Lock()
 
     class Counted(Slow):
@@ -682,12 +703,11 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
                 with lock:
                     active[0] -= 1
 
-    real_open = serve_mod.open_model
-    monkeypatch.setattr(serve_mod, "open_model", lambda *a, **k: Counted(real_open(*a, **k), 0.02))
+    monkeypatch.setattr(serve_models, "open_model", lambda *a, **k: Counted(open_model(*a, **k), 0.02))
     server = Server(ServeConfig(export_dir=out, max_concurrency=2, max_queue=8), None)
     try:
         state = server.app.state.edgemed
-        assert len(state.all_replicas) == 2 and state.all_replicas[0].inner is not state.all_replicas[1].inner
+        assert len(state.models.all) == 2 and state.models.all[0].inner is not state.models.all[1].inner
         assert state.gate.slots == 2 and server.metrics()["max_concurrency"] == 2
         results: dict[int, str] = {}
 
