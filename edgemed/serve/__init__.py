@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 from edgemed.serve.app import ask, create_app, serve
-from edgemed.serve.config import ServeConfig, check_config, host_allowed, origin_allowed
+from edgemed.serve.config import ServeConfig, check_config, host_allowed, origin_allowed, parse_adapters
 from edgemed.serve.images import decode_image
 from edgemed.serve.schema import ChatRequest, CompletionRequest
 
 __all__ = ["ChatRequest", "CompletionRequest", "ServeConfig", "ask", "check_config", "create_app", "decode_image",
-           "host_allowed", "origin_allowed", "serve"]
+           "host_allowed", "origin_allowed", "parse_adapters", "serve"]

@@ -48,11 +48,14 @@ class Service:
 
     def __init__(self, config: ServeConfig, models: Models):
         self.config, self.models = config, models
-        self.model_id = models.model_id
         self.gate = Gate(models.slots, config.max_queue)
         self.metrics = Metrics(self.gate)
         self.worker = Worker(models, self.gate, self.metrics, config.request_timeout)
         self.created = int(time.time())
+
+    @property
+    def model_id(self) -> str:
+        return self.models.model_id
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -104,8 +107,8 @@ class Service:
     async def list_models(self, request: Request) -> Any:
         if (no := self.refused(request)) is not None:
             return no
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
-                                            "owned_by": "edgemed"}]}
+        return {"object": "list", "data": [{"id": mid, "object": "model", "created": self.created,
+                                            "owned_by": "edgemed"} for mid in self.models.ids()]}
 
     async def metrics_page(self, request: Request) -> Any:
         """JSON by default; ``?format=prometheus`` gives the Prometheus text format for a scraper."""
@@ -134,8 +137,10 @@ class Service:
         streaming = False
         try:
             prompt = await parse(request, kind, self.models.base, self.config)
+            adapter = self.models.route(prompt.model)
             ticket = self.gate.ticket()
-            job = Job(prompt, ticket, arrived, arrived + self.config.request_timeout, self.model_id)
+            job = Job(prompt, ticket, arrived, arrived + self.config.request_timeout, adapter or self.model_id,
+                      adapter)
             watcher = asyncio.ensure_future(_watch_disconnect(request))
             try:
                 await _race(ticket.admit(job.deadline, self.config.request_timeout), watcher)

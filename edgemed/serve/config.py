@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,6 +44,7 @@ class ServeConfig:
     allow_hosts: list[str] = field(default_factory=list)  # Host names accepted beside loopback ("*": any)
     allow_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
     chat_template: str | None = None  # template text replacing the export's (--chat-template FILE)
+    adapters: dict[str, Path] = field(default_factory=dict)  # model name -> adapter export on this GGUF base
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -77,8 +79,27 @@ def check_config(config: ServeConfig) -> None:
         if o != "*" and (not (urlparse(o).scheme and urlparse(o).netloc) or o.endswith("/")):
             problems.append(f"--allow-origin {o!r} is not an origin; write scheme://host[:port], e.g. "
                             "http://localhost:3000, with no path")
+    for name, d in config.adapters.items():
+        if not Path(d).is_dir():
+            problems.append(f"--adapter {name}={d}: {d} is not a folder; give the folder `edgemed export gguf "
+                            "RUN_DIR` wrote")
     if problems:
         raise ServeError("cannot serve: " + "; ".join(problems))
+
+
+def parse_adapters(specs: Iterable[str]) -> dict[str, Path]:
+    """``--adapter NAME=DIR`` options as {NAME: DIR}, refusing a malformed one or a name given twice."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not folder or any(c.isspace() for c in name):
+            raise ServeError(f"--adapter {spec!r} is not NAME=DIR; write e.g. --adapter chest=exports/chest-gguf "
+                             "(NAME is the model clients ask for, without spaces)")
+        if name in adapters:
+            raise ServeError(f"--adapter name {name!r} is given twice; give each adapter its own name")
+        adapters[name] = Path(folder)
+    return adapters
 
 
 # ---------------------------------------------------------------------------------------------- who may call

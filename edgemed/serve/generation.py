@@ -49,6 +49,7 @@ class Job:
     arrived: float
     deadline: float
     model: str  # the model id the answer names
+    adapter: str | None = None  # the LoRA adapter answering (None: the base)
 
 
 class Worker:
@@ -88,7 +89,7 @@ class Worker:
         def work() -> None:
             backend = self.models.take()
             try:
-                post(("end", self._generate(backend, job.prompt, stop, post)))
+                post(("end", self._generate(self.models.answering(backend, job.adapter), job.prompt, stop, post)))
             except BaseException as e:  # handed to the request, which answers 500
                 post(("error", e))
             finally:

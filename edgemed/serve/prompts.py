@@ -35,6 +35,7 @@ class Prompt:
     include_usage: bool
     kind: str = "chat"  # "chat" (chat.completion objects) or "text" (text_completion objects)
     echo: str = ""  # a completion's prompt, sent before its answer when asked (echo)
+    model: str | None = None  # the request's model field: picks an adapter when the server has them
 
 
 async def parse(request: Request, kind: str, backend: Backend, config: ServeConfig) -> Prompt:
@@ -108,7 +109,7 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> Pro
     except EdgemedError as e:
         raise ApiError(400, str(e), "invalid_prompt") from None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Prompt(text, image, params, req.stream, include_usage)
+    return Prompt(text, image, params, req.stream, include_usage, model=req.model)
 
 
 def build_completion(req: CompletionRequest, config: ServeConfig) -> Prompt:
@@ -121,7 +122,7 @@ def build_completion(req: CompletionRequest, config: ServeConfig) -> Prompt:
     params = _params(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, config)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prompt(prompts[0], None, params, req.stream, include_usage, kind="text",
-                  echo=prompts[0] if req.echo else "")
+                  echo=prompts[0] if req.echo else "", model=req.model)
 
 
 def _params(max_tokens: int | None, temperature: float, top_p: float, seed: int | None,
