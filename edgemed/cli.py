@@ -381,14 +381,17 @@ def verify(bundle: Path) -> None:
                    "EDGEMED_ORIGINS, comma-separated). None by default.")
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to render prompts with (a base model has none).")
+@click.option("--adapter", multiple=True, metavar="NAME=DIR",
+              help="Serve the LoRA adapter export DIR (`edgemed export gguf RUN_DIR`) on this GGUF base as model "
+                   "NAME; a request's model field picks it (repeatable).")
 @handled
 def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concurrency: int, max_queue: int,
           max_tokens_cap: int, request_timeout: float, allow_dir: tuple[Path, ...], no_verify: bool,
           max_body_mb: float, max_image_pixels: int, threads: int | None, allow_host: tuple[str, ...],
-          allow_origin: tuple[str, ...], chat_template: Path | None) -> None:
+          allow_origin: tuple[str, ...], chat_template: Path | None, adapter: tuple[str, ...]) -> None:
     """Serve EXPORT_DIR offline with an OpenAI-compatible API (chat and, for base models, text completions)."""
     from edgemed.prompting import read_template
-    from edgemed.serve import ServeConfig
+    from edgemed.serve import ServeConfig, parse_adapters
     from edgemed.serve import serve as run
 
     origins = [*allow_origin, *(o.strip() for o in os.environ.get("EDGEMED_ORIGINS", "").split(",") if o.strip())]
@@ -396,7 +399,8 @@ def serve(export_dir: Path, host: str, port: int, api_key: str | None, max_concu
                     max_queue=max_queue, max_tokens_cap=max_tokens_cap, request_timeout=request_timeout,
                     allow_dirs=list(allow_dir), verify=not no_verify, max_body_bytes=int(max_body_mb * 2**20),
                     max_image_pixels=max_image_pixels, n_threads=threads, allow_hosts=list(allow_host),
-                    allow_origins=origins, chat_template=read_template(chat_template) if chat_template else None))
+                    allow_origins=origins, chat_template=read_template(chat_template) if chat_template else None,
+                    adapters=parse_adapters(adapter)))
 
 
 @main.command()

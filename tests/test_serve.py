@@ -265,10 +265,30 @@ def test_models_health_and_metrics(text_server):
     assert after["requests_completed"] == before["requests_completed"] + 1
     assert after["tokens_generated"] > before["tokens_generated"]
     assert after["tokens_per_second"] > 0 and after["queue_depth"] == 0
-    prom = httpx.get(f"{text_server.url}/metrics?format=prometheus").text.splitlines()
-    values = dict(line.split(" ") for line in prom)
-    assert float(values["edgemed_requests_completed"]) >= after["requests_completed"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = httpx.get(f"{text_server.url}/metrics?format=prometheus")
+    assert prom.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {s.name: s.value for f in text_string_to_metric_families(prom.text) for s in f.samples}
+    assert float(values["edgemed_requests_completed_total"]) >= after["requests_completed"]
     assert "edgemed_queue_depth" in values and "edgemed_tokens_per_second" in values
+    assert values["edgemed_latency_seconds_count"] >= after["requests_completed"]
+
+
+def test_each_app_counts_only_its_own_requests(text_backend):
+    """Two apps in one process: their registries are their own (a shared one would refuse the second app)."""
+    from fastapi.testclient import TestClient
+
+    config = ServeConfig(export_dir=text_backend.folder)
+    with TestClient(create_app(config, text_backend), base_url="http://127.0.0.1:8080") as a, TestClient(
+            create_app(config, text_backend), base_url="http://127.0.0.1:8080") as b:
+        r = a.post("/v1/chat/completions", content=chat_body([{"role": "user", "content": "hi"}], max_tokens=2),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert a.get("/nowhere").status_code == 404
+        ma, mb = a.get("/metrics").json(), b.get("/metrics").json()
+    assert (ma["requests_total"], ma["requests_completed"], ma["requests_client_errors"]) == (1, 1, 1)
+    assert (mb["requests_total"], mb["requests_completed"], mb["tokens_generated"]) == (0, 0, 0)
 
 
 def test_local_image_path_only_under_an_allowed_folder(image_server, image_backend, tmp_path):
@@ -664,11 +684,12 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
     thread at the same time as the other (replicas slowed to 20 ms a piece so that the overlap is certain), and
     every answer equal to a single backend's."""
     pytest.importorskip("onnxruntime")
-    import edgemed.serve as serve_mod
+    import edgemed.serve.models as serve_models
+    from edgemed.backends import open_model
     from edgemed.export.onnx import export_onnx
 
     out = export_onnx(tiny_model("llama"), "fp32", tmp_path / "onnx")
-    reference = serve_mod.open_model(out)
+    reference = open_model(out)
     active, peak, lock = [0], [0], threading.Lock()
 
     class Counted(Slow):
@@ -682,12 +703,11 @@ def test_max_concurrency_opens_a_replica_per_slot_and_answers_stay_whole(tiny_mo
                 with lock:
                     active[0] -= 1
 
-    real_open = serve_mod.open_model
-    monkeypatch.setattr(serve_mod, "open_model", lambda *a, **k: Counted(real_open(*a, **k), 0.02))
+    monkeypatch.setattr(serve_models, "open_model", lambda *a, **k: Counted(open_model(*a, **k), 0.02))
     server = Server(ServeConfig(export_dir=out, max_concurrency=2, max_queue=8), None)
     try:
         state = server.app.state.edgemed
-        assert len(state.all_replicas) == 2 and state.all_replicas[0].inner is not state.all_replicas[1].inner
+        assert len(state.models.all) == 2 and state.models.all[0].inner is not state.models.all[1].inner
         assert state.gate.slots == 2 and server.metrics()["max_concurrency"] == 2
         results: dict[int, str] = {}
 
@@ -772,3 +792,97 @@ def test_ask_on_a_base_model_continues_the_text(base_backend):
     text = "Magnetic resonance imaging of the brain"
     want = "".join(base_backend.generate(text, None, GenParams(max_tokens=8)))
     assert want and "".join(ask(base_backend.folder, text, max_tokens=8)) == want
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+@pytest.fixture(scope="module")
+def adapter_exports(tiny_model, tmp_path_factory):
+    """A GGUF base export of the tiny llama, two adapter exports of runs trained from it (LoRA B non-zero, made
+    large so that each adapter changes the answers), and one of a run trained from another base."""
+    pytest.importorskip("llama_cpp")
+    from test_export_gguf_adapter import _amplify, train_run
+
+    from edgemed.export.gguf import export_gguf
+
+    tmp = tmp_path_factory.mktemp("adapters")
+    out = {"base": export_gguf(tiny_model("llama"), ["f32"], tmp / "base")}
+    for name, model, seed in (("a", tiny_model("llama"), 3), ("b", tiny_model("llama"), 7),
+                              ("wrong", tiny_model("llama", seed=1), 3)):
+        run = train_run(model, tmp, {"decoder": "lora"}, name=f"run-{name}", seed=seed)
+        _amplify(run, 40.0)
+        out[name] = export_gguf(run, ["f32"], tmp / f"gguf-{name}", adapter_quant="f32")
+    return out
+
+
+QUESTIONS = [QUESTION, "Which side of the image is bright?"]
+
+
+def test_adapters_are_models_and_answer_as_the_backends_with_adapter(adapter_exports):
+    """model=NAME answers as ``with_adapter(NAME)`` on the same base, the base id as the bare base (which differs),
+    and an unknown name is a 404 that lists the models."""
+    import openai
+
+    from edgemed.backends import open_model
+
+    ref = open_model(adapter_exports["base"], n_threads=1)
+    try:
+        for name in ("a", "b"):
+            ref.add_adapter(name, adapter_exports[name])
+        params = GenParams(max_tokens=8, temperature=1.0, seed=5)
+        want = {m: ["".join(v.generate(v.render(q), None, params)) for q in QUESTIONS]
+                for m, v in (("base", ref), ("a", ref.with_adapter("a")), ("b", ref.with_adapter("b")))}
+    finally:
+        ref.close()
+    assert want["a"] != want["base"] and want["b"] != want["base"] and want["a"] != want["b"]
+    config = ServeConfig(export_dir=adapter_exports["base"], n_threads=1,
+                         adapters={"a": adapter_exports["a"], "b": adapter_exports["b"]})
+    server = Server(config, None)  # opened, verified and given its adapters by the server
+    try:
+        base_id = server.app.state.edgemed.model_id
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == [base_id, "a", "b"]
+        for model, key in ((base_id, "base"), ("a", "a"), ("b", "b"), ("b", "b"), ("a", "a")):
+            got = []
+            for q in QUESTIONS:
+                r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                   max_tokens=8, temperature=1.0, seed=5)
+                assert r.model == model
+                got.append(r.choices[0].message.content)
+            assert got == want[key], model
+        stream = client.chat.completions.create(model="b", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                                max_tokens=8, temperature=1.0, seed=5, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want["b"][1]
+        with pytest.raises(openai.NotFoundError, match=f"'c' is not served here.*{base_id}, a, b") as e:
+            client.chat.completions.create(model="c", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert e.value.body["code"] == "model_not_found"
+    finally:
+        server.close()
+
+
+def test_an_adapter_for_another_base_is_refused_before_listening(adapter_exports, text_backend, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgemed.artifacts import read_manifest
+    from edgemed.cli import main
+    from edgemed.serve.models import model_id
+
+    base = adapter_exports["base"]
+    with pytest.raises(ServeError, match="--adapter wrong=.*made for base"):
+        create_app(ServeConfig(export_dir=base, n_threads=1, adapters={"wrong": adapter_exports["wrong"]}))
+    with pytest.raises(ServeError, match="needs a GGUF base export"):
+        create_app(ServeConfig(export_dir=text_backend.folder, adapters={"a": adapter_exports["a"]}), text_backend)
+    with pytest.raises(ServeError, match="is the base model's id"):
+        create_app(ServeConfig(export_dir=base, n_threads=1, adapters={model_id(base): adapter_exports["a"]}))
+    tampered = shutil.copytree(adapter_exports["a"], tmp_path / "tampered")
+    victim = tampered / next(f for f in read_manifest(tampered)["files"] if f.endswith(".json"))
+    victim.write_text(victim.read_text() + " ")
+    with pytest.raises(ServeError, match="fails verification"):
+        create_app(ServeConfig(export_dir=base, n_threads=1, adapters={"t": tampered}))
+    for spec in ("a", "=x", f"two words={adapter_exports['a']}"):
+        r = CliRunner().invoke(main, ["serve", str(base), "--adapter", spec])
+        assert r.exit_code == 2 and "is not NAME=DIR" in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(main, ["serve", str(base), "--adapter", f"a={adapter_exports['a']}", "--adapter",
+                                  f"a={adapter_exports['b']}"])
+    assert r.exit_code == 2 and "given twice" in r.output, r.output
