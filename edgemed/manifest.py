@@ -78,24 +78,27 @@ class Manifest(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
-class RunManifest(Manifest):
+class _Trained(Manifest):
+    """What a fine-tune was made with; a merge carries its run's."""
+
+    recipe: dict[str, Any] | None = None  # the resolved recipe
+    data: dict[str, Any] | None = None  # per stage: train file, its dataset_sha256, validation file
+
+
+class RunManifest(_Trained):
     """``edgemed finetune``: adapters and trained tensors over ``base_model``."""
 
     kind: Literal["run"]
-    recipe: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
     method: dict[str, Any] | None = None
     trainable: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
     seconds: float | None = None
 
 
-class ModelManifest(Manifest):
+class ModelManifest(_Trained):
     """A full checkpoint: ``edgemed merge`` output, or an embedded model."""
 
     kind: Literal["model"]
-    recipe: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
     origin: dict[str, Any] | None = None
     weights: dict[str, Any] | None = None
