@@ -2,8 +2,8 @@
 
 Every run, model and export folder holds ``manifest.json``: what kind of artifact it is, the resolved recipe,
 the base model path and sha256, data sha256, library versions, the parent artifact, and the sha256 of every
-file in it. Folders are written under a temporary name beside the target and renamed when complete, so a
-killed command never leaves a folder that looks finished.
+file in it; ``edgemed.manifest`` types, upgrades and walks them. Folders are written under a temporary name
+beside the target and renamed when complete, so a killed command never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edgemed.errors import ArtifactError
-from edgemed.files import read_json
+from edgemed.manifest import KINDS, MANIFEST, SCHEMA, load, save, seal
 
-MANIFEST = "manifest.json"
-KINDS = ("run", "model", "gguf", "onnx")
 _LIBS = ("edgemed", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf", "llama_cpp_python",
          "onnx", "onnxruntime", "numpy")
 
@@ -70,11 +67,15 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields: Any) -> dict[str, Any]:
-    """Write ``manifest.json`` into ``folder``; with ``hash_files`` it lists the sha256 of every file."""
+    """Write ``manifest.json`` into ``folder``; with ``hash_files`` it lists the sha256 of every file.
+
+    ``base_model`` may be given in any shape edgemed has written (a BaseRef dict, or a name with
+    ``base_model_sha256`` beside it); it is written in the one shape, ``edgemed.manifest.BaseRef``.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     manifest = {
-        "edgemed_manifest": 1,
+        "edgemed_manifest": SCHEMA,
         "kind": kind,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "libraries": library_versions(),
@@ -89,54 +90,19 @@ def write_manifest(folder: Path, kind: str, *, hash_files: bool = True, **fields
     return save_manifest(folder, manifest)
 
 
-def manifest_seal(manifest: dict[str, Any]) -> str:
-    """sha256 of a manifest's canonical JSON without its seal: an edited manifest no longer matches."""
-    body = {k: v for k, v in manifest.items() if k != "seal"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+manifest_seal = seal
 
 
 def save_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Seal and write ``manifest`` as ``folder/manifest.json`` (atomically)."""
-    manifest = json.loads(json.dumps(manifest, default=str))
-    manifest["seal"] = manifest_seal(manifest)
-    tmp = folder / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
-    return manifest
+    """Seal and write ``manifest`` as ``folder/manifest.json`` (atomically, in the current shape)."""
+    return save(folder, manifest)
 
 
 def read_manifest(folder: Path | str, kinds: tuple[str, ...] | None = None, complete: bool = True
                   ) -> dict[str, Any]:
-    """Read an artifact's manifest, checking that it exists, is of one of ``kinds`` and, with ``complete``, that
-    every file it lists is present: a manifest says what the folder holds, so a folder that lost part of it (a
-    run without its adapter) is refused rather than used as if the part had never been made."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(f"{folder}: no such folder; give the folder that edgemed wrote")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(
-            f"{folder}: no {MANIFEST}; this is not a folder written by edgemed "
-            "(run `edgemed finetune`, `edgemed merge` or `edgemed export` to make one)"
-        )
-    manifest = read_json(path, "an edgemed manifest", todo="the folder is damaged, make it again")
-    if kinds and manifest.get("kind") not in kinds:
-        raise ArtifactError(
-            f"{folder}: is a {manifest.get('kind')!r} folder, expected {' or '.join(kinds)}"
-        )
-    listed = manifest.get("files")
-    if listed is not None and not isinstance(listed, dict):
-        raise ArtifactError(f"{path}: 'files' must map file names to sha256, got {type(listed).__name__}; the "
-                            "folder is damaged, make it again")
-    if complete and listed:
-        missing = sorted(rel for rel in listed if not (folder / rel).is_file())
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ArtifactError(
-                f"{folder}: incomplete: {', '.join(missing[:3])}{more} listed in its {MANIFEST} "
-                f"{'is' if len(missing) == 1 else 'are'} missing; restore {'it' if len(missing) == 1 else 'them'} "
-                "or make the folder again")
-    return manifest
+    """An artifact's manifest as a dict in the current shape (see ``edgemed.manifest.load`` for the checks: it
+    exists, is of one of ``kinds`` and, with ``complete``, every file it lists is present)."""
+    return load(folder, kinds, complete).to_dict()
 
 
 def source_manifest(model_dir: Path | str) -> dict[str, Any] | None:
@@ -147,14 +113,14 @@ def source_manifest(model_dir: Path | str) -> dict[str, Any] | None:
     model_dir = Path(model_dir)
     if not (model_dir / MANIFEST).is_file():
         return None
-    manifest = read_manifest(model_dir)
-    kind = manifest.get("kind")
-    if kind == "run":
+    manifest = load(model_dir)
+    if manifest.kind == "run":
         raise ExportError(f"{model_dir}: is a training run folder (adapters only); run `edgemed merge {model_dir} "
                           "--out MODEL_DIR` and export MODEL_DIR")
-    if kind != "model":
-        raise ExportError(f"{model_dir}: is a {kind!r} folder; export takes a merged model folder (kind 'model')")
-    return manifest
+    if manifest.kind != "model":
+        raise ExportError(f"{model_dir}: is a {manifest.kind!r} folder; export takes a merged model folder (kind "
+                          "'model')")
+    return manifest.to_dict()
 
 
 @contextlib.contextmanager

@@ -12,46 +12,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgemed.artifacts import MANIFEST, file_hashes, manifest_seal, read_manifest, save_manifest, sha256_file
+from edgemed.artifacts import MANIFEST, file_hashes, read_manifest, save_manifest, sha256_file
 from edgemed.errors import ArtifactError
-from edgemed.files import read_json
+from edgemed.manifest import Manifest, base_of, read_raw, seal
+from edgemed.manifest import lineage as walk
 
 CARD = "README.md"
 
 
 def lineage(folder: Path) -> dict[str, Any]:
-    """Follow ``parent`` links from an artifact back to its base model and collect what it was made from."""
+    """What an artifact was made from, for its bundle: the adapter run, the merged model, the base model, the data
+    and the recipe's sha256 (``edgemed.manifest.lineage`` walks the parents)."""
+    try:
+        chain = walk(folder)
+    except ArtifactError:
+        return {}
     out: dict[str, Any] = {}
-    seen = set()
-    current: Path | None = Path(folder)
-    while current is not None and current not in seen:
-        seen.add(current)
-        try:
-            m = read_manifest(current, complete=False)
-        except ArtifactError:
-            break
-        kind = m.get("kind")
-        entry = {"path": str(current), "kind": kind, "seal": m.get("seal")}
-        if kind == "run":
-            out["adapter"] = entry
-            out["recipe_sha256"] = _json_sha(m.get("recipe"))
-            out["data"] = m.get("data")
-            if not (out.get("base_model") or {}).get("sha256"):
-                out["base_model"] = _as_base(m.get("base_model"), None)
-        elif kind == "model" and "merged_model" not in out and m.get("parent", {}).get("kind") == "run":
-            out["merged_model"] = entry
-        if m.get("base_model") and not (out.get("base_model") or {}).get("sha256"):
-            out["base_model"] = _as_base(m["base_model"], m.get("base_model_sha256"))
-        parent = (m.get("parent") or {}).get("path")
-        current = Path(parent) if parent else None
+    run = next((m for m in chain if m.kind == "run"), None)
+    if run is not None:
+        out["adapter"] = _entry(run)
+        out["recipe_sha256"] = _json_sha(run.recipe)
+        out["data"] = run.data
+    merged = next((m for m in chain if m.kind == "model" and m.parent is not None and m.parent.kind == "run"), None)
+    if merged is not None:
+        out["merged_model"] = _entry(merged)
+    base = base_of(chain)
+    if base is not None:
+        out["base_model"] = base.model_dump()
     return out
 
 
-def _as_base(value: Any, sha: str | None) -> dict[str, Any]:
-    """Manifests record the base model as a dict (runs, models) or as a string with its sha beside (exports)."""
-    if isinstance(value, dict):
-        return value
-    return {"path": str(value) if value else None, "sha256": sha}
+def _entry(m: Manifest) -> dict[str, Any]:
+    return {"path": str(m.folder), "kind": m.kind, "seal": m.seal}
 
 
 def _json_sha(obj: Any) -> str | None:
@@ -66,11 +58,12 @@ def model_card(manifest: dict[str, Any], reports: dict[str, Any]) -> str:
     """A short Markdown model card from the manifest and the parity/eval reports."""
     lin = manifest.get("lineage", {})
     base = lin.get("base_model") or {}
+    base_name = base.get("id") or base.get("name") or base.get("path")
     quants = ", ".join(manifest.get("quants", []) or [str(manifest.get("quant"))])
     lines = [f"# {manifest.get('name', 'edgemed export')}", "",
              f"Format: **{manifest.get('kind')}** ({quants})",
              f"Architecture: {manifest.get('arch')}",
-             f"Base model: {base.get('id') or base.get('path')} (sha256 {str(base.get('sha256'))[:16]}…)",
+             f"Base model: {base_name} (sha256 {str(base.get('sha256'))[:16]}…)",
              f"Adapter run: {(lin.get('adapter') or {}).get('path')}",
              f"Recipe sha256: {lin.get('recipe_sha256')}", "",
              "## Checks", ""]
@@ -102,11 +95,11 @@ def verify(folder: Path | str) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing; this folder is not an edgemed bundle"]
     try:
-        manifest = read_json(path, "an edgemed manifest")
+        manifest = read_raw(folder)  # as written: the seal covers the file's own content
     except ArtifactError as e:
         return [str(e)]
     problems = []
-    if manifest.get("seal") != manifest_seal(manifest):
+    if manifest.get("seal") != seal(manifest):
         problems.append(f"{path}: edited after it was sealed (seal does not match its contents)")
     listed = manifest.get("files") or {}
     if not isinstance(listed, dict):

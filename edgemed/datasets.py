@@ -34,38 +34,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgemed.data import VQARecord, infer_answer_type, read_vqa_jsonl
+from edgemed.data import Problems, VQARecord, infer_answer_type, read_vqa_jsonl
 from edgemed.errors import DataError
 
 FORMATS = ("jsonl", "vqa-rad", "slake", "pathvqa", "r2gen")
 SPLITS_R2GEN = ("train", "val", "test")
 REPORT_PROMPT = "Write the findings section of the radiology report for this image."
 REPORT_TASK = "report"
-MAX_LISTED = 10
-
-
-class _Problems:
-    """Every bad record of one file, raised together (one line for one problem)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.items = path, []
-
-    def add(self, where: str, what: str) -> None:
-        self.items.append(f"{where}: {what}")
-
-    def raise_if_any(self, total: int) -> None:
-        if not self.items:
-            return
-        if len(self.items) == 1:
-            raise DataError(self.items[0])
-        lines = [f"{self.path}: {len(self.items)} problems in {total} records; fix them and run again",
-                 *(f"  {p}" for p in self.items[:MAX_LISTED])]
-        if len(self.items) > MAX_LISTED:
-            lines.append(f"  ... and {len(self.items) - MAX_LISTED} more")
-        raise DataError("\n".join(lines))
-
-
-def _text(obj: dict, key: str, where: str, problems: _Problems, *, numbers: bool = False) -> str | None:
+def _text(obj: dict, key: str, where: str, problems: Problems, *, numbers: bool = False) -> str | None:
     """``obj[key]`` as a non-empty string (numbers allowed where public sets store answers such as 2)."""
     v = obj.get(key)
     if numbers and isinstance(v, int | float) and not isinstance(v, bool):
@@ -93,7 +69,7 @@ def _load_json(path: Path, name: str) -> Any:
         raise DataError(f"{path}: not valid JSON ({e}); download the {name} file again") from e
 
 
-def _image(root: Path, rel: str, where: str, problems: _Problems, check: bool) -> Path | None:
+def _image(root: Path, rel: str, where: str, problems: Problems, check: bool) -> Path | None:
     """``root/rel``, refused when it leaves ``root`` or (with ``check``) does not exist."""
     p = (root / rel).resolve()
     if not p.is_relative_to(root.resolve()):
@@ -121,7 +97,7 @@ def _read_list(path: Path, name: str, root: Path, keys: tuple[str, str, str, str
                check_images: bool, empty_hint: str) -> list[VQARecord]:
     """VQA-RAD and SLAKE: a JSON list of question dicts; ``keys`` = (id, image, question, answer)."""
     items = _json_list(path, name)
-    problems = _Problems(path)
+    problems = Problems(path, "records")
     out: list[VQARecord] = []
     kid, kimg, kq, ka = keys
     for i, obj in enumerate(items, start=1):
@@ -210,7 +186,7 @@ def _pathvqa_pkl(path: Path, image_root: Path | None, trust: bool, check_images:
         raise DataError(f"{path}: expected a non-empty list of question dicts (PathVQA's qas layout)")
     # qas/<split>/<file>.pkl; images/<split>/<name>.jpg
     root = image_root or path.parent.parent.parent / "images" / path.parent.name
-    problems = _Problems(path)
+    problems = Problems(path, "records")
     out: list[VQARecord] = []
     for i, obj in enumerate(items):
         where = f"{path}: record {i}"
@@ -263,7 +239,7 @@ def _parquet(path: Path, check_images: bool, cache: Path | None) -> list[VQAReco
                         "copy's image, question, answer")
     rows = table.to_pylist()
     folder = (cache or _cache_dir()) / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    problems = _Problems(path)
+    problems = Problems(path, "records")
     out: list[VQARecord] = []
     for i, row in enumerate(rows):
         where = f"{path}: row {i}"
@@ -323,7 +299,7 @@ def read_r2gen(path: Path | str, image_root: Path | str | None = None, split: st
     if split is not None and split not in SPLITS_R2GEN:
         raise DataError(f"unknown R2Gen split {split!r}; choose one of {', '.join(SPLITS_R2GEN)}")
     root = Path(image_root) if image_root else _first_dir(path.parent / "images", path.parent)
-    problems = _Problems(path)
+    problems = Problems(path, "records")
     out: list[VQARecord] = []
     total = 0
     for sp in (split,) if split else SPLITS_R2GEN:

@@ -12,7 +12,8 @@ The display pipeline of DICOM PS3.3 C.11, with pydicom's own functions for each 
 4. MONOCHROME1 is inverted after the VOI step (pydicom leaves that to the caller).
 
 For CT, ``render="ct-windows"`` replaces steps 3-4 with the three-window RGB rendering of MedGemma's CT
-notebooks: R = Hounsfield units -1024..1024 (wide), G = -135..215 (soft tissue), B = 0..80 (brain).
+notebooks: R = Hounsfield units -1024..1024 (wide), G = -135..215 (soft tissue), B = 0..80 (brain), each a
+LINEAR_EXACT window through ``apply_voi_lut``: no step of the pipeline hand-writes a window.
 
 No tag value of the file is ever written to a log or an error message: pydicom's warnings (which quote values)
 are silenced while a file is read, and errors name only the problem and, for compression, the standard name of
@@ -111,9 +112,21 @@ def voi_to_u8(modality: np.ndarray, view: Any) -> np.ndarray:
     return _to_u8(modality, float(np.min(modality)), float(np.max(modality)))
 
 
-def ct_windows_rgb(hu: np.ndarray) -> np.ndarray:
-    """MedGemma's CT rendering: one Hounsfield window per RGB channel, each clipped and scaled to 0..255."""
-    return np.stack([_to_u8(np.clip(hu, lo, hi), lo, hi) for lo, hi in CT_WINDOWS], axis=-1)
+def ct_windows_rgb(hu: np.ndarray, view: Any) -> np.ndarray:
+    """MedGemma's CT rendering: one Hounsfield window per RGB channel, each lo..hi to 0..255. The windows go through
+    pydicom's apply_voi_lut as LINEAR_EXACT windows (centre (lo+hi)/2, width hi-lo), which is that clip and scale
+    exactly (PS3.3 C.11.2.1.3.2)."""
+    import copy
+
+    from pydicom.pixels import apply_voi_lut
+
+    channels = []
+    for lo, hi in CT_WINDOWS:
+        w = copy.deepcopy(view)
+        w.PhotometricInterpretation = "MONOCHROME2"  # the channels are not inverted, whatever the file says
+        w.WindowCenter, w.WindowWidth, w.VOILUTFunction = (lo + hi) / 2, hi - lo, "LINEAR_EXACT"
+        channels.append(_to_u8(apply_voi_lut(hu, w, prefer_lut=False), *_voi_range(w)))
+    return np.stack(channels, axis=-1)
 
 
 def _transfer_syntax(ds: Any) -> Any:
@@ -201,7 +214,7 @@ def _render(ds: Any, arr: np.ndarray, frame: int, render: str) -> Image.Image:
     view = _frame_view(ds, frame)
     modality = apply_modality_lut(arr, view).astype(np.float64)
     if render == "ct-windows" and str(ds.get("Modality", "")).strip().upper() == "CT":
-        return Image.fromarray(ct_windows_rgb(modality), "RGB")
+        return Image.fromarray(ct_windows_rgb(modality, view), "RGB")
     u8 = voi_to_u8(modality, view)
     if photometric == "MONOCHROME1":
         u8 = 255 - u8  # MONOCHROME1: the lowest value is white

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgemed.artifacts import MANIFEST, atomic_dir, sha256_file, write_manifest
+from edgemed.artifacts import atomic_dir, sha256_file, write_manifest
 from edgemed.errors import ArtifactError
 from edgemed.paths import cache_root  # noqa: F401 - re-exported: callers use embedded.cache_root
 
@@ -59,7 +59,7 @@ def materialize(name: str, quiet: bool = False) -> Path:
     if name not in NAMES:
         raise ArtifactError(f"unknown embedded model {name!r}; choose one of {', '.join(NAMES)}")
     out = model_path(name)
-    if (out / MANIFEST).is_file() and _build_of(out) == BUILD:
+    if _build_of(out) == BUILD:
         return out
     if name == IMAGE:
         materialize(TEXT, quiet)
@@ -69,12 +69,14 @@ def materialize(name: str, quiet: bool = False) -> Path:
 
 
 def _build_of(folder: Path) -> int | None:
-    import json
+    """The build of a cached model; None for a damaged or foreign one (rebuilt)."""
+    from edgemed.manifest import find
 
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("build")
-    except (OSError, ValueError):
+        m = find(folder)
+    except ArtifactError:
         return None
+    return getattr(m, "build", None)
 
 
 def _say(quiet: bool, msg: str) -> None:

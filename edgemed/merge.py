@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from edgemed.archs import arch_for_dir
-from edgemed.artifacts import atomic_dir, read_manifest, tree_sha256, write_manifest
+from edgemed.artifacts import MANIFEST, atomic_dir, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError
 from edgemed.files import load_safetensors, read_json, reading, safetensors_keys
+from edgemed.manifest import load
 from edgemed.modeling import ADAPTER, TRAINED, refuse_bnb, run_base
 
-_COPY_SKIP = ("model.safetensors", "model.safetensors.index.json", "manifest.json")
+_COPY_SKIP = ("model.safetensors", "model.safetensors.index.json", MANIFEST)
 
 
 def checkpoint_to_module_names(base: Path, keys: list[str]) -> dict[str, str]:
@@ -54,7 +55,7 @@ def checkpoint_to_module_names(base: Path, keys: list[str]) -> dict[str, str]:
 def _lora_pairs(run_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float]:
     """LoRA (A, B) per target weight name (module-tree names) and the scale alpha/r."""
     adapter = run_dir / ADAPTER
-    if not adapter.is_dir():  # read_manifest has refused a run whose manifest lists adapter files that are gone
+    if not adapter.is_dir():  # loading the manifest has refused a run whose manifest lists adapter files that are gone
         return {}, 0.0
     cfg_path = adapter / "adapter_config.json"
     cfg = read_json(cfg_path, "a PEFT adapter config", todo="fine-tune again")
@@ -320,8 +321,8 @@ def merge(run_dir: Path | str, out: Path | str, *, overwrite: bool = False, chec
     once the new folder is complete.
     """
     run_dir = Path(run_dir).absolute()
-    manifest = read_manifest(run_dir, ("run",))
-    base = run_base(run_dir, manifest)
+    run = load(run_dir, ("run",))
+    base = run_base(run_dir, run)
     refuse_bnb(base, "merge")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         counts = merge_weights(base, run_dir, tmp)
@@ -330,9 +331,9 @@ def merge(run_dir: Path | str, out: Path | str, *, overwrite: bool = False, chec
             shutil.copy2(index, tmp / index.name)
         _copy_side_files(base, tmp)
         max_diff = check_merge(run_dir, tmp, base, CHECK_PROMPTS) if check else None
-        write_manifest(tmp, "model", name=f"{Path(out).name}", arch=manifest.get("arch"),
-                       base_model=manifest["base_model"], data=manifest.get("data"), recipe=manifest.get("recipe"),
-                       parent={"kind": "run", "path": str(run_dir), "sha256": tree_sha256(run_dir)},
+        write_manifest(tmp, "model", name=f"{Path(out).name}", arch=run.arch, base_model=run.base_model,
+                       data=run.data, recipe=run.recipe,
+                       parent={"kind": "run", "path": str(run_dir), "tree_sha256": tree_sha256(run_dir)},
                        merge={**counts, "check_max_abs_logit_diff": max_diff,
                               "check_prompts": len(CHECK_PROMPTS) if check else 0})
     return Path(out).absolute()

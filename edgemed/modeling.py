@@ -15,6 +15,7 @@ from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, read_manifest, tree_sha256
 from edgemed.errors import ArtifactError, ExportError
 from edgemed.files import load_safetensors, read_json, reading
+from edgemed.manifest import Manifest, load, validate
 
 ADAPTER = "adapter"
 TRAINED = "trained.safetensors"
@@ -100,18 +101,25 @@ def load_base(model_dir: Path, *, dtype: str = "float32", quant: Any | None = No
     return Loaded(model=model, processor=proc, tokenizer=tok, arch=arch, base_dir=model_dir)
 
 
-def run_base(run_dir: Path, manifest: dict[str, Any] | None = None, check_hash: bool = True) -> Path:
-    """The base model folder of a run, checked against the sha256 the run recorded."""
-    manifest = manifest or read_manifest(run_dir, ("run",))
-    base = Path(manifest["base_model"]["path"])
+def run_base(run_dir: Path, manifest: Manifest | dict[str, Any] | None = None, check_hash: bool = True) -> Path:
+    """The base model folder of a run (or of a merge, which records the same base), checked against the sha256
+    the artifact recorded."""
+    if manifest is None:
+        manifest = load(run_dir, ("run",))
+    elif not isinstance(manifest, Manifest):
+        manifest = validate(manifest, Path(run_dir) / MANIFEST)
+    ref = manifest.base_model
+    if ref is None or not ref.path:
+        raise ArtifactError(f"{run_dir}: its manifest names no base model folder; the folder is damaged, fine-tune "
+                            "again (or `edgemed merge` it if the merge still works and export the merged model)")
+    base = Path(ref.path)
     if not (base / "config.json").is_file():
         raise ArtifactError(f"{run_dir}: its base model {base} is missing; restore it or re-run the fine-tune")
     if check_hash:
-        want = manifest["base_model"].get("sha256")
         have = tree_sha256(base)
-        if want and want != have:
+        if ref.sha256 and ref.sha256 != have:
             raise ArtifactError(
-                f"{run_dir}: the adapter was trained on a base with sha256 {want[:12]}…, but {base} now has "
+                f"{run_dir}: the adapter was trained on a base with sha256 {ref.sha256[:12]}…, but {base} now has "
                 f"{have[:12]}…; use the base it was trained on")
     return base
 

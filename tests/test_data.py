@@ -174,6 +174,56 @@ def test_missing_data_file(tmp_path):
         read_vqa_jsonl(tmp_path / "nope.jsonl")
 
 
+def test_vqa_jsonl_is_edgemeds_own_format_so_unknown_keys_fail(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [
+        {"question": "q", "answer": "yes", "id": "q7"},                # 1 fine: id is part of the schema
+        {"question": "q", "anwser": "yes"},                            # 2 misspelt key: named, answer missing
+        {"question": "q", "answer": "yes", "id": [1]},                 # 3 id neither string nor number
+        {"question": "q", "answer": "yes", "id": 4, "colour": "red"},  # 4 unknown key
+    ])
+    with pytest.raises(DataError) as e:
+        read_vqa_jsonl(f)
+    msg = str(e.value)
+    assert "4 problems in 4 lines" in msg.splitlines()[0] and f"{f}:1" not in msg
+    assert f"{f}:2: missing key 'answer'" in msg and f"{f}:2: unknown key 'anwser'; allowed: question, answer" in msg
+    assert f"{f}:3: key 'id' must be a string or a number, got array" in msg
+    assert f"{f}:4: unknown key 'colour'" in msg
+    with pytest.raises(DataError, match="unknown key 'question'; allowed: text, title"):
+        read_text_jsonl(write_lines(tmp_path / "t.jsonl", [{"text": "x", "question": "q"}]))
+
+
+def test_a_bad_key_and_a_missing_image_on_one_line_are_both_named(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [{"image": "gone.png", "answer": "yes"}, {"question": "q", "answer": "no"}])
+    with pytest.raises(DataError) as e:
+        read_vqa_jsonl(f)
+    msg = str(e.value)
+    assert "2 problems in 2 lines" in msg and f"{f}:1: missing key 'question'" in msg
+    assert re.search(rf"{re.escape(str(f))}:1: image file .*gone.png does not exist", msg)
+
+
+def test_probe_file_reader(tmp_path):
+    from edgemed.data import ProbeRecord, read_probes_jsonl
+
+    png(tmp_path / "a.png")
+    good = write_lines(tmp_path / "p.jsonl", [{"question": "Is it?", "image": "a.png", "system": "S"},
+                                              {"question": "Why?", "answer": "a VQA file serves as probes"}])
+    assert read_probes_jsonl(good) == [ProbeRecord("Is it?", tmp_path / "a.png", "S", f"{good}:1"),
+                                       ProbeRecord("Why?", None, None, f"{good}:2")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"question": 3}\nnot json\n{"question": "x", "image": "nope.png"}\n'
+                   '{"question": "x", "colour": 1}\n')
+    with pytest.raises(DataError) as e:
+        read_probes_jsonl(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("bad probe file: ") and "(and 1 more)" in msg
+    assert f"{bad}:2" in msg and f"{bad}:3" in msg and f"{bad}:4" in msg and f"{bad}:1" not in msg
+    with pytest.raises(DataError, match="no such probe file"):
+        read_probes_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no probes"):
+        read_probes_jsonl(tmp_path / "blank.jsonl")
+
+
 # ---------------------------------------------------------------- text JSONL
 def test_read_text_jsonl(tmp_path):
     f = write_lines(tmp_path / "t.jsonl", [{"text": "body one", "title": "T1"}, {"text": "body two"}])

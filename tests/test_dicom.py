@@ -128,6 +128,25 @@ def test_ct_windows_rendering(tmp_path):
         load_image(mr, render="hot")
 
 
+def test_every_window_goes_through_pydicoms_voi_lut(tmp_path, monkeypatch):
+    """No hand-written windowing: the file's window and each of the three CT windows are pydicom's apply_voi_lut."""
+    import pydicom.pixels
+
+    real, calls = pydicom.pixels.apply_voi_lut, []
+
+    def counted(arr, ds, *a, **kw):
+        calls.append((float(ds.WindowCenter), float(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR"))))
+        return real(arr, ds, *a, **kw)
+
+    monkeypatch.setattr(pydicom.pixels, "apply_voi_lut", counted)
+    ct = save(examples.ct, tmp_path / "ct.dcm")
+    load_image(ct, render="ct-windows")
+    assert calls == [((lo + hi) / 2, hi - lo, "LINEAR_EXACT") for lo, hi in CT_WINDOWS]
+    calls.clear()
+    load_image(save(examples.mr, tmp_path / "mr.dcm"))
+    assert calls == [(float(examples.mr.WindowCenter), float(examples.mr.WindowWidth), "LINEAR")]
+
+
 def test_compressed_without_decoder_names_the_extra(tmp_path, monkeypatch):
     import pydicom.pixels
 

@@ -215,7 +215,7 @@ def test_provenance_of_a_merged_model_folder(tiny_model, tmp_path):
     assert source["files"] == written["files"] and source["kind"] == "model"
     assert fields["edgemed.source.tree_sha256"] == tree_sha256(folder)
     manifest = read_manifest(out, ("gguf",))
-    assert manifest["base_model"] == "SmolLM2-135M-Instruct"
+    assert manifest["base_model"]["name"] == "SmolLM2-135M-Instruct" and manifest["base_model"]["sha256"] == "ab" * 32
     assert manifest["parent"]["tree_sha256"] == tree_sha256(folder)
 
 

@@ -79,8 +79,8 @@ def add_export(backend: Any, name: str, export_dir: Path) -> None:
     if "default" not in files:
         raise ArtifactError(f"{export_dir}: holds no LoRA adapter file; export the run folder with "
                             "`edgemed export gguf RUN_DIR` to get one")
-    own = read_manifest(backend.folder).get("binding", {}).get("base_tree_sha256") or read_manifest(
-        backend.folder).get("base_model_sha256")
+    own = read_manifest(backend.folder).get("binding", {}).get("base_tree_sha256") or (read_manifest(
+        backend.folder).get("base_model") or {}).get("sha256")
     theirs = (m.get("binding") or {}).get("base_tree_sha256")
     if own and theirs and own != theirs:
         raise ArtifactError(f"{export_dir}: its adapter was made for base {theirs[:12]}…, not the served base "
