@@ -34,7 +34,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgemed.data import Problems, VQARecord, infer_answer_type, read_vqa_jsonl
+from edgemed.data.readers import read_vqa_jsonl
+from edgemed.data.records import Problems, VQARecord, infer_answer_type
 from edgemed.errors import DataError
 
 FORMATS = ("jsonl", "vqa-rad", "slake", "pathvqa", "r2gen")

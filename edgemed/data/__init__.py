@@ -3,8 +3,9 @@
 
 * ``records``: the records and the line models of each format (schemas there), and the one JSONL reader that
   reports every bad line of a file at once.
-* ``readers``: edgemed's VQA, text and probe JSONL, VQA-RAD and SLAKE as downloaded, ``read_dataset`` for any of
-  them, and ``dataset_sha256``. The other public layouts (PathVQA, R2Gen, MEVF's VQA-RAD) are ``edgemed.datasets``.
+* ``readers``: edgemed's VQA, text and probe JSONL, and VQA-RAD and SLAKE as downloaded. The other public layouts
+  (PathVQA, R2Gen, MEVF's VQA-RAD) are ``edgemed.datasets``.
+* ``dispatch``: ``read_dataset`` for any of them, and ``dataset_sha256``.
 * ``images``: ``load_image`` and ``load_image_bytes`` (DICOM through ``edgemed.dicom``).
 * ``demo_set``: ``generate_demo_set``.
 """
@@ -12,13 +13,12 @@
 from __future__ import annotations
 
 from edgemed.data.demo_set import CAPTION_SYSTEM, DEMO_SIZE, DEMO_SYSTEM, GENERATOR_VERSION, generate_demo_set
+from edgemed.data.dispatch import dataset_sha256, read_dataset
 from edgemed.data.images import DEFAULT_MAX_PIXELS, DICOM_MIMES, IMAGE_MIMES, PIL_FORMATS, load_image, load_image_bytes
 from edgemed.data.readers import (
     FORMATS,
     SLAKE_IMAGES,
     VQA_RAD_IMAGES,
-    dataset_sha256,
-    read_dataset,
     read_probes_jsonl,
     read_slake,
     read_text_jsonl,

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from edgemed.artifacts import atomic_dir, sha256_file
-from edgemed.data.readers import dataset_sha256
+from edgemed.data.dispatch import dataset_sha256
 from edgemed.errors import DataError
 
 GENERATOR_VERSION = 1

@@ -3,7 +3,6 @@ split plus general medical prompts, and kept disjoint from the export's calibrat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.errors import DataError, ParityError
+from edgemed.errors import ParityError
 
 GENERAL_PROMPTS = (
     "What are the typical radiographic signs of community-acquired pneumonia?",
@@ -76,44 +75,9 @@ def read_probes(path: Path | str) -> list[Probe]:
     Raises:
         DataError: one line naming every bad line as file:line (at most three spelt out).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such probe file; give a JSONL file of {{\"question\": ...}} lines")
-    probes: list[Probe] = []
-    problems: list[str] = []
-    lines = path.read_bytes().split(b"\n")
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else getattr(e, "msg", None) or type(e).__name__
-            problems.append(f"{where}: not a JSON object ({why})")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{where}: is a JSON {type(obj).__name__}, not an object")
-            continue
-        unknown = sorted(set(obj) - {"question", "image", "system", "answer", "answer_type", "task", "role"})
-        q, img, system = obj.get("question"), obj.get("image"), obj.get("system")
-        if not isinstance(q, str) or not q.strip():
-            problems.append(f"{where}: 'question' must be a non-empty string, got {json.dumps(q)[:40]}")
-        elif unknown:
-            problems.append(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: question, image, system")
-        elif img is not None and (not isinstance(img, str) or not (path.parent / img).is_file()):
-            problems.append(f"{where}: image {img!r} is not a file (relative to {path.parent})")
-        elif system is not None and not isinstance(system, str):
-            problems.append(f"{where}: 'system' must be a string, got {json.dumps(system)[:40]}")
-        else:
-            probes.append(Probe(q, (path.parent / img) if img else None, system, where))
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"bad probe file: {'; '.join(problems[:3])}{more}; each line must be "
-                        '{"question": "...", "image": "optional/path.png", "system": "optional"}')
-    if not probes:
-        raise DataError(f"{path}: holds no probes; add one {{\"question\": ...}} per line")
-    return probes
+    from edgemed.data import read_probes_jsonl  # the one JSONL validator (edgemed.data.records)
+
+    return [Probe(r.question, r.image, r.system, r.source) for r in read_probes_jsonl(path)]
 
 
 def _synthetic_images(n: int) -> list[Any]:
