@@ -65,14 +65,17 @@ def model_class(arch: ArchSpec):
     return getattr(transformers, arch.model_class)
 
 
-def load_processor(model_dir: Path, arch: ArchSpec) -> tuple[Any, Any]:
-    """(processor, tokenizer) of a model folder; for text models both are the tokenizer."""
+def load_processor(model_dir: Path, arch: ArchSpec, vision: bool | None = None) -> tuple[Any, Any]:
+    """(processor, tokenizer) of a model folder, from its local files; for text models both are the tokenizer.
+
+    ``vision`` overrides ``arch.is_vision`` for a folder that holds an image family's text part only.
+    """
     from transformers import AutoProcessor, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if arch.is_vision:
-        proc = AutoProcessor.from_pretrained(model_dir)
+    if arch.is_vision if vision is None else vision:
+        proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         return proc, proc.tokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return tok, tok
 
 

@@ -93,3 +93,25 @@ def prompt_and_answer(template_owner: Any, question: str, answer: str, *, image:
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the answer turn")
     return prompt, full[len(prompt):].rstrip("\n")
+
+
+def end_of_turn(template_owner: Any, tokenizer: Any, *, typed: bool) -> int | None:
+    """The special token the chat template closes an answer with (``<|im_end|>``, ``<end_of_turn>``,
+    ``<|eot_id|>``), or None for a base model or a template that closes answers with plain text.
+
+    Read from the template itself (an answer turn rendered and the first special token after it), so no family's
+    token is named here.
+    """
+    import jinja2
+
+    if not has_template(template_owner):
+        return None
+    try:
+        _, closed = prompt_and_answer(template_owner, "Hi", "Yes", image=False, system=None, typed=typed)
+    except (ValueError, jinja2.TemplateError):  # a template that refuses this conversation: the other ids remain
+        return None
+    if "Yes" not in closed:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    closing = tokenizer(closed.split("Yes", 1)[1], add_special_tokens=False).input_ids
+    return next((int(t) for t in closing if t in special), None)

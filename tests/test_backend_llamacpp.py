@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import answer
+from test_generation import behaviour_gaps
 
 from edgemed.backends import open_model
-from edgemed.backends.base import Backend, GenParams
+from edgemed.backends.base import GenParams, protocol_gaps
 from edgemed.errors import ArtifactError, DataError
 
 QUESTION = "Which side is the abnormality on?"
@@ -33,8 +34,12 @@ def text(folders):
 def test_open_model_dispatches_on_the_manifest_and_picks_the_quant(folders, text):
     from edgemed.backends.llamacpp import LlamaCppBackend
 
-    assert isinstance(text, LlamaCppBackend) and isinstance(text, Backend)
+    assert isinstance(text, LlamaCppBackend) and protocol_gaps(text) == [] and behaviour_gaps(text) == []
     assert text.name == "llamacpp" and not text.is_vision and text.quant == "f32"
+    view = text.with_adapter(None)  # the bare base through an adapter view: the same protocol and answers
+    assert protocol_gaps(view) == [] and behaviour_gaps(view) == []
+    prompt = text.render(QUESTION)
+    assert answer(view, prompt, None, GenParams(max_tokens=6)) == answer(text, prompt, None, GenParams(max_tokens=6))
     q8 = open_model(folders["text"], quant="q8_0", n_ctx=256)
     try:
         assert q8.path.name == "model-q8_0.gguf"
@@ -88,7 +93,7 @@ def test_refusals(text, folders):
         text.logits(text.tokenize(text.render(QUESTION)), img)
     b = open_model(folders["image"], n_threads=2, n_ctx=512)
     try:
-        assert b.is_vision
+        assert b.is_vision and protocol_gaps(b) == [] and behaviour_gaps(b, img) == []
         no_placeholder = b.tokenize(b.render(QUESTION))
         with pytest.raises(DataError, match="exactly once"):
             b.logits(no_placeholder, img)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ARCHS, VISION_ARCHS, answer
 from PIL import Image
+from test_generation import behaviour_gaps
 
-from edgemed.backends.base import Backend, GenParams
+from edgemed.backends.base import GenParams, protocol_gaps
 from edgemed.backends.pytorch import TorchBackend
 from edgemed.errors import DataError
 
@@ -77,7 +78,8 @@ def backend_of(tiny_model):
 def test_is_a_backend_and_renders_with_the_models_template(text_backend, image_backend, tiny_model):
     from transformers import AutoProcessor, AutoTokenizer
 
-    assert isinstance(text_backend, Backend) and isinstance(image_backend, Backend)
+    assert protocol_gaps(text_backend) == [] and protocol_gaps(image_backend) == []
+    assert behaviour_gaps(text_backend) == [] and behaviour_gaps(image_backend, picture(5)) == []
     assert not text_backend.is_vision and image_backend.is_vision
     tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
     want = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],

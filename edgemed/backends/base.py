@@ -1,16 +1,22 @@
-"""The one interface every runtime implements, so parity, eval, serve and ask treat them alike."""
+"""The one interface every runtime implements, so parity, eval, serve and ask treat them alike.
+
+What the runtimes share in code (prompting, end-of-generation ids, the lock, generate and stream) is
+``edgemed.backends.hf.HFBackend``; this module holds the interface, the decoding settings and the stream loop.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import numpy as np
     from PIL import Image
+
+    from edgemed.archs import ArchSpec
 
 
 @dataclass
@@ -23,54 +29,6 @@ class GenParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # decode max_tokens whatever the model says (speed measurements, as llama-bench)
-
-
-def render_question(backend: Any, question: str, image: bool, system: str | None) -> str:
-    """The generation prompt for one question with the backend's saved processor or tokenizer (its chat template).
-
-    A model without a chat template (a base model) gets the plain text prompt of ``prompting.plain``.
-    """
-    from edgemed import prompting
-    from edgemed.errors import DataError
-
-    if image and not backend.is_vision:
-        raise DataError(f"{backend.folder}: is a text model ({backend.arch.name}) and takes no image; "
-                        "ask without an image or use an image model")
-    if not prompting.has_template(backend.processor):  # a base model: plain text, no turn markers
-        if image:
-            raise DataError(f"{backend.folder}: has no chat template to place the image in; give a template "
-                            "with --chat-template FILE")
-        return prompting.plain(question, system)
-    msgs = prompting.messages(question, image=image, system=system, typed=backend.is_vision)
-    return prompting.render(backend.processor, msgs)
-
-
-def expand_placeholder(tokenizer: Any, processor: Any, tokens: list[int], image: Image.Image, image_token_id: int,
-                       placeholder: str | None, return_tensors: str) -> tuple[Any, list[int], list[int]]:
-    """Expand the one image placeholder in ``tokens`` with the model's own processor (so no family is named here).
-
-    The tokens are decoded to text and run through the processor with the image; the expansion is found between the
-    unchanged text before and after the placeholder. Returns (processor encoding, expanded ids, the row of each of
-    ``tokens`` in the expanded sequence: the placeholder's row is the last image token's).
-    """
-    from edgemed.errors import DataError
-
-    where = [i for i, t in enumerate(tokens) if t == image_token_id]
-    if len(where) != 1:
-        raise DataError(f"the prompt holds the image placeholder {placeholder!r} {len(where)} times; it must hold it "
-                        "exactly once (render it with image=True)")
-    k = where[0]
-    text = tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    enc = processor(text=[text], images=[image.convert("RGB")], add_special_tokens=False,
-                    return_tensors=return_tensors)
-    full = [int(t) for t in enc["input_ids"][0]]
-    tail = len(tokens) - k - 1
-    if full[:k] != list(tokens[:k]) or full[len(full) - tail:] != list(tokens[k + 1:]) or len(full) < len(tokens):
-        raise DataError("the processor tokenized the prompt differently from tokenize(); "
-                        "give tokens made by this backend's tokenize(render(...))")
-    n_img = len(full) - len(tokens) + 1
-    rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
-    return enc, full, rows
 
 
 def cut_at_stop(text: str, sent: str, stops: list[str]) -> tuple[str, bool]:
@@ -156,8 +114,11 @@ class Backend(Protocol):
     """A loaded model that renders prompts with its own chat template and answers them.
 
     ``name`` is "pytorch", "llamacpp" or "onnx". ``is_vision`` says whether images are accepted. ``tokenizer``
-    and ``processor`` (None for a text model) are the transformers objects saved with the model, which render its
-    prompts; ``folder`` is the folder it was opened from.
+    and ``processor`` (the tokenizer again for a text model) are the transformers objects saved with the model,
+    which render its prompts; ``folder`` is the folder it was opened from and ``arch`` its architecture entry.
+    ``eos_ids`` are the ids an answer ends on (the generation settings' eos list, the tokenizer's eos and the
+    template's end of turn); ``image_token_id`` is the placeholder a rendered image prompt holds once (None for a
+    text model).
     """
 
     name: str
@@ -165,6 +126,9 @@ class Backend(Protocol):
     folder: Path
     tokenizer: Any
     processor: Any
+    arch: ArchSpec
+    eos_ids: list[int]
+    image_token_id: int | None
 
     def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
         """The generation prompt for one question, rendered with the model's chat template."""
@@ -198,3 +162,35 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the model."""
+
+
+# the protocol's attributes whose type can be checked on an instance (the rest are transformers or arch objects)
+_KINDS: dict[str, type | tuple[type, ...]] = {"name": str, "is_vision": bool, "folder": Path, "eos_ids": list,
+                                              "image_token_id": (int, type(None))}
+
+
+def protocol_gaps(backend: Any) -> list[str]:
+    """What ``backend`` lacks of the Backend protocol, one line each; empty when it has every member.
+
+    Stricter than ``isinstance(backend, Backend)``, which only asks that the names exist: attributes must hold
+    values of their kind, and every method must take the protocol's parameters (names, kinds and defaults).
+    """
+    gaps = []
+    for attr in Backend.__annotations__:
+        if not hasattr(backend, attr):
+            gaps.append(f"no attribute {attr}")
+        elif attr in _KINDS and not isinstance(value := getattr(backend, attr), _KINDS[attr]):
+            kinds = _KINDS[attr] if isinstance(_KINDS[attr], tuple) else (_KINDS[attr],)
+            gaps.append(f"{attr} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}")
+    for meth, fn in vars(Backend).items():
+        if meth.startswith("_") or not inspect.isfunction(fn):
+            continue
+        got = getattr(backend, meth, None)
+        if not callable(got):
+            gaps.append(f"no method {meth}")
+            continue
+        want = [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[1:]]
+        have = [(p.name, p.kind, p.default) for p in inspect.signature(got).parameters.values()]
+        if have != want:
+            gaps.append(f"{meth}{inspect.signature(got)} does not take the protocol's {inspect.signature(fn)}")
+    return gaps

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import Chunk, GenParams, render_question, stream_text, texts
+from edgemed.backends import offline
+from edgemed.backends.base import GenParams
+from edgemed.backends.hf import HFBackend, load_processing
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import check_gguf, reading
 from edgemed.probe import apply_mode, llamacpp_mode
@@ -40,7 +41,7 @@ def _quiet(verbose: bool) -> None:
     llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(HFBackend):
     """A GGUF export answering through the edgemed Backend protocol.
 
     Args:
@@ -54,30 +55,28 @@ class LlamaCppBackend:
     """
 
     name = "llamacpp"
-    thread_safe = False  # one request at a time per instance; calls are serialised by a lock
 
     def __init__(self, folder: Path | str, quant: str | None = None, n_threads: int | None = None,
                  n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False,
                  adapter: str | None = "default", **_: Any):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline()
         import llama_cpp
         from llama_cpp import _internals
 
-        self.folder = Path(folder)
-        manifest = read_manifest(self.folder, ("gguf",))
+        folder = Path(folder)
+        manifest = read_manifest(folder, ("gguf",))
         models: dict[str, str] = manifest.get("models") or {}
         self.quant = (quant or (manifest.get("quants") or [None])[0] or "").lower()
         if self.quant not in models:
-            raise ArtifactError(f"{self.folder}: has no model-{self.quant}.gguf; quants in this export: "
+            raise ArtifactError(f"{folder}: has no model-{self.quant}.gguf; quants in this export: "
                                 f"{', '.join(models) or 'none'}")
-        self.path = self.folder / models[self.quant]
+        self.path = folder / models[self.quant]
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} is missing; the export is incomplete, export again")
-        self.arch = get_arch(manifest["arch"])
-        self.is_vision = bool(manifest.get("mmproj"))
-        self.image_token_id = manifest.get("image_token_id")
-        self._load_hf()
+        arch, is_vision = get_arch(manifest["arch"]), bool(manifest.get("mmproj"))
+        super().__init__(folder, arch, is_vision, *load_processing(folder, arch, is_vision))
+        if self.image_token_id is None:  # a family without a placeholder text: the id the exporter recorded
+            self.image_token_id = manifest.get("image_token_id")
         _quiet(verbose)
         llama_cpp.llama_backend_init()
         n_threads = int(n_threads or os.cpu_count() or 1)
@@ -108,18 +107,8 @@ class LlamaCppBackend:
         self._mtmd = None
         if self.is_vision:
             self._mtmd = self._load_mtmd(self.folder / manifest["mmproj"], n_threads)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
-    def _load_hf(self) -> None:
-        from transformers import AutoProcessor, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        self.processor = (AutoProcessor.from_pretrained(self.folder, local_files_only=True) if self.is_vision
-                          else self.tokenizer)
-        if self.is_vision and self.arch.image_placeholder:  # the token the rendered prompt holds once per image
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
-
     def _load_adapters(self, manifest: dict[str, Any], adapter: str | None) -> None:
         """LoRA adapter files of an adapter export (``export gguf RUN_DIR``); ``adapter`` picks the one used
         (None: the bare base). Adapters switch per request without reloading the base."""
@@ -132,6 +121,10 @@ class LlamaCppBackend:
             adapter = None  # a merged export: the base is the model
         self.adapter = adapter
         self.adapters.use(adapter)
+
+    def _select(self) -> None:
+        """Set this request's adapter on the shared context (an AdapterView's own ``adapter``)."""
+        self.adapters.use(self.adapter)
 
     def add_adapter(self, name: str, export_dir: Path | str) -> None:
         """Load another adapter export's LoRA file on this base (``edgemed serve --adapter NAME=DIR``)."""
@@ -166,12 +159,6 @@ class LlamaCppBackend:
         return ctx
 
     # ------------------------------------------------------------------ text
-    def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
-        return render_question(self, question, image, system)
-
-    def chat_template(self) -> str:
-        return getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
-
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenization: special tokens parsed, BOS added once when the model adds one."""
         ids = self._model.tokenize(text.encode("utf-8"), False, True)
@@ -179,6 +166,9 @@ class LlamaCppBackend:
         if self._model.add_bos_token() and ids[:1] != [bos]:  # not when the template wrote BOS itself
             ids = [bos, *ids]
         return ids
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self._model.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ decoding
     def _decode_tokens(self, tokens: list[int], pos0: int, logits: str) -> list[np.ndarray]:
@@ -302,13 +292,7 @@ class LlamaCppBackend:
             if len(tokens) >= self.n_ctx:
                 raise DataError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
             return self._decode_tokens(tokens, 0, logits), len(tokens)
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
-        where = [i for i, t in enumerate(tokens) if t == self.image_token_id]
-        if len(where) != 1:
-            raise DataError(f"the prompt holds the image placeholder {self.arch.image_placeholder!r} {len(where)} "
-                            "times; it must hold it exactly once (render it with image=True)")
-        k = where[0]
+        k = self._placeholder_index(tokens)
         pre, post = tokens[:k], tokens[k + 1:]
         wrap = self.arch.gguf.image_wrap if self.arch.gguf else ("", "")
         before = self._model.tokenize(wrap[0].encode(), False, True) if wrap[0] else []
@@ -333,41 +317,22 @@ class LlamaCppBackend:
         return ([rest[-1]] if rest else [last]), pos + len(post)
 
     # ------------------------------------------------------------------ numbers
-    def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
+    def _logits(self, tokens: list[int], image: Image.Image | None) -> np.ndarray:
         import numpy as np
 
-        with self._lock:
-            self.adapters.use(self.adapter)
-            rows, _ = self._prefill(list(tokens), image, "all")
+        rows, _ = self._prefill(tokens, image, "all")
         return np.stack(rows).astype(np.float32)
 
-    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+    def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         from llama_cpp import mtmd_cpp
 
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
-        with self._lock:
-            chunks, chunk = self._image_chunk(image)
-            try:
-                return self._encode(chunk)
-            finally:
-                mtmd_cpp.mtmd_input_chunks_free(chunks)
+        chunks, chunk = self._image_chunk(image)
+        try:
+            return self._encode(chunk)
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-                 ) -> Iterator[str]:
-        """The text pieces of ``stream``."""
-        return texts(self.stream(prompt, image, params))
-
-    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-               ) -> Iterator[Chunk]:
-        """Stream the answer piece by piece: greedy at temperature 0, else temperature + top-p with ``seed``."""
-        params = params or GenParams()
-        tokens = self.tokenize(prompt)
-        with self._lock:
-            self.adapters.use(self.adapter)
-            yield from self._stream(tokens, image, params)
-
     def _sampler(self, params: GenParams):
         from llama_cpp import _internals
 
@@ -375,43 +340,31 @@ class LlamaCppBackend:
         if params.temperature <= 0:
             s.add_greedy()
             return s
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         s.add_temp(params.temperature)  # temperature, then top-p, as transformers orders them
         if params.top_p < 1.0:
             s.add_top_p(params.top_p, 1)
-        s.add_dist(seed & 0xFFFFFFFF)
+        s.add_dist(self._seed(params) & 0xFFFFFFFF)
         return s
-
-    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[Chunk]:
-        if params.max_tokens <= 0:
-            yield Chunk("", 0, "length")
-            return
-        yield from stream_text(self._token_ids(tokens, image, params), self._detok,
-                                                         params.stop)
 
     def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams
                    ) -> Generator[int, None, str]:
-        """Sampled ids, each decoded into the context once the next one is asked for; returns the finish reason."""
+        """Sampled ids, each decoded into the context once the next one is asked for.
+
+        The end of an answer is the shared ``eos_ids`` (what transformers stops on), not llama.cpp's
+        ``llama_vocab_is_eog``, so that a GGUF export stops where its PyTorch model does."""
         import llama_cpp
 
         _, n_past = self._prefill(tokens, image, "last")
         sampler = self._sampler(params)
         try:
-            for _ in range(params.max_tokens):
-                if n_past >= self.n_ctx:
-                    return "length"
+            while n_past < self.n_ctx:
                 t = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._model.vocab, t) and not params.ignore_eos:
-                    return "stop"
                 yield t
                 self._decode_tokens([t], n_past, "last")
                 n_past += 1
             return "length"
         finally:
             sampler.close()
-
-    def _detok(self, ids: list[int]) -> str:
-        return self._model.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     def close(self) -> None:
         from llama_cpp import mtmd_cpp

@@ -10,6 +10,7 @@ import ctypes
 from pathlib import Path
 from typing import Any
 
+from edgemed.backends.hf import HFBackend
 from edgemed.errors import ArtifactError
 
 BASE_TREE_KEY = "edgemed.base_model.tree_sha256"  # written by edgemed.export.gguf_adapter
@@ -89,38 +90,25 @@ def add_export(backend: Any, name: str, export_dir: Path) -> None:
 
 
 class AdapterView:
-    """One backend's base answering with one adapter: everything else is the backend's (weights, context, lock)."""
+    """One backend's base answering with one adapter: everything else is the backend's (weights, context, lock).
+
+    The request methods are the backend's own (``HFBackend``'s), run on this view: under the shared lock they set
+    ``self.adapter``, the view's, on the context.
+    """
 
     def __init__(self, backend: Any, adapter: str | None):
         self._backend = backend
         self.adapter = adapter
 
-    def __getattr__(self, name: str) -> Any:  # tokenizer, render, tokenize, image_embeddings, ...
+    def __getattr__(self, name: str) -> Any:  # tokenizer, render, tokenize, image_embeddings, _lock, ...
         return getattr(self._backend, name)
 
-    def logits(self, tokens: list[int], image: Any = None):
-        import numpy as np
+    logits = HFBackend.logits
+    stream = HFBackend.stream
+    generate = HFBackend.generate
 
-        b = self._backend
-        with b._lock:
-            b.adapters.use(self.adapter)
-            rows, _ = b._prefill(list(tokens), image, "all")
-        return np.stack(rows).astype(np.float32)
-
-    def generate(self, prompt: str, image: Any = None, params: Any = None):
-        from edgemed.backends.base import texts
-
-        return texts(self.stream(prompt, image, params))
-
-    def stream(self, prompt: str, image: Any = None, params: Any = None):
-        from edgemed.backends.base import GenParams
-
-        b = self._backend
-        params = params or GenParams()
-        tokens = b.tokenize(prompt)
-        with b._lock:
-            b.adapters.use(self.adapter)
-            yield from b._stream(tokens, image, params)
+    def _select(self) -> None:
+        self._backend.adapters.use(self.adapter)
 
     def close(self) -> None:
         """A view owns nothing: closing it leaves the shared backend open."""

@@ -17,15 +17,15 @@ The CPU execution provider is the default; CUDA is used when onnxruntime-gpu is 
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends.base import Chunk, GenParams, expand_placeholder, render_question, stream_text, texts
+from edgemed.backends import offline
+from edgemed.backends.base import GenParams
+from edgemed.backends.hf import HFBackend, load_processing, sample
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import onnx_session
 
@@ -56,7 +56,7 @@ def providers_for(requested: list[str] | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxBackend:
+class OnnxBackend(HFBackend):
     """An ONNX export answering through the edgemed Backend protocol.
 
     Args:
@@ -66,24 +66,23 @@ class OnnxBackend:
     """
 
     name = "onnx"
-    thread_safe = False  # one call at a time per instance; calls are serialised by a lock
 
     def __init__(self, folder: Path | str, n_threads: int | None = None, providers: list[str] | None = None,
                  **_: Any):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the runtime needs is in the folder
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline()  # everything the runtime needs is in the folder
         import onnxruntime as ort
 
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, kinds=("onnx",))
-        self.arch = get_arch(self.manifest["arch"])
-        if self.arch.prepare is not None:  # registers processor classes the saved folder names
-            self.arch.prepare()
+        folder = Path(folder)
+        self.manifest = read_manifest(folder, kinds=("onnx",))
+        arch = get_arch(self.manifest["arch"])
+        if arch.prepare is not None:  # registers processor classes the saved folder names
+            arch.prepare()
         self.graphs: dict[str, Any] = self.manifest.get("graphs") or {}
         if "decoder" not in self.graphs:
-            raise ArtifactError(f"{self.folder}: the manifest describes no decoder graph; export the model again "
+            raise ArtifactError(f"{folder}: the manifest describes no decoder graph; export the model again "
                                 "with `edgemed export onnx`")
-        self.is_vision = self.arch.is_vision and "vision" in self.graphs
+        is_vision = arch.is_vision and "vision" in self.graphs
+        super().__init__(folder, arch, is_vision, *load_processing(folder, arch, is_vision))
         opts = ort.SessionOptions()
         if n_threads:
             opts.intra_op_num_threads = int(n_threads)
@@ -100,12 +99,6 @@ class OnnxBackend:
         self._dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
         self._dec_outputs = [o.name for o in self.sessions["decoder"].get_outputs()]
         self._past_names = [n for n in self._dec_inputs if n.startswith("past_key_values.")]
-        self.processor, self.tokenizer = self._load_processing()
-        self.image_token_id = None
-        if self.is_vision and self.arch.image_placeholder:
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
-        self._prefix = self.tokenizer("", add_special_tokens=True).input_ids  # what the tokenizer adds (BOS)
-        self.eos_ids = self._eos_ids()
         self.max_length = int(self._dec.get("max_length") or self._max_positions())
         self._grid_config: dict[str, Any] | None = None
         if self._dec.get("position_ids") == "grid" or (self.graphs.get("vision") or {}).get("grid_inputs"):
@@ -116,29 +109,6 @@ class OnnxBackend:
 
             self._grid_config = AutoConfig.from_pretrained(self.folder, local_files_only=True).to_dict()
         self._position_offset = 0  # grid decoders: what a generated token adds to its index (the prompt's delta)
-        self._lock = threading.Lock()
-
-    def _load_processing(self) -> tuple[Any, Any]:
-        from transformers import AutoProcessor, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        if self.is_vision:
-            proc = AutoProcessor.from_pretrained(self.folder, local_files_only=True)
-            return proc, proc.tokenizer
-        return tok, tok
-
-    def _eos_ids(self) -> list[int]:
-        """End of text and end of turn: the generation config's eos ids and the tokenizer's eos."""
-        import json
-
-        ids: list[int] = []
-        gc = self.folder / "generation_config.json"
-        gen_eos = json.loads(gc.read_text()).get("eos_token_id") if gc.is_file() else None
-        for v in (gen_eos, self.tokenizer.eos_token_id):
-            for i in v if isinstance(v, list | tuple) else [v]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        return ids
 
     def _max_positions(self) -> int:
         import json
@@ -148,33 +118,13 @@ class OnnxBackend:
         c = c.get("text_config", c)
         return int(c.get("max_position_embeddings") or 4096)
 
-    # ------------------------------------------------------------------ text
-    def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
-        return render_question(self, question, image, system)
-
-    def chat_template(self) -> str:
-        return getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
-
-    def tokenize(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self._prefix and ids[: len(self._prefix)] != self._prefix:  # BOS once, as the model adds it
-            ids = self._prefix + ids
-        return ids
-
     # ------------------------------------------------------------------ model inputs
     def _expand(self, tokens: list[int], image: Image.Image | None) -> tuple[list[int], dict[str, Any], list[int]]:
-        """(ids with the image placeholder expanded, image inputs, the row of each of ``tokens``).
-
-        The processor saved with the model does the family's expansion (so this code knows no family): the
-        tokens are decoded to text, run through the processor with the image, and the expansion is found between
-        the unchanged text before and after the placeholder.
-        """
+        """(ids with the image placeholder expanded by the saved processor, image inputs, the row of each of
+        ``tokens``)."""
         if image is None:
             return list(tokens), {}, list(range(len(tokens)))
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
-        enc, full, rows = expand_placeholder(self.tokenizer, self.processor, list(tokens), image, self.image_token_id,
-                                             self.arch.image_placeholder, "np")
+        enc, full, rows = self._expand_placeholder(list(tokens), image, "np")
         return full, {key: v for key, v in enc.items() if key not in _TEXT_KEYS}, rows
 
     def _image_features(self, image_inputs: dict[str, Any]) -> np.ndarray:
@@ -284,86 +234,30 @@ class OnnxBackend:
         return logits, past, rows, len(ids), cross
 
     # ------------------------------------------------------------------ numbers
-    def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
-        with self._lock:
-            logits, _, rows, _, _ = self._prefill(list(tokens), image)
+    def _logits(self, tokens: list[int], image: Image.Image | None) -> np.ndarray:
+        logits, _, rows, _, _ = self._prefill(tokens, image)
         return logits[rows]
 
-    def image_embeddings(self, image: Image.Image) -> np.ndarray:
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
+    def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         _, image_inputs, _ = self._expand(self.tokenize(self.render("", image=True)), image)
-        with self._lock:
-            feats = self._image_features(image_inputs)
+        feats = self._image_features(image_inputs)
         return feats.reshape(-1, feats.shape[-1]).astype("float32")
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-                 ) -> Iterator[str]:
-        """The text pieces of ``stream``."""
-        return texts(self.stream(prompt, image, params))
-
-    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-               ) -> Iterator[Chunk]:
-        """Stream the answer, piece by piece; closing the iterator stops the model within one token."""
-        params = params or GenParams()
-        tokens = self.tokenize(prompt)
-        with self._lock:
-            yield from self._stream(tokens, image, params)
-
-    def _stream(self, tokens: list[int], image: Image.Image | None, params: GenParams) -> Iterator[Chunk]:
-        if params.max_tokens <= 0:
-            yield Chunk("", 0, "length")
-            return
-        yield from stream_text(self._token_ids(tokens, image, params), self._decode,
-                                                         params.stop)
-
     def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams
                    ) -> Generator[int, None, str]:
-        """Greedy or seeded-sampled ids, each run through the decoder once the next one is asked for; returns the
-        finish reason."""
-        import numpy as np
-
-        rng = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-            rng = np.random.default_rng(seed)
+        """Greedy or seeded-sampled ids, each run through the decoder once the next one is asked for."""
+        rng = self._rng(params)
         logits, past, _, pos, cross = self._prefill(tokens, image)
         last = logits[-1]
-        for _ in range(params.max_tokens):
-            t = _pick(last, params.temperature, params.top_p, rng)
-            if t in self.eos_ids and not params.ignore_eos:
-                return "stop"
+        while True:
+            t = sample(last, params.temperature, params.top_p, rng)
             yield t
             if pos + 1 > self.max_length:
                 return "length"
             step, past = self._forward([t], None, past, pos, cross)
             last, pos = step[-1], pos + 1
-        return "length"
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def close(self) -> None:
         with self._lock:
             self.sessions = {}
-
-
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: Any) -> int:
-    """Greedy (temperature 0) or temperature / top-p sampling from a seeded generator."""
-    import numpy as np
-
-    if temperature <= 0 or rng is None:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        sp = p[order]
-        drop = (np.cumsum(sp) - sp) >= top_p  # keeps at least the most likely token
-        sp[drop] = 0.0
-        p = np.zeros_like(p)
-        p[order] = sp
-        p /= p.sum()
-    return int(rng.choice(len(p), p=p))

@@ -2,96 +2,51 @@
 
 Every other runtime is compared against this one, so it does the least possible by hand: transformers' processor
 expands the image placeholder and its ``generate`` drives the decoder (KV cache, the family's position and
-attention rules). Sampling is done in a logits processor with a private ``torch.Generator``, so the same seed gives
-the same answer in any thread and whatever else ran before.
+attention rules). Sampling is done in a logits processor with the request's own seeded generator (the draw the
+ONNX runtime makes too), so the same seed gives the same answer in any thread and whatever else ran before.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgemed.archs import ArchSpec, arch_for_dir
-from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import Chunk, GenParams, expand_placeholder, render_question, stream_text, texts
-from edgemed.errors import ArtifactError, DataError
-from edgemed.files import reading
+from edgemed.artifacts import MANIFEST
+from edgemed.backends import offline
+from edgemed.backends.base import GenParams
+from edgemed.backends.hf import HFBackend, sample
+from edgemed.errors import ArtifactError
+from edgemed.modeling import DTYPES, load_any
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-DTYPES = ("float32", "bfloat16", "float16")
 # keys of a processor's output that are not image inputs of the model
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ArtifactError(f"unknown dtype {name!r} for the PyTorch backend; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
-def _load(folder: Path, dtype: str, device: str) -> tuple[Any, Any, Any, ArchSpec]:
-    """(model, processor or tokenizer, tokenizer, arch) of a model folder or a run folder, from local files only."""
-    kind = read_manifest(folder).get("kind") if (folder / MANIFEST).is_file() else None
-    try:  # the shared loader (run folders: base + adapter + trained tensors), when it is present
-        from edgemed.modeling import load_any
-    except ImportError:
-        load_any = None
-    if load_any is not None:
-        loaded = load_any(folder, dtype=dtype, device=device)
-        return loaded.model, loaded.processor, loaded.tokenizer, loaded.arch
-    if kind == "run":
-        raise ArtifactError(f"{folder}: is a run folder, and this installation cannot load adapters "
-                            "(edgemed.modeling is missing); merge it with `edgemed merge RUN_DIR --out MODEL_DIR` "
-                            "and give the model folder")
-    import transformers
-    from transformers import AutoProcessor, AutoTokenizer
-
-    arch = arch_for_dir(folder)
-    cls = getattr(transformers, arch.model_class)
-    with reading(folder, "a transformers model folder"):
-        model = cls.from_pretrained(folder, dtype=_torch_dtype(dtype), local_files_only=True).to(device)
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if arch.is_vision:
-            proc = AutoProcessor.from_pretrained(folder, local_files_only=True)
-            return model, proc, proc.tokenizer, arch
-    return model, tok, tok, arch
 
 
 class _Sampler:
     """Temperature and top-p sampling as a logits processor: keeps only the drawn token, so greedy search takes it.
 
     transformers' own sampling draws from torch's global generator, which concurrent or earlier work disturbs;
-    a private generator makes an answer a function of its seed alone.
+    the request's own generator makes an answer a function of its seed alone (the draw is ``hf.sample``'s, as
+    onnxruntime's is).
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int, device: Any):
-        import torch
-
-        self.temperature, self.top_p = temperature, top_p
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed)
+    def __init__(self, params: GenParams, rng: Any):
+        self.temperature, self.top_p, self.rng = params.temperature, params.top_p, rng
 
     def __call__(self, input_ids, scores):
         import torch
 
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True, dim=-1)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p  # keeps at least the most likely token
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        pick = torch.multinomial(probs, 1, generator=self.gen)
+        pick = sample(scores[0].float().cpu().numpy(), self.temperature, self.top_p, self.rng)
         out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, pick, 0.0)
+        out[:, pick] = 0.0
+        return out
 
 
 class _Cancel:
@@ -122,7 +77,7 @@ class _QueueStreamer:
         self.q.put(("end", None))
 
 
-class TorchBackend:
+class TorchBackend(HFBackend):
     """A transformers model answering through the edgemed Backend protocol (the reference for every export).
 
     Args:
@@ -134,72 +89,36 @@ class TorchBackend:
     """
 
     name = "pytorch"
-    thread_safe = False  # one generation at a time per instance; calls are serialised by a lock
 
     def __init__(self, folder: Path | str, dtype: str = "float32", n_threads: int | None = None,
                  device: str | None = None, **_: Any):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is in the folder
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline()  # never reach for a hub: everything is in the folder
         import torch
 
-        self.folder = Path(folder)
-        if not (self.folder / "config.json").is_file() and not (self.folder / MANIFEST).is_file():
-            raise ArtifactError(f"{self.folder}: neither a model folder (config.json) nor an edgemed folder "
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() and not (folder / MANIFEST).is_file():
+            raise ArtifactError(f"{folder}: neither a model folder (config.json) nor an edgemed folder "
                                 "(manifest.json); give a model, run or export folder")
+        if dtype not in DTYPES:
+            raise ArtifactError(f"unknown dtype {dtype!r} for the PyTorch backend; choose one of {', '.join(DTYPES)}")
         if n_threads:
             torch.set_num_threads(int(n_threads))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _torch_dtype(dtype)
-        self.model, self.processor, self.tokenizer, self.arch = _load(self.folder, dtype, self.device)
-        self.model.eval()
-        self.is_vision = self.arch.is_vision
-        self._lock = threading.Lock()
-        self.image_token_id = None
-        if self.is_vision and self.arch.image_placeholder:
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.arch.image_placeholder)
-        self._prefix = self.tokenizer("", add_special_tokens=True).input_ids  # what the tokenizer adds (BOS)
-        self.eos_ids = self._eos_ids()
-
-    # ------------------------------------------------------------------ text
-    def render(self, question: str, *, image: bool = False, system: str | None = None) -> str:
-        return render_question(self, question, image, system)
-
-    def chat_template(self) -> str:
-        return self.processor.chat_template or self.tokenizer.chat_template
-
-    def tokenize(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self._prefix and ids[: len(self._prefix)] != self._prefix:  # BOS once, as the model adds it
-            ids = self._prefix + ids
-        return ids
-
-    def _eos_ids(self) -> list[int]:
-        """End of text and end of turn: the generation config's eos ids and the tokenizer's eos."""
-        ids: list[int] = []
-        gc = getattr(self.model, "generation_config", None)
-        for v in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
-            for i in v if isinstance(v, list | tuple) else [v]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        return ids
+        loaded = load_any(folder, dtype=dtype, device=self.device)  # a run folder: base + adapter + trained tensors
+        self.model = loaded.model.eval()
+        super().__init__(folder, loaded.arch, loaded.arch.is_vision, loaded.processor, loaded.tokenizer,
+                         hf_dir=loaded.base_dir)
 
     # ------------------------------------------------------------------ model inputs
     def _inputs(self, tokens: list[int], image: Image.Image | None) -> tuple[dict[str, Any], list[int]]:
-        """Model inputs for ``tokens`` (and the image), and for each token the row of the model's output it maps to.
-
-        With an image the processor does the family's expansion of the placeholder (so this code knows no
-        family): the tokens are decoded to text, run through the processor with the image, and the expansion is
-        found between the unchanged text before and after the placeholder.
-        """
+        """Model inputs for ``tokens`` (and the image), and for each token the row of the model's output it maps to;
+        with an image the processor does the family's expansion of the placeholder."""
         import torch
 
         if image is None:
             ids = torch.tensor([tokens], device=self.device)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, list(range(len(tokens)))
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}) and takes no image")
-        enc, _, rows = expand_placeholder(self.tokenizer, self.processor, list(tokens), image, self.image_token_id,
-                                          self.arch.image_placeholder, "pt")
+        enc, _, rows = self._expand_placeholder(list(tokens), image, "pt")
         inputs = {key: (v.to(self.device) if hasattr(v, "to") else v) for key, v in enc.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -211,23 +130,21 @@ class TorchBackend:
         return {k: v for k, v in inputs.items() if k not in _TEXT_KEYS}
 
     # ------------------------------------------------------------------ numbers
-    def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
+    def _logits(self, tokens: list[int], image: Image.Image | None) -> np.ndarray:
         import torch
 
-        inputs, rows = self._inputs(list(tokens), image)
-        with self._lock, torch.inference_mode():
+        inputs, rows = self._inputs(tokens, image)
+        with torch.inference_mode():
             out = self.model(**inputs, use_cache=False)
         return out.logits[0, rows].float().cpu().numpy()
 
-    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+    def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         import torch
 
-        if not self.is_vision:
-            raise DataError(f"{self.folder}: is a text model ({self.arch.name}); it has no image embeddings")
         inputs = self._image_inputs(image)
         fn = getattr(self.model, "get_image_features", None) or getattr(getattr(self.model, "model", None),
                                                                         "get_image_features", None)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             if fn is not None:
                 feats = fn(**_accepted(fn, inputs))
             else:  # cross-attention families (mllama): the projected vision states the decoder attends to
@@ -242,32 +159,17 @@ class TorchBackend:
         return feats.reshape(-1, feats.shape[-1]).float().cpu().numpy()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-                 ) -> Iterator[str]:
-        """The text pieces of ``stream``."""
-        return texts(self.stream(prompt, image, params))
-
-    def stream(self, prompt: str, image: Image.Image | None = None, params: GenParams | None = None
-               ) -> Iterator[Chunk]:
-        """Stream the answer, piece by piece; closing the iterator stops the model within one token."""
-        params = params or GenParams()
-        inputs, _ = self._inputs(self.tokenize(prompt), image)
-        with self._lock:
-            yield from self._stream(inputs, params)
-
-    def _stream(self, inputs: dict[str, Any], params: GenParams) -> Iterator[Chunk]:
+    def _token_ids(self, tokens: list[int], image: Image.Image | None, params: GenParams
+                   ) -> Generator[int, None, str]:
+        """transformers' ``generate`` in a thread, its ids handed over through a queue; closing this ends it."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        if params.max_tokens <= 0:
-            yield Chunk("", 0, "length")
-            return
+        inputs, _ = self._inputs(tokens, image)
         cancel = threading.Event()
         q: queue.Queue = queue.Queue()
-        processors = LogitsProcessorList()
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-            processors.append(_Sampler(params.temperature, params.top_p, seed, self.model.device))
+        rng = self._rng(params)
+        processors = LogitsProcessorList([_Sampler(params, rng)] if rng is not None else [])
         # a clean config: the folder's sampling defaults (top_k, repetition penalty) must not change the answer
         config = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, num_beams=1,
                                   eos_token_id=self.eos_ids or None,
@@ -288,27 +190,17 @@ class TorchBackend:
 
         thread = threading.Thread(target=work, name="edgemed-generate", daemon=True)
         thread.start()
-
-        def token_ids() -> Generator[int, None, str]:
+        try:
             while True:
                 kind, value = q.get()
                 if kind == "error":
                     raise value
                 if kind == "end":
                     return "length"
-                for t in value:
-                    if t in self.eos_ids and not params.ignore_eos:  # end of text or end of turn
-                        return "stop"
-                    yield t
-
-        try:
-            yield from stream_text(token_ids(), self._decode, params.stop)
+                yield from value
         finally:
             cancel.set()
             thread.join()
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def close(self) -> None:
         with self._lock:
