@@ -174,6 +174,8 @@ def check_adapter_matches(run_dir: Path, manifest: dict[str, Any], base_dir: Pat
 def load_any(path: Path, *, dtype: str = "float32", device: str | None = None) -> Loaded:
     """A model folder or a run folder, for inference."""
     path = Path(path)
-    if (path / MANIFEST).is_file() and read_manifest(path).get("kind") == "run":
+    from edgemed.manifest import kind_of
+
+    if kind_of(path) == "run":
         return load_run(path, dtype=dtype, device=device)
     return load_base(path, dtype=dtype, device=device)

@@ -253,7 +253,9 @@ def _child_mmproj(export: Path, mp) -> None:
     import numpy as np
     from llama_cpp import _internals, mtmd_cpp
 
-    manifest = json.loads((export / "manifest.json").read_text())
+    from edgemed.manifest import read_raw
+
+    manifest = read_raw(export)
     model = _internals.LlamaModel(path_model=str(export / manifest["models"]["f16"]), params=mp, verbose=False)
     p = mtmd_cpp.mtmd_context_params_default()
     p.use_gpu, p.n_threads, p.print_timings, p.warmup = False, 2, False, False

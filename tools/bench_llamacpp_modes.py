@@ -46,9 +46,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    from edgemed.artifacts import read_manifest
     from edgemed.doctor import machine_summary
 
-    manifest = json.loads((a.folder / "manifest.json").read_text())
+    manifest = read_manifest(a.folder)
     quants = a.quants.split(",") if a.quants else manifest["quants"]
     modes = a.modes.split(",")
     best: dict[tuple[str, str], dict] = {}

@@ -7,12 +7,11 @@ PyTorch for a plain transformers folder), so every command needs only a path.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from edgemed.artifacts import MANIFEST, read_manifest
-from edgemed.backends.base import Backend, Chunk, GenParams
+from edgemed.backends.base import Backend, Chunk, GenParams, offline
 from edgemed.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -23,13 +22,6 @@ RUNTIMES = {"run": "pytorch", "model": "pytorch", "gguf": "llamacpp", "onnx": "o
 def runtime_of(manifest: dict[str, Any] | None) -> str:
     """The runtime that opens a folder with this manifest (a plain transformers folder has none: PyTorch)."""
     return RUNTIMES.get((manifest or {}).get("kind", ""), "pytorch")
-
-
-def offline() -> None:
-    """Make every library that could reach a hub refuse to, before any model is loaded."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[var] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def open_model(path: Path | str, *, verify: bool = False, chat_template: str | None = None, **kw: Any) -> Backend:

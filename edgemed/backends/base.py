@@ -7,6 +7,7 @@ What the runtimes share in code (prompting, end-of-generation ids, the lock, gen
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from edgemed.archs import ArchSpec
+
+
+def offline() -> None:
+    """Make every library that could reach a hub refuse to, before any model is loaded."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 @dataclass

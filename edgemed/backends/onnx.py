@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.archs import get_arch
 from edgemed.artifacts import read_manifest
-from edgemed.backends import offline
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, offline
 from edgemed.backends.hf import HFBackend, load_processing, sample
 from edgemed.errors import ArtifactError, DataError
 from edgemed.files import onnx_session

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.artifacts import MANIFEST
-from edgemed.backends import offline
-from edgemed.backends.base import GenParams
+from edgemed.backends.base import GenParams, offline
 from edgemed.backends.hf import HFBackend, sample
 from edgemed.errors import ArtifactError
 from edgemed.modeling import DTYPES, load_any
