@@ -95,7 +95,7 @@ def evaluate(backend_or_path: Any, records: list, *, max_tokens: int | None = No
     backend = open_model(Path(backend_or_path), **open_kw) if own else backend_or_path
     t0 = time.time()
     answers: list[str] = []
-    render = getattr(getattr(backend, "arch", None), "dicom_render", "voi")  # CT DICOM as the family expects
+    render = backend.arch.dicom_render  # CT DICOM as the family was trained
     try:
         for n, r in enumerate(records):
             image = load_image(r.image, render=render) if (r.image is not None and backend.is_vision) else None

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_vqa
 
+from edgemed.archs import REGISTRY
 from edgemed.artifacts import write_manifest
 from edgemed.cli import main
 from edgemed.data import VQARecord, read_vqa_jsonl
@@ -45,6 +46,7 @@ class Scripted:
     """A backend that answers from a script: the protocol's render/generate, no model."""
 
     name, is_vision = "scripted", True
+    arch = REGISTRY["llava"]  # an image family (its DICOM rendering is read)
 
     def __init__(self, answers: dict[str, str]):
         self.answers, self.prompts = answers, []

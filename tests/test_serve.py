@@ -886,3 +886,49 @@ def test_an_adapter_for_another_base_is_refused_before_listening(adapter_exports
     r = CliRunner().invoke(main, ["serve", str(base), "--adapter", f"a={adapter_exports['a']}", "--adapter",
                                   f"a={adapter_exports['b']}"])
     assert r.exit_code == 2 and "given twice" in r.output, r.output
+
+
+class Seen:
+    """A backend that records the images it is handed (the rest is the inner backend's)."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def stream(self, prompt, image=None, params=None):
+        self.images.append(image)
+        return self.inner.stream(prompt, image, params)
+
+    def generate(self, prompt, image=None, params=None):
+        return texts(self.stream(prompt, image, params))
+
+
+def test_a_ct_dicom_is_rendered_as_the_served_family_was_trained(tiny_model, tmp_path, monkeypatch):
+    """MedGemma's family trains on CT as three Hounsfield windows: serve and ask render a CT upload the same way,
+    not with the file's own window, which another family uses."""
+    from pydicom import examples
+
+    import edgemed.serve.app as app_mod
+    from edgemed.data import load_image
+    from edgemed.serve import ask
+
+    path = tmp_path / "ct.dcm"
+    examples.ct.save_as(path, enforce_file_format=True)
+    windows, own = load_image(path, render="ct-windows"), load_image(path)
+    assert np.asarray(windows).tobytes() != np.asarray(own).tobytes()  # the two renderings differ on this slice
+    backend = Seen(TorchBackend(tiny_model("gemma3")))
+    assert backend.arch.dicom_render == "ct-windows"
+    try:
+        with serving(backend) as server:
+            r = post(server, chat_body(image_message(data_url(path.read_bytes(), "application/dicom")), max_tokens=2))
+            assert r.status_code == 200, r.text
+        monkeypatch.setattr(app_mod, "open_model", lambda *a, **k: backend)
+        monkeypatch.setattr(backend.inner, "close", lambda: None)
+        "".join(ask(tiny_model("gemma3"), QUESTION, image=path, max_tokens=2))
+        assert len(backend.images) == 2
+        for seen in backend.images:
+            assert np.asarray(seen).tobytes() == np.asarray(windows).tobytes()
+    finally:
+        backend.inner.close()

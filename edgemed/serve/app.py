@@ -249,12 +249,13 @@ def ask(export_dir: Path | str, question: str, image: Path | str | None = None, 
     from edgemed.data import load_image
 
     params = gen_params(max_tokens, temperature, 1.0, seed)  # the same limits as a request to the server
-    pil = None
-    if image is not None:
-        pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels)
     kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
     backend = open_model(export_dir, verify=False, chat_template=chat_template, **kw)
     try:
+        pil = None
+        if image is not None:  # DICOM rendered as the family was trained (MedGemma: three CT windows)
+            pil = load_image(image, max_pixels=ServeConfig(export_dir=Path(export_dir)).max_image_pixels,
+                             render=backend.arch.dicom_render)
         if pil is not None and not backend.is_vision:
             raise DataError(f"{export_dir} is a text model and takes no image; ask without --image")
         prompt = backend.render(question, image=pil is not None, system=system)

@@ -25,17 +25,19 @@ SUFFIX_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".dicom": "application/dicom"}
 
 
-def decode_image(data: bytes, mime: str, max_pixels: int) -> Image.Image:
-    """PNG, JPEG or DICOM bytes as an RGB image, windowed as in training; pixel count checked before decoding."""
+def decode_image(data: bytes, mime: str, max_pixels: int, render: str = "voi") -> Image.Image:
+    """PNG, JPEG or DICOM bytes as an RGB image, windowed as in training (``render``: the served family's CT
+    rendering, ``ArchSpec.dicom_render``); pixel count checked before decoding."""
     from edgemed.data import load_image_bytes
 
-    return load_image_bytes(data, mime, max_pixels=max_pixels, name="the image_url image")
+    return load_image_bytes(data, mime, max_pixels=max_pixels, name="the image_url image", render=render)
 
 
-def image_from_url(url: str, config: ServeConfig) -> Image.Image:
-    """An image from a ``data:`` URL, or a local path (``file://`` or plain) under one of the allowed folders."""
+def image_from_url(url: str, config: ServeConfig, render: str = "voi") -> Image.Image:
+    """An image from a ``data:`` URL, or a local path (``file://`` or plain) under one of the allowed folders;
+    DICOM rendered with ``render`` (the served family's, as in its training)."""
     if url.startswith("data:"):
-        return _from_data_url(url, config)
+        return _from_data_url(url, config, render)
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https", "ftp"):
         raise ApiError(400, "remote image URLs are not fetched (this server is offline); send the image as a "
@@ -43,10 +45,10 @@ def image_from_url(url: str, config: ServeConfig) -> Image.Image:
     if parsed.scheme not in ("file", ""):
         raise ApiError(400, f"image URL scheme {parsed.scheme!r} is not accepted; use data: URLs",
                        "invalid_image_url")
-    return _from_path(Path(unquote(parsed.path) if parsed.scheme == "file" else url), config)
+    return _from_path(Path(unquote(parsed.path) if parsed.scheme == "file" else url), config, render)
 
 
-def _from_data_url(url: str, config: ServeConfig) -> Image.Image:
+def _from_data_url(url: str, config: ServeConfig, render: str) -> Image.Image:
     head, sep, payload = url[5:].partition(",")
     if not sep or not head.endswith(";base64"):
         raise ApiError(400, "image_url data URLs must be base64: data:image/png;base64,...", "invalid_image_url")
@@ -58,10 +60,10 @@ def _from_data_url(url: str, config: ServeConfig) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, f"the image's base64 payload is invalid ({e})", "invalid_base64") from e
-    return _image_or_4xx(data, mime, config)
+    return _image_or_4xx(data, mime, config, render)
 
 
-def _from_path(path: Path, config: ServeConfig) -> Image.Image:
+def _from_path(path: Path, config: ServeConfig, render: str) -> Image.Image:
     if not config.allow_dirs:
         raise ApiError(403, "local image paths are not allowed on this server (start it with --allow-dir FOLDER); "
                        "send the image as a base64 data: URL", "path_not_allowed")
@@ -76,12 +78,12 @@ def _from_path(path: Path, config: ServeConfig) -> Image.Image:
         raise ApiError(404, f"image file {path} does not exist", "image_not_found")
     if real.stat().st_size > config.max_body_bytes:
         raise ApiError(413, f"image file {path} is larger than {config.max_body_bytes} bytes", "image_too_large")
-    return _image_or_4xx(real.read_bytes(), SUFFIX_MIME.get(real.suffix.lower(), "image/png"), config)
+    return _image_or_4xx(real.read_bytes(), SUFFIX_MIME.get(real.suffix.lower(), "image/png"), config, render)
 
 
-def _image_or_4xx(data: bytes, mime: str, config: ServeConfig) -> Image.Image:
+def _image_or_4xx(data: bytes, mime: str, config: ServeConfig, render: str) -> Image.Image:
     try:
-        return decode_image(data, mime, config.max_image_pixels)
+        return decode_image(data, mime, config.max_image_pixels, render)
     except DataError as e:
         code = "image_too_large" if "pixels" in str(e) and "limit" in str(e) else "invalid_image"
         raise ApiError(413 if code == "image_too_large" else 400, str(e), code) from None

@@ -99,7 +99,7 @@ def build_prompt(req: ChatRequest, backend: Backend, config: ServeConfig) -> Pro
         raise ApiError(400, "this model is a text model and takes no image; send text only", "image_not_supported")
     params = _params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p, req.seed, req.stop,
                      config)
-    image = image_from_url(images[0], config) if images else None
+    image = image_from_url(images[0], config, backend.arch.dicom_render) if images else None
     system = "\n".join(p for p in system_parts if p) or None
     try:
         if len(turns) == 1:
