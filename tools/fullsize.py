@@ -730,6 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     except EdgemedError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, a folder that cannot be written
+        print(f"error: writing {args.out or default_out(args.name, args.layers)}: {e}; free disk space or give "
+              "--out on another disk", file=sys.stderr)
+        return 2
     print(f"{w.folder}\n{w.bytes:,} bytes in {w.shards} shard(s), {w.parameters:,} parameters, {w.seconds:.0f} s")
     return 0
 
