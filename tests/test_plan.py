@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,28 +15,19 @@ from edgemed.plan import plan
 from edgemed.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-# the public configs of the two shapes the GPU benchmark ran (random weights of google/medgemma-4b-it and
-# meta-llama/Llama-3.2-11B-Vision-Instruct), as config.json holds them
-CONFIGS = {
-    "MedGemma-4B": {
-        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
-        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
-        "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
-                        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-                        "vocab_size": 262208, "sliding_window": 1024, "query_pre_attn_scalar": 256},
-        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-                          "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
-                          "vision_use_head": False}},
-    "Llama-3.2-11B-Vision": {
-        "architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama", "image_token_index": 128256,
-        "text_config": {"model_type": "mllama_text_model", "hidden_size": 4096, "intermediate_size": 14336,
-                        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
-                        "vocab_size": 128256, "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]},
-        "vision_config": {"model_type": "mllama_vision_model", "hidden_size": 1280, "intermediate_size": 5120,
-                          "num_hidden_layers": 32, "num_global_layers": 8, "attention_heads": 16, "image_size": 560,
-                          "patch_size": 14, "max_num_tiles": 4, "vision_output_dim": 7680,
-                          "intermediate_layers_indices": [3, 7, 15, 23, 30]}},
-}
+# the benchmark's shapes are the hub checkpoints tools/fullsize.py writes (its config.json tables)
+SEED_OF = {"MedGemma-4B": "medgemma-4b-it", "Llama-3.2-11B-Vision": "llama-3.2-11b-vision-instruct"}
+
+
+def _fullsize():
+    """tools/fullsize.py as a module (once per session: tests/test_fullsize.py loads it under the same name)."""
+    if "fullsize_tool" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fullsize_tool", ROOT / "tools" / "fullsize.py")
+        sys.modules["fullsize_tool"] = mod = importlib.util.module_from_spec(spec)  # dataclasses find it by name
+        spec.loader.exec_module(mod)
+    return sys.modules["fullsize_tool"]
+
+
 RECIPES = {"MedGemma-4B": "medgemma_decoder_lora.yaml", "Llama-3.2-11B-Vision": "llama32_med.yaml"}
 
 
@@ -51,16 +44,17 @@ def measured() -> list[tuple[str, int, int, float, float]]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for name, cfg in CONFIGS.items():
+    seeds = _fullsize().SEEDS
+    for name, seed in SEED_OF.items():
         d = tmp_path_factory.mktemp(name)
-        (d / "config.json").write_text(json.dumps(cfg))
+        (d / "config.json").write_text(json.dumps(seeds[seed].config))
         out[name] = d
     return out
 
 
 def test_the_benchmark_table_is_read():
     rows = measured()
-    assert {r[0] for r in rows} == set(CONFIGS) and len(rows) == 4, rows
+    assert {r[0] for r in rows} == set(SEED_OF) and len(rows) == 4, rows
 
 
 @pytest.mark.parametrize("row", measured(), ids=lambda r: f"{r[0]}-{r[1]}x{r[2]}")
