@@ -88,6 +88,27 @@ def finalize(folder: Path | str, reports: dict[str, Path] | None = None, summary
     return save_manifest(folder, manifest)
 
 
+PARITY_REPORT = "parity.json"  # the name finalize gives the parity report it copies in
+
+
+def parity_drift(folder: Path | str) -> str | None:
+    """A sentence when the bundle's parity report holds for another build of its runtime than this machine's."""
+    from edgemed.machine import runtime_drift
+
+    folder = Path(folder)
+    path = folder / PARITY_REPORT
+    try:
+        kind = read_raw(folder).get("kind")
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (ArtifactError, OSError, ValueError):
+        return None  # verify() names a damaged bundle; this note is only about the runtime build
+    runtime = {"gguf": "llama_cpp", "onnx": "onnxruntime"}.get(kind or "")
+    if not isinstance(report, dict) or runtime is None:
+        return None
+    drift = runtime_drift(report, runtime)
+    return f"{folder}: {drift}" if drift else None
+
+
 def verify(folder: Path | str) -> list[str]:
     """Every problem with a bundle, one line each naming the file; an empty list means it checks out."""
     folder = Path(folder)

@@ -221,12 +221,12 @@ def _parity_row(result: Any, quant: str) -> dict[str, Any]:
 
 
 def _finalize(folder: Path, parity_json: Path, rows: list[Row], backend: str) -> None:
-    from edgemed.bundle import finalize
+    from edgemed.bundle import PARITY_REPORT, finalize
 
     ev = {r.name: r.accuracy for r in rows if r.backend in (backend, "pytorch")}
     (folder.parent / f"eval-{folder.name}.json").write_text(json.dumps(ev, indent=2))
     mine = [r for r in rows if r.path == folder]
-    finalize(folder, {"parity.json": parity_json, "eval.json": folder.parent / f"eval-{folder.name}.json"},
+    finalize(folder, {PARITY_REPORT: parity_json, "eval.json": folder.parent / f"eval-{folder.name}.json"},
              summary={r.name: f"accuracy {_pct(r.accuracy.get('overall'))}, parity "
                       f"{'pass' if r.parity.get('passed') else 'FAIL'}{_retention_note(r, rows)}" for r in mine})
 

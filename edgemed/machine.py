@@ -177,6 +177,28 @@ def summary_line(facts: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def runtime_versions() -> dict[str, str | None]:
+    """The runtimes a parity verdict holds for: a GGUF's figures are llama.cpp's at this build, an ONNX's
+    onnxruntime's at this version (recorded in parity reports, compared by ``edgemed verify`` and ``serve``)."""
+    try:
+        build: str | None = llamacpp_build()
+    except Exception:  # noqa: BLE001 - llama.cpp missing or unreadable: the report says so
+        build = None
+    return {"llama_cpp": build, "onnxruntime": _version("onnxruntime"), "torch": _version("torch")}
+
+
+def runtime_drift(report: dict[str, Any], runtime: str) -> str | None:
+    """One sentence when ``report`` (a parity report) was measured with another build of ``runtime``
+    ("llama_cpp" or "onnxruntime") than this machine has, else None."""
+    then = (report.get("runtimes") or {}).get(runtime)
+    now = runtime_versions().get(runtime)
+    if then is None or now is None or then == now:
+        return None
+    name = {"llama_cpp": "llama.cpp", "onnxruntime": "onnxruntime"}[runtime]
+    return (f"its parity report was measured with {name} {then}, this machine runs {name} {now}: kernels differ "
+            "between builds, so run `edgemed parity` again before relying on the figures")
+
+
 def machine_summary() -> str:
     """The doctor's one-line summary from cached probes and package metadata (cheap; runs no probe)."""
     cpu = cpu_info()

@@ -70,3 +70,32 @@ def test_edited_file_hash_in_manifest_is_caught(bundle):
 
 def test_folder_without_manifest(tmp_path):
     assert "missing" in verify(tmp_path)[0]
+
+
+def test_parity_measured_on_another_llama_cpp_build_is_noted(tmp_path, monkeypatch):
+    """A parity report holds for the runtime build it was measured with: verify (still OK) and serve say so when
+    this machine runs another build, and say nothing when it is the same."""
+    import warnings
+
+    import edgemed.machine as machine
+    from edgemed.bundle import PARITY_REPORT, parity_drift
+    from edgemed.serve.models import _warn_drift
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "model-q4_k_m.gguf").write_bytes(b"GGUF" + bytes(60))
+    report = tmp_path / "parity.json"
+    report.write_text(json.dumps({"passed": True, "runtimes": {"llama_cpp": "0.3.36+aaaaaaaaaaaa"}}))
+    write_manifest(folder, "gguf", models={"q4_k_m": "model-q4_k_m.gguf"})
+    finalize(folder, {PARITY_REPORT: report})
+    monkeypatch.setattr(machine, "runtime_versions", lambda: {"llama_cpp": "0.3.36+aaaaaaaaaaaa", "onnxruntime": "1"})
+    assert parity_drift(folder) is None
+    monkeypatch.setattr(machine, "runtime_versions", lambda: {"llama_cpp": "0.3.40+bbbbbbbbbbbb", "onnxruntime": "1"})
+    drift = parity_drift(folder)
+    assert drift and "0.3.36+aaaaaaaaaaaa" in drift and "0.3.40+bbbbbbbbbbbb" in drift and "edgemed parity" in drift
+    r = CliRunner().invoke(main, ["verify", str(folder)])
+    assert r.exit_code == 0 and "OK" in r.output and "note" in r.output and "0.3.40" in r.output
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _warn_drift(folder)
+    assert any("0.3.36+aaaaaaaaaaaa" in str(w.message) for w in seen)

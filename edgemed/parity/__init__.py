@@ -30,6 +30,7 @@ from edgemed import prompting
 from edgemed.artifacts import MANIFEST, read_manifest
 from edgemed.backends import open_model, runtime_of
 from edgemed.errors import ParityError
+from edgemed.machine import machine_summary, runtime_versions
 from edgemed.parity.compare import GREEDY_TOKENS, Reference, candidates, gguf_file_checks, judged_row, opened
 from edgemed.parity.localise import FloatExport, Localiser, merge_row
 from edgemed.parity.metrics import Accumulator, Metrics, PositionFigures, compare_logits, mean_cosine
@@ -110,7 +111,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         if manifest.get("kind") == "gguf":
             _add_gguf_file_checks(ref, export_dir, manifest, rows)
         result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
-                              prompt_format=prompting.prompt_format(backend.processor), calibration=calibration)
+                              prompt_format=prompting.prompt_format(backend.processor), calibration=calibration,
+                              runtimes=runtime_versions(), machine=machine_summary())
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = merge_row(ref, Path(adapter))
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]

@@ -61,6 +61,8 @@ class ParityResult:
     merge: Row | None = None  # adapter vs merged, when the run folder was given
     prompt_format: str = "chat"  # "plain": a base model without a chat template was probed with text prompts
     calibration: dict[str, Any] | None = None  # the export's calibration data and that the probes are disjoint
+    runtimes: dict[str, str | None] = field(default_factory=dict)  # builds the figures hold for (machine.py)
+    machine: str = ""  # edgemed doctor's one line for the machine that measured them
 
     @property
     def passed(self) -> bool:
@@ -74,7 +76,7 @@ class ParityResult:
                 "rows": [r.to_dict() for r in self.rows],
                 "merge": self.merge.to_dict() if self.merge else None,
                 "localisation": [r.to_dict() for r in self.localisation],
-                "calibration": self.calibration}
+                "calibration": self.calibration, "runtimes": self.runtimes, "machine": self.machine}
 
     def write(self, report: Path | str) -> None:
         """Write the JSON report; a report is refreshed on every run, so replacing it is expected (written whole,

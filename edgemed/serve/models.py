@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import queue
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.artifacts import read_manifest
 from edgemed.backends import open_model
-from edgemed.errors import ArtifactError, ServeError
+from edgemed.errors import ArtifactError, EdgemedWarning, ServeError
 from edgemed.serve.admission import slot_count
 from edgemed.serve.schema import ApiError
 
@@ -93,6 +94,7 @@ def open_models(config: ServeConfig, backend: Backend | None = None) -> Models:
     threads = config.n_threads or (max(1, (os.cpu_count() or 1) // slots) if slots > 1 else None)
     kw: dict[str, Any] = {"n_threads": threads} if threads else {}
     instances = [open_model(config.export_dir, verify=config.verify, chat_template=config.chat_template, **kw)]
+    _warn_drift(config.export_dir)
     try:
         # GGUF files are memory-mapped, so llama.cpp replicas share the weights' pages; others hold a copy each
         for _ in range(slots - 1):
@@ -103,6 +105,15 @@ def open_models(config: ServeConfig, backend: Backend | None = None) -> Models:
             b.close()
         raise
     return Models(instances, mid, owned=True, adapters=list(config.adapters))
+
+
+def _warn_drift(folder: Path) -> None:
+    """Say so when the parity figures shipped in the bundle were measured on another build of the runtime."""
+    from edgemed.bundle import parity_drift
+
+    drift = parity_drift(folder)
+    if drift:
+        warnings.warn(drift, EdgemedWarning, stacklevel=2)
 
 
 def _add_adapters(instances: list[Backend], config: ServeConfig, base_id: str) -> None:
