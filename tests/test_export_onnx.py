@@ -256,11 +256,11 @@ def test_block_size_and_accuracy_level_reach_the_graph(tiny_model, tmp_path):
 # ---------------------------------------------------------------- backend behaviour
 
 
-def test_open_backend_dispatches_on_the_manifest(exported):
-    from edgemed.backends import open_backend
+def test_open_model_dispatches_on_the_manifest(exported):
+    from edgemed.backends import open_model
     from edgemed.backends.onnx import OnnxBackend
 
-    b = open_backend(exported("llama"), n_threads=1)
+    b = open_model(exported("llama"), n_threads=1)
     try:
         assert isinstance(b, OnnxBackend) and b.name == "onnx" and not b.is_vision
         assert b.providers[-1] == "CPUExecutionProvider"
