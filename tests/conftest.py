@@ -124,3 +124,30 @@ def answer(backend, prompt: str, image=None, params=None) -> tuple[str, str, int
     assert chunks and all(c.finish_reason is None for c in chunks[:-1]), chunks
     assert [c.tokens for c in chunks] == sorted(c.tokens for c in chunks)  # counts never go back
     return "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].tokens
+
+
+def mean_kl(got, want) -> float:
+    """Mean over rows of KL(softmax(want) || softmax(got)), logits [rows, vocab]."""
+    import numpy as np
+
+    lw, lg = (x - np.logaddexp.reduce(x, -1, keepdims=True) for x in (want.astype(np.float64), got.astype(np.float64)))
+    return float((np.exp(lw) * (lw - lg)).sum(-1).mean())
+
+
+def noisy_logits(model_dir: Path, tokens: list[int], rel: float, seed: int = 0):
+    """PyTorch logits of ``model_dir`` with Gaussian noise of ``rel`` times each 2-D weight's std added to it: what
+    an export off by that much would give, the control a quantisation bound must reject."""
+    import torch
+
+    from edgemed.backends.pytorch import TorchBackend
+
+    b = TorchBackend(model_dir, device="cpu", n_threads=2)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in b.model.parameters():
+                if p.dim() == 2:
+                    p.add_(torch.randn(p.shape, generator=gen) * p.std() * rel)
+        return b.logits(tokens)
+    finally:
+        b.close()

@@ -324,25 +324,28 @@ def test_gemma_tiny_config_exercises_what_breaks_exports(arch, loaded):
     assert all(p.abs().max() > 0 for p in norms)
 
 
-def test_gemma_softcapping_claims_in_the_notes_hold(loaded):
-    """Gemma3ForCausalLM applies final_logit_softcapping; neither model applies attn_logit_softcapping, and
-    Gemma3ForConditionalGeneration ignores final_logit_softcapping (transformers 5.23)."""
+def _softcap_variant(arch: str, model, final: float | None, attn: float | None):
+    """Logits of the same weights under a config with these soft-capping values (eager attention)."""
     import copy
 
     import torch
 
     ids = torch.tensor([[2, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]])
+    cfg = copy.deepcopy(model.config)
+    text = REGISTRY[arch].text_config(cfg)
+    text.final_logit_softcapping, text.attn_logit_softcapping = final, attn
+    m = type(model)._from_config(cfg, attn_implementation="eager").eval()
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return m(input_ids=ids).logits
 
-    def variant(arch: str, model, final: float | None, attn: float | None):
-        """The same weights under a config with these soft-capping values (eager attention)."""
-        cfg = copy.deepcopy(model.config)
-        text = REGISTRY[arch].text_config(cfg)
-        text.final_logit_softcapping, text.attn_logit_softcapping = final, attn
-        m = type(model)._from_config(cfg, attn_implementation="eager").eval()
-        m.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            return m(input_ids=ids).logits
 
+def test_gemma_softcapping_claims_in_the_notes_hold(loaded):
+    """Gemma3ForCausalLM applies final_logit_softcapping; neither model applies attn_logit_softcapping, and
+    Gemma3ForConditionalGeneration ignores final_logit_softcapping (transformers 5.23)."""
+    import torch
+
+    variant = _softcap_variant
     for arch in ("gemma3_text", "gemma3"):
         _, model = loaded(arch)
         plain = variant(arch, model, None, None)
@@ -468,3 +471,112 @@ def test_gemma3_gguf_refuses_what_llama_cpp_hard_codes(loaded):
     text.query_pre_attn_scalar = 24
     with pytest.raises(ExportError, match="query_pre_attn_scalar"):
         vlm_kv(text)
+
+
+# --- ONNX and image-token facts the exporters read from the spec, checked against transformers --------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_decoder_route_matches_what_the_model_class_takes(arch):
+    """cross: image features enter by cross-attention; grid: 3-D rotary positions from the image grid; token_types:
+    token types change the attention mask (the builder's causal attention cannot express it); else the builder."""
+    import inspect
+
+    import transformers
+
+    spec = REGISTRY[arch]
+    forward = inspect.signature(getattr(transformers, spec.model_class).forward).parameters
+    if "cross_attention_states" in forward:
+        want = "cross"
+    elif spec.grid is not None:
+        want = "grid"
+    elif spec.is_vision and "token_type_ids" in forward:
+        want = "token_types"
+    else:
+        want = "builder"
+    assert spec.onnx.decoder == want
+    if spec.grid is not None:  # the grid route's vision graph is the entry's own
+        assert spec.grid.vision_graph is not None
+
+
+def test_onnx_spec_refuses_an_unknown_route():
+    from edgemed.archs.base import ONNXSpec
+
+    with pytest.raises(ValueError, match="'tensorrt'.*builder, cross, token_types, grid"):
+        ONNXSpec(decoder="tensorrt")
+
+
+@pytest.mark.parametrize("arch", [a for a in VISION_ARCHS if REGISTRY[a].grid is None])
+def test_onnx_vision_inputs_are_what_the_image_function_takes(arch, loaded):
+    """ONNXSpec.image_features says whether the model has get_image_features, and vision_inputs are exactly the
+    processor outputs that function (or the vision tower) takes."""
+    import inspect
+
+    from transformers import AutoProcessor
+
+    from edgemed.export.onnx_vision import TEXT_KEYS
+
+    folder, model = loaded(arch)
+    spec = REGISTRY[arch]
+    assert spec.onnx.image_features == hasattr(model, "get_image_features")
+    fn = model.get_image_features if spec.onnx.image_features else model.get_submodule(spec.vision).forward
+    params = inspect.signature(fn).parameters
+    enc = AutoProcessor.from_pretrained(folder)(text=[spec.image_placeholder], images=[_image(0)], return_tensors="pt",
+                                                add_special_tokens=False)
+    assert set(spec.onnx.vision_inputs) == {k for k in enc if k not in TEXT_KEYS and k in params}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_attn_softcapping_says_what_pytorch_does(arch, loaded):
+    """Where the text config has attn_logit_softcapping, ONNXSpec.attn_softcapping says whether transformers
+    applies it (the builder applies it whenever set); elsewhere the default stands."""
+    import torch
+
+    _, model = loaded(arch)
+    spec = REGISTRY[arch]
+    if not hasattr(spec.text_config(model.config), "attn_logit_softcapping"):
+        assert spec.onnx.attn_softcapping
+        return
+    plain = _softcap_variant(arch, model, None, None)
+    applied = not torch.allclose(_softcap_variant(arch, model, None, 1e-3), plain, atol=1e-6)
+    assert spec.onnx.attn_softcapping == applied
+
+
+@pytest.mark.parametrize("arch", VISION_ARCHS)
+def test_image_token_ids_are_the_placeholder_and_its_expansion(arch, loaded):
+    """placeholder_id: the one token a rendered prompt holds per image; image_token_id: the token the processor
+    expands it into, whose rows the image features replace (Gemma 3: two different tokens)."""
+    from transformers import AutoProcessor
+
+    folder, model = loaded(arch)
+    spec = REGISTRY[arch]
+    proc = AutoProcessor.from_pretrained(folder)
+    tok = proc.tokenizer
+    placeholder = spec.placeholder_id(tok)
+    assert tok(spec.image_placeholder, add_special_tokens=False)["input_ids"] == [placeholder]
+    ids = proc(text=[spec.image_placeholder], images=[_image(0)], return_tensors="pt",
+               add_special_tokens=False)["input_ids"][0].tolist()
+    image = spec.image_token_id(model.config)
+    assert image in ids
+    assert (image != placeholder) == (arch == "gemma3")
+    with pytest.raises(ArchError, match=f"{arch} model config has no image_token_id"):
+        spec.image_token_id(object())  # a config without the attribute
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_text_archs_have_no_placeholder_id(arch, tiny_model):
+    from transformers import AutoTokenizer
+
+    assert REGISTRY[arch].placeholder_id(AutoTokenizer.from_pretrained(tiny_model(arch))) is None
+
+
+@pytest.mark.parametrize("arch", [a for a in VISION_ARCHS if REGISTRY[a].gguf])
+def test_gguf_vision_keys_name_the_vision_configs_block_and_head_counts(arch, loaded):
+    import torch
+
+    _, model = loaded(arch)
+    g, v = REGISTRY[arch].gguf, model.config.vision_config
+    tower = model.get_submodule(REGISTRY[arch].vision)
+    n_blocks = max(len(m) for m in tower.modules() if isinstance(m, torch.nn.ModuleList))  # the tower's blocks
+    assert getattr(v, g.vision_block_key) == n_blocks
+    assert v.hidden_size % getattr(v, g.vision_head_key) == 0

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import write_vqa
 
 
+@pytest.mark.slow  # two torchrun processes load and train the model: up to the 300 s timeout on shared cores
 def test_two_process_ddp_on_cpu(tiny_model, tmp_path):
     data = write_vqa(tmp_path / "data", n=8, image=False)
     recipe = tmp_path / "r.yaml"

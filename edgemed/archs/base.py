@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemed.errors import ArchError
+
 DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# causal-LM classes onnxruntime-genai's model builder writes and that pass parity here (the class of a family's
+# text decoder, ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]``)
+ONNX_BUILDER_DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
+# how `export onnx` writes a decoder: onnxruntime-genai's builder, or torch.onnx on transformers' modules for
+# decoders the builder cannot write exactly (see ONNXSpec.decoder)
+ONNX_DECODERS = ("builder", "cross", "token_types", "grid")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,8 @@ class GGUFSpec:
     text_kv: Callable[[Any], dict[str, Any]] | None = None  # extra text-model keys ("{arch}" is filled in)
     mmproj_kv: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None  # (config, processor cfg) -> keys
     image_wrap: tuple[str, str] = ("", "")  # text llama.cpp's mtmd puts around an image (HF renders it too)
+    vision_block_key: str = "num_hidden_layers"  # vision config attribute: number of tower blocks
+    vision_head_key: str = "num_attention_heads"  # vision config attribute: attention heads per block
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,32 @@ class GridSpec:
 
     vision_inputs: Callable[[Any, dict[str, Any]], dict[str, Any]]
     rope_index: Callable[[list[int], Any, dict[str, Any]], tuple[Any, int]]
+    # vision_graph(tower) -> torch module (pixel_values, *vision_inputs) -> merged image features: the tower's own
+    # modules, masked instead of split at the grid's boundaries; its ``patches_per_token`` patches make one feature
+    vision_graph: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class ONNXSpec:
+    """How a family's model becomes onnxruntime graphs: data read by ``edgemed.export.onnx``.
+
+    ``decoder`` is the route (one of ``ONNX_DECODERS``): "builder" (onnxruntime-genai, for a text decoder in
+    ``ONNX_BUILDER_DECODERS``, alone or in an image model), "cross" (image features enter by cross-attention),
+    "token_types" (token types change the attention mask: the builder's causal attention cannot express it) or
+    "grid" (3-D rotary positions from the image grid, with ``ArchSpec.grid``).
+    """
+
+    decoder: str = "builder"
+    vision_inputs: tuple[str, ...] = ("pixel_values",)  # processor outputs the vision graph takes
+    # the model's get_image_features gives projected image features; False: run the vision tower, then the projector
+    image_features: bool = True
+    # transformers applies config.attn_logit_softcapping (Gemma 2 does; Gemma 3 keeps the field and ignores it);
+    # False: the builder, which applies it whenever the config sets it, is given a config without it
+    attn_softcapping: bool = True
+
+    def __post_init__(self):
+        if self.decoder not in ONNX_DECODERS:
+            raise ValueError(f"ONNXSpec.decoder {self.decoder!r}: choose one of {', '.join(ONNX_DECODERS)}")
 
 
 @dataclass(frozen=True)
@@ -85,12 +121,31 @@ class ArchSpec:
     build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
     prepare: Callable[[], None] | None = None  # run by arch_for_dir before a folder is loaded (registers classes)
     grid: GridSpec | None = None  # image-grid positions computed outside exported graphs (M-RoPE families)
+    onnx: ONNXSpec = field(default_factory=ONNXSpec)  # how `export onnx` writes this family
+    # config attribute holding the id the image placeholder expands into (the rows image features replace)
+    image_token_key: str = "image_token_id"
     notes: tuple[str, ...] = field(default_factory=tuple)  # architecture details exports must honour
     dicom_render: str = "voi"  # how CT DICOM becomes RGB for this family (edgemed.dicom.RENDERS)
 
     @property
     def is_vision(self) -> bool:
         return self.vision is not None
+
+    def image_token_id(self, config: Any) -> int:
+        """Id of the token whose embedding rows the image features replace: what the processor expands
+        ``image_placeholder`` into (Gemma 3: <image_soft_token>, not <start_of_image>), read from the model config."""
+        v = getattr(config, self.image_token_key, None)
+        if v is None:
+            raise ArchError(f"the {self.name} model config has no {self.image_token_key}; the architecture entry's "
+                            "image_token_key must name the config attribute that holds the image token id")
+        return int(v)
+
+    def placeholder_id(self, tokenizer: Any) -> int | None:
+        """Id of ``image_placeholder``, the one token a rendered prompt holds per image before the processor
+        expands it (None for text models)."""
+        if not self.image_placeholder:
+            return None
+        return int(tokenizer.convert_tokens_to_ids(self.image_placeholder))
 
     def decoder_lora_regex(self, targets: tuple[str, ...] | None = None) -> str:
         """Full-match regex over module names: LoRA targets inside the text decoder's layers only."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded, spm_tokenizer
-from edgemed.archs.base import ArchSpec, GGUFSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec, ONNXSpec
 
 GEMMA_SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 
@@ -154,5 +154,6 @@ SPEC = ArchSpec(
     gguf_arch="gemma3",
     gguf=GGUF,
     build_tiny=build_tiny,
+    onnx=ONNXSpec(attn_softcapping=False),  # Gemma3Attention never passes softcap (transformers 5.24)
     notes=NOTES,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import bpe_tokenizer, perturb_constant_params, save_folder, seeded
-from edgemed.archs.base import ArchSpec
+from edgemed.archs.base import ArchSpec, ONNXSpec
 
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|finetune_right_pad_id|>", "<|python_tag|>"]
@@ -118,6 +118,10 @@ SPEC = ArchSpec(
                     "llama.cpp graph and libmtmd has no projector for it; use `edgemed export onnx` instead"),
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
+    # image features enter by gated cross-attention; transformers 5 has no get_image_features for mllama, so the
+    # vision graph runs the tower on the tiles then the projector
+    onnx=ONNXSpec(decoder="cross", vision_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
+                  image_features=False),
     notes=(
         "text_config.cross_attention_layers lists the decoder layers that are cross-attention layers "
         "(11B: [3, 8, 13, 18, 23, 28, 33, 38]); they have no self-attention: cross_attn (q/k/v/o_proj, q_norm and "

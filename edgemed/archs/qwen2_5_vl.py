@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, seeded
-from edgemed.archs.base import ArchSpec, GGUFSpec, GridSpec
+from edgemed.archs.base import ArchSpec, GGUFSpec, GridSpec, ONNXSpec
 from edgemed.archs.qwen2 import QWEN_SPECIAL, qwen_tokenizer, tiny_text_config
 
 VL_SPECIAL = QWEN_SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -218,6 +218,56 @@ def rope_index(ids: list[int], grid: Any, config: dict[str, Any]) -> tuple[Any, 
     return pos, int(pos.max()) + 1 - n if n else 0
 
 
+def vision_graph(tower: Any) -> Any:
+    """The vision tower and merger as one exportable torch module: pixels and, per patch, (row, col), window id
+    and frame id (:func:`vision_grid_inputs`) in; merged image features out.
+
+    transformers' tower computes, from ``image_grid_thw``, each patch's rotary (row, col), a permutation of the
+    patches into attention windows and the window and image boundaries (``cu_seqlens``), then splits the sequence
+    at those boundaries: data-dependent shapes torch.export stops on. This module runs the tower's own blocks with
+    attention masked to equal window ids (window blocks) or frame ids (full-attention blocks). Masked attention
+    does not depend on the order of the patches, so the window permutation and its inverse (both whole 2x2 merge
+    units) cancel and are left out; the graph takes any number of patches (any image size the processor makes).
+    Window blocks then cost patches^2 attention where transformers' split costs patches x window; at the 3B tower's
+    width it is still the faster of the two (docs/onnx.md).
+    """
+    import sys
+
+    import torch
+
+    class GridVisionGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = tower
+            self.full = set(tower.fullatt_block_indexes)
+            self.patches_per_token = tower.spatial_merge_unit  # the merger takes whole 2x2 units of patches
+            # the rotary helper of the tower's own modeling module, so the rotation is the one transformers applies
+            self.rotate = sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision
+
+        def forward(self, pixel_values, vision_position_ids, window_ids, frame_ids):
+            t = self.tower
+            x = t.patch_embed(pixel_values)
+            cos, sin = t.rotary_pos_emb(x, vision_position_ids)
+            masks = [torch.where(ids[:, None] == ids[None, :], 0.0, float("-inf")).to(x.dtype)
+                     for ids in (window_ids, frame_ids)]
+            for i, block in enumerate(t.blocks):
+                x = x + self._attention(block.attn, block.norm1(x), cos, sin, masks[i in self.full])
+                x = x + block.mlp(block.norm2(x))
+            return t.merger(x)
+
+        def _attention(self, attn: Any, x: Any, cos: Any, sin: Any, mask: Any) -> Any:
+            """The tower's attention over all patches at once, with a mask instead of splitting at boundaries."""
+            n = x.shape[0]
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = self.rotate(q, k, cos, sin)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+                scale=attn.scaling)
+            return attn.proj(out[0].transpose(0, 1).reshape(n, -1))
+
+    return GridVisionGraph()
+
+
 # checkpoint keys: transformers 5 saves the hub names (model.layers.*, model.embed_tokens, visual.*, lm_head);
 # newer tools write module names (model.language_model.*, model.visual.*). The merger is the projector.
 GGUF = GGUFSpec(
@@ -237,6 +287,8 @@ GGUF = GGUFSpec(
             (r"visual\.patch_embed\.proj\.weight", gguf_split_conv3d)),
     text_kv=gguf_text_kv,
     mmproj_kv=gguf_mmproj_kv,
+    vision_block_key="depth",
+    vision_head_key="num_heads",
 )
 
 SPEC = ArchSpec(
@@ -257,7 +309,8 @@ SPEC = ArchSpec(
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     prepare=prepare,
-    grid=GridSpec(vision_inputs=vision_grid_inputs, rope_index=rope_index),
+    grid=GridSpec(vision_inputs=vision_grid_inputs, rope_index=rope_index, vision_graph=vision_graph),
+    onnx=ONNXSpec(decoder="grid"),  # M-RoPE: the builder writes 1-D rotary positions only
     notes=(
         "M-RoPE: rope_parameters.mrope_section [t, h, w] splits each head's rotary half-dims into temporal, "
         "height and width sections (Qwen2.5-VL-3B: [16, 24, 24]); text tokens use one position for all three, "

@@ -28,6 +28,7 @@ from edgemed.archs.base import ArchSpec
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, ExportError
 from edgemed.export import gguf as g
+from edgemed.export import gguf_tensors as gt
 from edgemed.modeling import ADAPTER, TRAINED, refuse_bnb, run_base
 
 ADAPTER_QUANTS = ("f16", "q8_0", "f32")
@@ -179,7 +180,7 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
                        adapter={"quant": adapter_quant, "alpha": alpha, "r": lora_cfg.get("r"),
                                 "tensors": len(adapter_tensors) // 2, "vision_lora_merged": len(vis_lora)},
                        binding=binding, mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
-                       image_placeholder=spec.image_placeholder, image_token_id=g._image_token_id(base, spec),
+                       image_placeholder=spec.image_placeholder, image_token_id=g.image_placeholder_id(base, spec),
                        name=run_prov["name"], base_model=base_prov["name"],
                        base_model_sha256=base_prov["tree_sha256"],
                        parent={"kind": "run", "path": str(run_dir), "tree_sha256": run_prov["tree_sha256"],
@@ -246,9 +247,9 @@ def plan_adapter(spec: ArchSpec, config: Any, text_plan: list[g.Entry], names: d
         e = entries[0]
         b = p.b
         if spec_g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_q\.weight", e.name):
-            b = g._permute(n_head)(b)  # B's rows are the weight's output rows: same rope permutation
+            b = gt.permute(n_head)(b)  # B's rows are the weight's output rows: same rope permutation
         elif spec_g.permute_qk and re.fullmatch(r"blk\.\d+\.attn_k\.weight", e.name):
-            b = g._permute(n_kv)(b)
+            b = gt.permute(n_kv)(b)
         elif e.transform is not None:
             raise ExportError(f"{run_dir}: the base weight of LoRA target {p.weight!r} is transformed on export "
                               f"({e.name}); the low-rank change cannot follow it: merge the run and export that")
@@ -295,11 +296,11 @@ def write_adapter_gguf(spec: ArchSpec, tensors: list[tuple[str, Any]], alpha: fl
             w.add_name(prov["name"])
             w.add_string(BASE_TREE_KEY, prov["base_model_sha256"])
             w.add_string("edgemed.source.tree_sha256", prov["tree_sha256"])
-            w.add_file_type(g._file_type(quant))
+            w.add_file_type(gt.file_type(quant))
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for name, arr in tensors:
-                t = g._tensor_type(name, arr.shape, quant)
-                data = g._convert(np.asarray(arr, dtype=np.float32), t)
+                t = gt.tensor_type(name, arr.shape, quant)
+                data = gt.convert(np.asarray(arr, dtype=np.float32), t)
                 w.add_tensor(name, data, raw_dtype=t)
             w.write_header_to_file()
             w.write_kv_data_to_file()

@@ -18,16 +18,21 @@ kernel (and int8 activations, accuracy level 4, see weights centred on zero). Th
 MatMuls per weight, themselves 8-bit ``MatMulNBits`` in llama.cpp's Q8_0 layout (fp32 measured no better on
 parity, at four times the bytes): ``x @ S`` (``K x K/block``, shared by the weights reading the same input) and
 ``K/block x N``.
+
+The ``quantize_*`` and ``convert_fp16`` functions at the end are the steps `export onnx` runs on graph files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgemed.export.onnx_graph import save_graph
 
 MS_DOMAIN = "com.microsoft"
 
@@ -276,3 +281,72 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
     if replaced:
         _rewrite(model, nodes, added, replaced)
     return len(replaced)
+
+
+# ---------------------------------------------------------------------------------------------- graph files
+def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base_graph: Path | None = None,
+                          base: Path | None = None) -> str:
+    """int4 (:func:`quantize_int4_min`): every MatMul by a constant weight to 4-bit blocks with a float minimum;
+    the LM head, and an embedding tied to it, to 8-bit blocks of 32. With ``base_graph`` (the fp32 decoder of the
+    model a LoRA merge started from) the base weights are quantised and the fine-tune's low-rank change is kept
+    in the 8-bit correction MatMuls beside them. Returns the algorithm's description."""
+    m = onnx.load(str(path))
+    head = lm_head(m)
+    lookup = None
+    if base_graph is not None:
+        base_inits = {t.name: t for t in onnx.load(str(base_graph), load_external_data=False).graph.initializer}
+
+        def lookup(name: str):
+            t = base_inits.get(name)
+            return numpy_helper.to_array(t, base_dir=str(base_graph.parent)) if t is not None else None
+    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup)
+    tied = False
+    if head:
+        tied = quantize_head_int8(m, head[0], accuracy_level)
+    save_graph(m, path)
+    skipped = (f", {counts['skipped']} left fp32 (input width not a multiple of {block_size})"
+               if counts["skipped"] else "")
+    lora = (f"; the LoRA merge's change kept as low-rank factors (rank <= {counts['max_rank']}) on "
+            f"{counts['low_rank']} of them, the 4-bit weights being those of the base {base}"
+            if counts["low_rank"] else "")
+    return (f"4-bit min-max blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
+            f"{counts['quantized']} weights{skipped}; LM head{' and the embedding tied to it' if tied else ''} "
+            f"8-bit (blocks of 32){lora}")
+
+
+def quantize_embed_int8(path: Path) -> str:
+    """embed.onnx's token table to 8-bit Q8_0 blocks (GatherBlockQuantized); the image-feature splice stays fp32."""
+    m = onnx.load(str(path))
+    n = quantize_embedding_int8(m, min_rows=1)  # the only constant table in embed.onnx is the vocabulary
+    save_graph(m, path)
+    return "token embedding table 8-bit (Q8_0 blocks of 32, GatherBlockQuantized)" if n else "fp32"
+
+
+def lm_head(m: Any) -> list[str]:
+    """The LM head's node name (a one-item list, empty if none): the last MatMul by a constant 2-D weight, since
+    soft-capping or a cast may follow it before the graph's output."""
+    ranks = {t.name: len(t.dims) for t in m.graph.initializer}
+    return [n.name for n in m.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 2][-1:]
+
+
+def quantize_decoder_int8(path: Path, block_size: int, accuracy_level: int) -> None:
+    """Block-wise weight-only int8 (MatMulNBits) with onnxruntime's MatMulNBitsQuantizer, for the decoders the genai
+    builder does not write; LM head excluded."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    m = onnx.load(str(path))
+    head = lm_head(m)
+    q = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                             op_types_to_quantize=("MatMul",), nodes_to_exclude=head)
+    q.process()
+    save_graph(q.model.model, path)
+
+
+def convert_fp16(path: Path) -> None:
+    """fp16 weights and activations inside; fp32 inputs and outputs, so callers feed the same tensors."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = OnnxModel(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True))
+    m.topological_sort()  # the converter appends its input casts at the end; the checker wants them first
+    save_graph(m.model, path)
