@@ -20,9 +20,9 @@ pytest.importorskip("llama_cpp")
 def _cal(model: Path, data: Path, which: tuple[str, ...] = ("text",)):
     from edgemed.archs import arch_for_dir
     from edgemed.export import imatrix
-    from edgemed.export.gguf import Checkpoint, _load_config, plan_tensors
+    from edgemed.export.gguf import Checkpoint, load_config, plan_tensors
 
-    spec, config, ckpt = arch_for_dir(model), _load_config(model), Checkpoint(model)
+    spec, config, ckpt = arch_for_dir(model), load_config(model), Checkpoint(model)
     entries = [e for w in which for e in plan_tensors(spec, config, ckpt, w)]
     records, sha = imatrix.read_calibration(data)
     return imatrix.compute_imatrix(model, records, data, sha, ckpt, entries, max_tokens=64), entries

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PKG = Path(__file__).resolve().parents[1] / "edgemed"
 
 # (importer prefix, imported prefix, why it is forbidden); a prefix matches a module and its submodules
@@ -162,7 +160,6 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     assert imports_of(pkg / "sub" / "leaf.py", "edgemed.sub.leaf", known) == {"edgemed.other"}
 
 
-@pytest.mark.xfail(strict=True, reason="data<->datasets and export.gguf<->gguf_adapter: being split (issue 13)")
 def test_edgemed_has_no_import_cycle():
     found = cycles(graph())
     assert not found, "import cycles (lazy imports count): " + "; ".join(" <-> ".join(c) for c in found)

@@ -27,8 +27,10 @@ from edgemed.archs import arch_for_dir
 from edgemed.archs.base import ArchSpec
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, ExportError
-from edgemed.export import gguf as g
 from edgemed.export import gguf_tensors as gt
+from edgemed.export import gguf_text as g
+from edgemed.export.gguf_mmproj import write_mmproj_gguf
+from edgemed.export.gguf_tensors import Checkpoint, Entry, plan_tensors
 from edgemed.modeling import ADAPTER, TRAINED, refuse_bnb, run_base
 
 ADAPTER_QUANTS = ("f16", "q8_0", "f32")
@@ -80,13 +82,13 @@ def read_run_lora(run_dir: Path) -> tuple[list[LoraPart], float, dict[str, Any]]
     return parts, alpha, cfg
 
 
-class OverlayCheckpoint(g.Checkpoint):
+class OverlayCheckpoint(Checkpoint):
     """The base checkpoint with the run's trained tensors and merged vision LoRA in place (for the mmproj).
 
     Small (projector and vision tower only), so merging here costs one tensor at a time, like ``edgemed merge``.
     """
 
-    def __init__(self, base: g.Checkpoint, names: dict[str, str], trained: dict[str, Any],
+    def __init__(self, base: Checkpoint, names: dict[str, str], trained: dict[str, Any],
                  lora: dict[str, LoraPart], alpha: float):
         self.__dict__.update(base.__dict__)
         self.names, self.trained, self.lora, self.alpha = names, trained, lora, alpha
@@ -120,7 +122,7 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
         The output folder.
     """
     run_dir = Path(run_dir).absolute()
-    quants = g._check_quants(quants, mmproj_quant)
+    quants = g.check_quants(quants, mmproj_quant)
     if adapter_quant not in ADAPTER_QUANTS:
         raise ExportError(f"unknown adapter quant {adapter_quant!r}; choose one of {', '.join(ADAPTER_QUANTS)}")
     manifest = read_manifest(run_dir, ("run",))
@@ -133,9 +135,9 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
     if spec.gguf_arch is None or spec.gguf is None:
         why = spec.no_gguf_reason or f"llama.cpp has no support for {spec.family}"
         raise ExportError(f"{run_dir}: {why}; use `edgemed export onnx` on the merged model instead")
-    config = g._load_config(base)
-    ckpt = g.Checkpoint(base)
-    text_plan = g.plan_tensors(spec, config, ckpt, "text")
+    config = g.load_config(base)
+    ckpt = Checkpoint(base)
+    text_plan = plan_tensors(spec, config, ckpt, "text")
     lora, alpha, lora_cfg = read_run_lora(run_dir)
     trained = _read_trained(run_dir)
     from edgemed.merge import checkpoint_to_module_names
@@ -147,7 +149,7 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
         raise ExportError(f"{run_dir}: trained no decoder LoRA, so there is no llama.cpp adapter to write; run "
                           f"`edgemed merge {run_dir} --out MODEL_DIR` and `edgemed export gguf MODEL_DIR`")
     adapter_tensors = plan_adapter(spec, config, text_plan, names, dec_lora, run_dir)
-    base_prov = g._provenance(base, _model_manifest(base))
+    base_prov = g.source_provenance(base, _model_manifest(base))
     base_prov["base_model_sha256"] = base_prov["tree_sha256"]
     run_prov = {**base_prov, "name": str(manifest.get("name") or run_dir.name), "tree_sha256": tree_sha256(run_dir),
                 "manifest": {"sha256": sha256_file(run_dir / MANIFEST), "kind": "run"}}
@@ -161,9 +163,9 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
         if spec.is_vision:
             vis_trained = {k: v for k, v in trained.items() if spec.part_of(k) in ("vision", "projector")}
             overlay = OverlayCheckpoint(ckpt, names, vis_trained, {p.weight: p for p in vis_lora}, alpha)
-            vision_plan = g.plan_tensors(spec, config, overlay, "vision")
+            vision_plan = plan_tensors(spec, config, overlay, "vision")
             mmproj = f"mmproj-{mmproj_quant}.gguf"
-            g.write_mmproj_gguf(spec, config, base, overlay, vision_plan, mmproj_quant, tmp / mmproj, run_prov)
+            write_mmproj_gguf(spec, config, base, overlay, vision_plan, mmproj_quant, tmp / mmproj, run_prov)
             unused = (set(vis_trained) | {p.weight for p in vis_lora}) - overlay.used
             if unused:
                 raise ExportError(f"{run_dir}: trained tensors {sorted(unused)[:3]} did not reach the mmproj file "
@@ -226,12 +228,12 @@ def _refuse_text_trained(spec: ArchSpec, trained: dict[str, Any], run_dir: Path)
             f"`edgemed merge {run_dir} --out MODEL_DIR` and `edgemed export gguf MODEL_DIR` (a merged export)")
 
 
-def plan_adapter(spec: ArchSpec, config: Any, text_plan: list[g.Entry], names: dict[str, str],
+def plan_adapter(spec: ArchSpec, config: Any, text_plan: list[Entry], names: dict[str, str],
                  lora: list[LoraPart], run_dir: Path) -> list[tuple[str, Any]]:
     """``(gguf name, array)`` for every lora_a / lora_b tensor, named after the base tensor each pair adapts."""
     spec_g = spec.gguf
     assert spec_g is not None
-    by_module: dict[str, list[g.Entry]] = {}
+    by_module: dict[str, list[Entry]] = {}
     for e in text_plan:
         by_module.setdefault(names.get(e.key, e.key), []).append(e)
     text_cfg = spec.text_config(config)
@@ -260,7 +262,7 @@ def plan_adapter(spec: ArchSpec, config: Any, text_plan: list[g.Entry], names: d
     return out
 
 
-def _write_base(spec: ArchSpec, config: Any, base: Path, ckpt: g.Checkpoint, plan: list[g.Entry], quants: list[str],
+def _write_base(spec: ArchSpec, config: Any, base: Path, ckpt: Checkpoint, plan: list[Entry], quants: list[str],
                 tmp: Path, prov: dict[str, Any], files: dict[str, str]) -> None:
     """The base text model at each quant, as export_gguf writes them (llama.cpp quants from one f16 file)."""
     for q in quants:
