@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgemed.artifacts import MANIFEST, atomic_file
+from edgemed.artifacts import atomic_file
 from edgemed.errors import DataError, EdgemedError, ExportError
 
 MAX_SAMPLES = 128  # calibration records read (llama.cpp's guidance: a few hundred chunks; these are short)
@@ -65,18 +65,8 @@ class Calibration:
 # ---------------------------------------------------------------- which data
 def default_calibration(model_dir: Path) -> Path | None:
     """The training data of the run a merged model came from (its first stage with a readable file), or None."""
-    from edgemed.artifacts import read_manifest
-
-    if not (model_dir / MANIFEST).is_file():
-        return None
-    m = read_manifest(model_dir)
-    parent = (m.get("parent") or {}).get("path")
-    if m.get("kind") != "model" or not parent or not (Path(parent) / MANIFEST).is_file():
-        return None
-    run = read_manifest(Path(parent))
-    if run.get("kind") != "run":
-        return None
-    for info in (run.get("data") or {}).values():
+    run = _run_behind_model(model_dir)
+    for info in ((run.data or {}) if run is not None else {}).values():
         train = (info or {}).get("train")
         if train and Path(train).is_file():
             return Path(train)
@@ -85,13 +75,18 @@ def default_calibration(model_dir: Path) -> Path | None:
 
 def run_system_prompt(model_dir: Path) -> str | None:
     """The recipe's system prompt of the run behind a merged model (calibration renders prompts as training did)."""
-    from edgemed.artifacts import read_manifest
+    run = _run_behind_model(model_dir)
+    return ((run.recipe or {}).get("prompt") or {}).get("system") if run is not None else None
+
+
+def _run_behind_model(model_dir: Path) -> Any:
+    """The run a merged model folder was made from (edgemed.manifest's lineage walk), or None."""
+    from edgemed.manifest import find, run_of
 
     try:
-        m = read_manifest(model_dir)
-        run = read_manifest(Path(m["parent"]["path"]))
-        return ((run.get("recipe") or {}).get("prompt") or {}).get("system")
-    except (EdgemedError, KeyError, TypeError, OSError):
+        m = find(model_dir)
+        return run_of(m) if m is not None and m.kind == "model" else None
+    except EdgemedError:
         return None
 
 
