@@ -130,12 +130,7 @@ def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     An existing ``target`` is an error unless ``overwrite``; then it is replaced only after the new folder
     is complete.
     """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
-    _writable_parent(target)
-    sweep_dead(target)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    target, tmp = _claim(target, overwrite)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -154,6 +149,17 @@ def atomic_dir(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
         tmp.rename(target)
 
 
+def _claim(target: Path | str, overwrite: bool) -> tuple[Path, Path]:
+    """``target`` made absolute and checked (exists without ``overwrite``, parent not writable), dead partials of
+    it swept, and the temporary name beside it."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
+    _writable_parent(target)
+    sweep_dead(target)
+    return target, target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
 def _plain_modes(folder: Path) -> None:
     """Give every file the mode a plain create gets: some writers (torch.onnx's external data) go through a private
     temporary file (0600), which a service account serving the folder could not read."""
@@ -167,12 +173,7 @@ def _plain_modes(folder: Path) -> None:
 @contextlib.contextmanager
 def atomic_file(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; rename it to ``target`` only if the block completes."""
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; choose another --out or pass --overwrite")
-    _writable_parent(target)
-    sweep_dead(target)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    target, tmp = _claim(target, overwrite)
     try:
         yield tmp
     except BaseException:

@@ -14,6 +14,20 @@ from typing import Any
 
 from edgemed.errors import ArchError
 
+# checkpoint key prefix -> (part, canonical prefix) of transformers' language_model / vision_tower /
+# multi_modal_projector layout, legacy (hub) and transformers 5 spellings alike: LLaVA-1.5 and Gemma 3 (MedGemma)
+TOWER_PROJECTOR_PREFIXES = (
+    ("language_model.model.", "text", "model."),
+    ("language_model.lm_head.", "text", "lm_head."),
+    ("model.language_model.", "text", "model."),
+    ("lm_head.", "text", "lm_head."),
+    ("vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+    ("model.vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
+    ("vision_tower.", "vision", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "projector", "multi_modal_projector."),
+    ("model.multi_modal_projector.", "projector", "multi_modal_projector."),
+)
 DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # causal-LM classes onnxruntime-genai's model builder writes and that pass parity here (the class of a family's
 # text decoder, ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]``)

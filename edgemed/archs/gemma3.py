@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import perturb_constant_params, save_folder, save_spm_model, seeded
-from edgemed.archs.base import ArchSpec, GGUFSpec, ONNXSpec
+from edgemed.archs.base import TOWER_PROJECTOR_PREFIXES, ArchSpec, GGUFSpec, ONNXSpec
 from edgemed.archs.gemma3_text import GGUF as TEXT_GGUF
 from edgemed.archs.gemma3_text import NOTES as TEXT_NOTES
 from edgemed.archs.gemma3_text import gemma_tokenizer, gguf_text_kv, tiny_text_config
@@ -75,18 +75,7 @@ def gguf_mmproj_kv(config, processor_config: dict) -> dict:
 # checkpoint keys: transformers 5 saves Gemma 3 with the hub names (language_model.model.*, vision_tower.*,
 # multi_modal_projector.*); hub checkpoints have vision_tower.vision_model.*; newer tools write module names
 GGUF = GGUFSpec(
-    key_prefixes=(
-        ("language_model.model.", "text", "model."),
-        ("language_model.lm_head.", "text", "lm_head."),
-        ("model.language_model.", "text", "model."),
-        ("lm_head.", "text", "lm_head."),
-        ("vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
-        ("model.vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
-        ("vision_tower.", "vision", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision", "vision_tower.vision_model."),
-        ("multi_modal_projector.", "projector", "multi_modal_projector."),
-        ("model.multi_modal_projector.", "projector", "multi_modal_projector."),
-    ),
+    key_prefixes=TOWER_PROJECTOR_PREFIXES,
     # a bare parameter, stored [vision hidden, text hidden] as clip.cpp expects (it transposes in its graph)
     tensor_names={"multi_modal_projector.mm_input_projection_weight": "mm.input_projection.weight"},
     norm_plus_one=TEXT_GGUF.norm_plus_one + (r"mm\.soft_emb_norm\.weight",),  # Gemma RMSNorm in the projector

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.archs._tiny import save_folder, seeded
-from edgemed.archs.base import ArchSpec, GGUFSpec
+from edgemed.archs.base import TOWER_PROJECTOR_PREFIXES, ArchSpec, GGUFSpec
 from edgemed.archs.llama import chatml_tokenizer, tiny_text_config
 
 
@@ -98,18 +98,7 @@ def roll_positions(w):
 # checkpoint keys: transformers 5 saves LLaVA with the legacy hub names (language_model.model.*,
 # vision_tower.*, multi_modal_projector.*); newer tools write the module names (model.language_model.*)
 GGUF = GGUFSpec(
-    key_prefixes=(
-        ("language_model.model.", "text", "model."),
-        ("language_model.lm_head.", "text", "lm_head."),
-        ("model.language_model.", "text", "model."),
-        ("lm_head.", "text", "lm_head."),
-        ("vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
-        ("model.vision_tower.vision_model.", "vision", "vision_tower.vision_model."),
-        ("vision_tower.", "vision", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision", "vision_tower.vision_model."),
-        ("multi_modal_projector.", "projector", "multi_modal_projector."),
-        ("model.multi_modal_projector.", "projector", "multi_modal_projector."),
-    ),
+    key_prefixes=TOWER_PROJECTOR_PREFIXES,
     # clip.cpp's PROJECTOR_TYPE_MLP reads mm.0 and mm.2 (the legacy llava surgery names)
     tensor_names={"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"},
     # hidden_states[feature_layer] is taken before CLIP's post_layernorm, which LLaVA never applies
