@@ -109,7 +109,7 @@ def count(model: Any, arch: Any, recipe: Any) -> Counts:
 
     import torch
 
-    from edgemed.train import lora_regex
+    from edgemed.train_model import lora_regex
 
     skip = [m for m in (arch.vision, arch.projector, arch.lm_head) if m]
     regex = lora_regex(arch, recipe)

@@ -149,8 +149,8 @@ def _steps(recipe: Recipe, n: int) -> Recipe:
 
 def _leading_bos(spec, model_dir) -> int:
     """BOS tokens at the start of one encoded training example: the template's own, never one more."""
-    from edgemed.modeling import load_processor
-    from edgemed.train import Loaded, encode_vqa
+    from edgemed.modeling import Loaded, load_processor
+    from edgemed.train_batches import encode_vqa
 
     proc, tok = load_processor(model_dir, spec)
     shell = Loaded(model=None, processor=proc, tokenizer=tok, arch=spec, base_dir=model_dir)

@@ -1,7 +1,7 @@
 """Training throughput and peak memory.
 
 CPU (always): the demo recipe on the embedded default image model, a few steps, tokens/s and peak RSS, fp32 and
-bf16 autocast. CUDA (when present): edgemed's QLoRA (``edgemed.train.build_model`` and its answer-only loss) at
+bf16 autocast. CUDA (when present): edgemed's QLoRA (``edgemed.train_model.build_model`` and its answer-only loss) at
 sequence length 1024 with gradient checkpointing on randomly initialised models of the public shapes of MedGemma 4B
 and Llama 3.2 11B Vision, against the textbook transformers + PEFT QLoRA (``prepare_model_for_kbit_training``,
 loss from ``labels``) and plain bf16 LoRA without checkpointing, in the same run.
@@ -49,7 +49,8 @@ def cpu_bench(steps: int) -> list[dict]:
     from edgemed import embedded
     from edgemed.data import generate_demo_set, read_dataset
     from edgemed.recipe import load_recipe
-    from edgemed.train import answer_loss, build_model, collate, encode
+    from edgemed.train_batches import answer_loss, collate, encode
+    from edgemed.train_model import build_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +121,7 @@ def gpu_bench(name: str, arch: str, cfg: dict, seq: int = 1024, steps: int = 5, 
 
     from edgemed.archs import REGISTRY
     from edgemed.recipe import Recipe
-    from edgemed.train import build_model, lora_regex, mixed_precision
+    from edgemed.train_model import build_model, lora_regex, mixed_precision
 
     cuda = DEV == "cuda"
 
@@ -181,7 +182,7 @@ def _timed_steps(model, opt, mode: str, autocast: bool, batch: int, seq: int, an
     """``steps`` optimiser steps after one warm-up: seconds per step, tokens/s and peak GPU memory."""
     import torch
 
-    from edgemed.train import answer_loss
+    from edgemed.train_batches import answer_loss
 
     cuda = DEV == "cuda"
     ids = torch.randint(3, 100, (batch, seq), device=DEV)
