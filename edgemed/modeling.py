@@ -73,7 +73,8 @@ def load_processor(model_dir: Path, arch: ArchSpec, vision: bool | None = None) 
     from transformers import AutoProcessor, AutoTokenizer
 
     if arch.is_vision if vision is None else vision:
-        proc = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        proc = (arch.load_processor(model_dir) if arch.load_processor else
+                AutoProcessor.from_pretrained(model_dir, local_files_only=True))
         return proc, proc.tokenizer
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return tok, tok

@@ -171,18 +171,12 @@ def one_layer(tmp_path_factory):
 
 
 def _processor(folder: Path):
-    """AutoProcessor of the folder; for Qwen2.5-VL without torchvision, edgemed's image-only processor class
-    (transformers' Qwen2_5_VLProcessor builds a video processor, and every video processor needs torchvision)."""
-    from transformers import AutoProcessor
+    """The folder's processor as edgemed loads it (a hub-layout Qwen2.5-VL folder names the video-capable processor,
+    which needs torchvision: ArchSpec.load_processor takes the image-only class)."""
+    from edgemed.archs import arch_for_dir
+    from edgemed.modeling import load_processor
 
-    try:
-        return AutoProcessor.from_pretrained(folder, local_files_only=True)
-    except ImportError as e:
-        if "orchvision" not in str(e) or json.loads((folder / "config.json").read_text())["model_type"] != "qwen2_5_vl":
-            raise
-        from edgemed.archs.qwen2_5_vl import processor_class
-
-        return processor_class().from_pretrained(folder, local_files_only=True)
+    return load_processor(folder, arch_for_dir(folder))[0]  # as every edgemed command loads it
 
 
 def _image(size: tuple[int, int]):

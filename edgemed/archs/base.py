@@ -134,6 +134,8 @@ class ArchSpec:
     text_config: Callable[[Any], Any] = lambda config: config  # the text decoder's config
     build_tiny: Callable[[Path, int], Path] | None = None  # writes a tiny random-weight model folder
     prepare: Callable[[], None] | None = None  # run by arch_for_dir before a folder is loaded (registers classes)
+    # loads the processor from a folder where AutoProcessor cannot (None: AutoProcessor)
+    load_processor: Callable[[Path], Any] | None = None
     grid: GridSpec | None = None  # image-grid positions computed outside exported graphs (M-RoPE families)
     onnx: ONNXSpec = field(default_factory=ONNXSpec)  # how `export onnx` writes this family
     # config attribute holding the id the image placeholder expands into (the rows image features replace)

@@ -74,6 +74,13 @@ def processor_class():
     return _PROCESSOR_CLASS[0]
 
 
+def load_processor(folder: Path):
+    """The processor of a Qwen2.5-VL folder as the hub ships it: its processor_config names Qwen2_5_VLProcessor,
+    whose video processor needs torchvision, so AutoProcessor fails there; the image-only class loads the same
+    files (image processor, tokenizer, chat template)."""
+    return processor_class().from_pretrained(folder, local_files_only=True)
+
+
 def prepare() -> None:
     """Make AutoProcessor able to load tiny Qwen2.5-VL folders (see :func:`processor_class`)."""
     processor_class()
@@ -309,6 +316,7 @@ SPEC = ArchSpec(
     text_config=lambda config: config.text_config,
     build_tiny=build_tiny,
     prepare=prepare,
+    load_processor=load_processor,  # hub folders name the video-capable processor (torchvision)
     grid=GridSpec(vision_inputs=vision_grid_inputs, rope_index=rope_index, vision_graph=vision_graph),
     onnx=ONNXSpec(decoder="grid"),  # M-RoPE: the builder writes 1-D rotary positions only
     notes=(
