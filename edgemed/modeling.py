@@ -180,3 +180,21 @@ def load_any(path: Path, *, dtype: str = "float32", device: str | None = None) -
     if kind_of(path) == "run":
         return load_run(path, dtype=dtype, device=device)
     return load_base(path, dtype=dtype, device=device)
+
+
+def generation_eos(folder: Path) -> list[int]:
+    """The eos ids of the generation settings transformers keeps for ``folder``: ``generation_config.json``, or
+    the model config's (top level or text config) when there is none. Several are usual (Gemma 3: ``[1, 106]``)."""
+    from transformers import GenerationConfig
+
+    from edgemed.files import read_json, reading
+
+    with reading(folder, "the generation settings saved with the model"):
+        if (folder / "generation_config.json").is_file():
+            config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        elif (folder / "config.json").is_file():
+            config = GenerationConfig.from_model_config(read_json(folder / "config.json", "a model config"))
+        else:
+            return []
+    v = config.eos_token_id
+    return [int(i) for i in (v if isinstance(v, list | tuple) else [v]) if i is not None]

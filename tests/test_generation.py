@@ -182,9 +182,6 @@ def test_every_backend_stops_on_either_generation_config_eos(two_eos):
             b.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="edgemed/export/gguf.py writes only the tokenizer's eos; the extra generation_config eos "
-                   "ids would need tokenizer.ggml.eot_token_id / eom_token_id")
 def test_the_gguf_file_alone_ends_generation_on_every_eos_id(two_eos):
     """What llama.cpp's own tools (llama-server, llama-cli) stop on, from the GGUF file without edgemed."""
     import llama_cpp
@@ -219,7 +216,8 @@ def test_end_of_turn_comes_from_the_chat_template(tiny_model, tmp_path):
 def test_stop_ids_are_the_union_of_the_three_sources(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from edgemed.backends.hf import generation_eos, stop_ids
+    from edgemed.backends.hf import stop_ids
+    from edgemed.modeling import generation_eos
 
     folder = tiny_model("gemma3_text")
     tok = AutoTokenizer.from_pretrained(folder)

@@ -34,30 +34,14 @@ def load_processing(folder: Path, arch: ArchSpec, vision: bool) -> tuple[Any, An
         return load_processor(folder, arch, vision=vision)
 
 
-def generation_eos(folder: Path) -> list[int]:
-    """The eos ids of the generation settings transformers keeps for ``folder``: ``generation_config.json``, or
-    the model config's (top level or text config) when there is none. Several are usual (Gemma 3: ``[1, 106]``)."""
-    from transformers import GenerationConfig
-
-    from edgemed.files import read_json, reading
-
-    with reading(folder, "the generation settings saved with the model"):
-        if (folder / "generation_config.json").is_file():
-            config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-        elif (folder / "config.json").is_file():
-            config = GenerationConfig.from_model_config(read_json(folder / "config.json", "a model config"))
-        else:
-            return []
-    v = config.eos_token_id
-    return [int(i) for i in (v if isinstance(v, list | tuple) else [v]) if i is not None]
-
-
 def stop_ids(folder: Path, processor: Any, tokenizer: Any, typed: bool) -> list[int]:
     """The ids every runtime ends an answer on: the generation settings' eos list, the tokenizer's eos and the
     chat template's end of turn (which a base model lacks), each once."""
     from edgemed import prompting
 
     ids: list[int] = []
+    from edgemed.modeling import generation_eos
+
     for i in (*generation_eos(folder), tokenizer.eos_token_id,
               prompting.end_of_turn(processor, tokenizer, typed=typed)):
         if i is not None and int(i) not in ids:

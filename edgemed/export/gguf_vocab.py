@@ -146,7 +146,27 @@ def _special_vocab(model_dir: Path, merges: bool, n_vocab: int):
     sv.chat_template = None
     for k, v in _adds_bos_eos(model_dir).items():  # what gguf-py read from the files wins; else transformers'
         sv.add_special_token.setdefault(k, v)
+    _extra_eos(model_dir, sv)
     return sv
+
+
+def _extra_eos(model_dir: Path, sv) -> None:
+    """generation_config.json's other eos ids (Gemma 3: 106, Llama 3: 128008/128009) as llama.cpp's eot and eom
+    tokens, so llama.cpp's own tools stop where transformers does. gguf-py's SpecialVocab reads only the
+    tokenizer's eos; GGUF has two such slots and no list, so a third extra id cannot be written (a warning says so)."""
+    from edgemed.modeling import generation_eos
+
+    extra = [i for i in generation_eos(model_dir) if i != sv.special_token_ids.get("eos")]
+    for slot, i in zip(("eot", "eom"), extra, strict=False):
+        sv.special_token_ids.setdefault(slot, i)
+    if len(extra) > 2:
+        import warnings
+
+        from edgemed.errors import EdgemedWarning
+
+        warnings.warn(f"{model_dir}: generation_config lists {len(extra)} eos ids besides the tokenizer's; a GGUF "
+                      f"holds two (eot, eom), so {extra[2:]} are not in the file: edgemed's runtime stops on them, "
+                      "llama.cpp's own tools will not", EdgemedWarning, stacklevel=2)
 
 
 def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
