@@ -95,12 +95,22 @@ def extra_bufts() -> list[str]:
     return names
 
 
+_BUILT: list[str] = []  # the list as llama.cpp was built, read before this process first dropped anything
+
+
+def built_extra_bufts() -> list[str]:
+    """The CPU backend's extra buffer types as built, even after :func:`drop_extra_bufts` edited this process's."""
+    return list(_BUILT) if _BUILT else extra_bufts()
+
+
 def drop_extra_bufts(names: set[str]) -> list[str]:
     """Take the named buffer types out of the list llama.cpp loads models with; returns what is left.
 
     Process-wide and one-way (models loaded afterwards never see them). Used for AMX alone: see the module
     docstring for why llama.cpp's own switch is too coarse.
     """
+    if not _BUILT:
+        _BUILT.extend(extra_bufts())
     base, arr = _extra_bufts_array()
     if not arr:
         return []
@@ -326,7 +336,7 @@ def probe_llamacpp(refresh: bool = False, child: Callable[[str, Path], str] | No
         print("edgemed: proving which llama.cpp CPU kernels work on this machine (once per CPU and build)...",
               file=user_err(), flush=True)
     folder = build_probe_files(probe_dir() / f"files-v{PROBE_VERSION}")
-    res = ProbeResult(mode=None, extra_bufts=extra_bufts(), build=build, cpu=cpu.model)
+    res = ProbeResult(mode=None, extra_bufts=built_extra_bufts(), build=build, cpu=cpu.model)
     child = child or run_child
     for mode in MODES:
         if mode == "no-amx" and "AMX" not in res.extra_bufts:

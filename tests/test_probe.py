@@ -16,6 +16,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEMED_HOME", str(tmp_path))
     monkeypatch.setattr(probe, "build_probe_files", lambda folder: folder)
     monkeypatch.setattr(probe, "_MODE", None)
+    monkeypatch.setattr(probe, "_BUILT", [])  # as if nothing was dropped yet (a llama.cpp test may have run first)
     monkeypatch.delenv("EDGEMED_LLAMACPP_MODE", raising=False)
     return tmp_path
 
@@ -77,7 +78,9 @@ def test_forced_mode_is_checked(home, monkeypatch):
 def test_real_probe_on_this_machine_finds_a_working_mode():
     res = probe.probe_llamacpp(quiet=True)
     assert res.mode in probe.MODES and res.tried[res.mode] == "ok"
-    assert res.extra_bufts == probe.extra_bufts()
+    # as built, even where this process already took AMX out (an AMX machine whose probe said no-amx)
+    assert res.extra_bufts == probe.built_extra_bufts()
+    assert set(probe.extra_bufts()) <= set(res.extra_bufts)
 
 
 def test_dropping_a_buffer_type_removes_it_from_what_llama_cpp_loads_with(tmp_path):
@@ -88,6 +91,7 @@ def test_dropping_a_buffer_type_removes_it_from_what_llama_cpp_loads_with(tmp_pa
         "from edgemed import probe\n"
         "before = probe.extra_bufts()\n"
         "after = probe.drop_extra_bufts({'CPU_REPACK'})\n"
+        "assert probe.built_extra_bufts() == before, (probe.built_extra_bufts(), before)\n"
         "probe._write_text_probe(Path(sys.argv[1]) / 'p.gguf')\n"
         "import llama_cpp\n"
         "from llama_cpp import _internals\n"
