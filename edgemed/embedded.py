@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgemed.artifacts import atomic_dir, sha256_file, write_manifest
 from edgemed.errors import ArtifactError
-from edgemed.paths import cache_root  # noqa: F401 - re-exported: callers use embedded.cache_root
+from edgemed.paths import cache_lock, cache_root  # noqa: F401 - cache_root re-exported: callers use embedded.cache_root
 
 TEXT = "smollm2-135m"
 IMAGE = "smollm2-135m-llava"
@@ -63,8 +63,11 @@ def materialize(name: str, quiet: bool = False) -> Path:
         return out
     if name == IMAGE:
         materialize(TEXT, quiet)
-    with atomic_dir(out, overwrite=True) as tmp:
-        (_build_text if name == TEXT else _build_image)(tmp, quiet)
+    with cache_lock(f"model-{name}"):
+        if _build_of(out) == BUILD:  # another process built it while this one waited
+            return out
+        with atomic_dir(out, overwrite=True) as tmp:
+            (_build_text if name == TEXT else _build_image)(tmp, quiet)
     return out
 
 

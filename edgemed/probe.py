@@ -324,11 +324,19 @@ def probe_llamacpp(refresh: bool = False, child: Callable[[str, Path], str] | No
                    quiet: bool = False) -> ProbeResult:
     """The verdict for this CPU and llama.cpp build: cached, or found by running the probe children now."""
     from edgemed.machine import cached_llamacpp
+    from edgemed.paths import cache_lock
 
     cpu, build = cpu_info(), llamacpp_build()
-    cache = llamacpp_cache(cpu, build)
     if not refresh and (res := cached_llamacpp(cpu, build)) is not None:
         return res  # a damaged cache reads as none and is redone
+    with cache_lock("probe-llamacpp"):  # one prober at a time; a waiter takes the verdict the first one wrote
+        if not refresh and (res := cached_llamacpp(cpu, build)) is not None:
+            return res
+        return _probe_llamacpp(cpu, build, child, quiet)
+
+
+def _probe_llamacpp(cpu: CpuInfo, build: str, child: Callable[[str, Path], str] | None, quiet: bool) -> ProbeResult:
+    cache = llamacpp_cache(cpu, build)
     t0 = time.time()
     if not quiet:
         from edgemed.console import user_err
@@ -401,10 +409,18 @@ print(json.dumps(out))
 def probe_torch(refresh: bool = False) -> TorchProbe:
     """PyTorch's bf16 verdict for this CPU and torch version (cached like the llama.cpp one)."""
     from edgemed.machine import cached_torch
+    from edgemed.paths import cache_lock
 
-    cache = torch_cache(cpu_info())
     if not refresh and (res := cached_torch()) is not None:
         return res
+    with cache_lock("probe-torch"):
+        if not refresh and (res := cached_torch()) is not None:
+            return res
+        return _probe_torch()
+
+
+def _probe_torch() -> TorchProbe:
+    cache = torch_cache(cpu_info())
     try:
         p = subprocess.run([sys.executable, "-c", _TORCH_CHILD], capture_output=True, text=True, timeout=300)
         res = (TorchProbe(**json.loads(p.stdout.strip().splitlines()[-1])) if p.returncode == 0
@@ -415,7 +431,9 @@ def probe_torch(refresh: bool = False) -> TorchProbe:
         if getattr(res, k) is not None:
             setattr(res, k, round(getattr(res, k), 2))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(asdict(res), indent=2))
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(res), indent=2))
+    tmp.replace(cache)  # a reader never sees half a verdict
     return res
 
 

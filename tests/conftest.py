@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    # pytest-xdist workers share the cores: split PyTorch's threads between them, before torch is imported, so that
+    # n workers do not run n x cores spinning OpenMP threads. Tests that pass n_threads themselves keep theirs.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 from edgemed.archs import REGISTRY  # noqa: E402
 

