@@ -1,8 +1,9 @@
 """`edgemed demo`: the whole pipeline on the embedded default image model and the bundled synthetic data.
 
 Materialise the model, generate the data, measure held-out accuracy before fine-tuning, fine-tune (LoRA on CPU,
-QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m) and ONNX (int8, int4), run parity and evaluation on every
-export, turn each export into a verified bundle, and write a report with plots. Offline throughout.
+QLoRA on CUDA), merge, export GGUF (f16, q8_0, q4_k_m, q4_0), the adapter form (q4_k_m and q4_0 base + the run's
+f16 LoRA) and ONNX (int8, int4), run parity and evaluation on every export, turn each export into a verified bundle,
+and write a report with plots. Offline throughout.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from typing import Any
 from edgemed.console import log_path
 from edgemed.errors import ArtifactError
 
-GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m", "q4_0")
+# the adapter form (export gguf RUN_DIR): the base at these quants + the run's LoRA as an f16 llama.cpp adapter, set
+# beside the merged-then-quantized rows above at the same quants
+ADAPTER_QUANTS = ("q4_k_m", "q4_0")
 # int4 keeps the fine-tune as low-rank factors beside the 4-bit base (edgemed.export.onnx_quant): merged and
 # rounded to 4 bits it failed parity on this model (KL 1.87, top-1 55%)
 ONNX_QUANTS = ("int8", "int4")
+REPORT_QUANTS = ("q8_0", "q4_k_m")  # the report model's GGUF exports, scored like the VQA ones
+REPORT_TEST = 48  # test studies the report step scores (generation is the slow part: up to 48 tokens each)
 SPEED_PROMPT = "List the main causes of chest pain in adults and explain how each is diagnosed."
 ANSWER_TOKENS = 6  # the demo's answers are one word and the end of turn; a rambling base model is cut short
 
@@ -114,6 +120,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
     import shutil
 
     from edgemed import embedded
+    from edgemed.artifacts import read_manifest
     from edgemed.data import generate_demo_set, read_dataset
     from edgemed.export.auto_quant import fresh_float_export
     from edgemed.export.gguf import export_gguf
@@ -128,7 +135,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
             raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    s = Steps(10 if onnx else 9)
+    s = Steps(12 if onnx else 11)
     t_start = time.time()
     rows: list[Row] = []
     with s.step("check this machine (edgemed doctor)"):
@@ -160,6 +167,11 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
         gguf_parity = run_parity(gguf, reference=model, adapter=run, report=out / "parity-gguf.json", max_probes=16,
                                  float_export=fresh_float_export)
         s.console.print(gguf_parity.table())
+    with s.step(f"export GGUF base ({', '.join(ADAPTER_QUANTS)}) + f16 LoRA adapter, parity against the run"):
+        adapted = export_gguf(run, list(ADAPTER_QUANTS), out / "gguf-adapter")
+        adapted_parity = run_parity(adapted, report=out / "parity-gguf-adapter.json", max_probes=16,
+                                    float_export=fresh_float_export)  # no reference: the run itself (PyTorch)
+        s.console.print(adapted_parity.table())
     onnx_dirs: dict[str, tuple[Path, Any]] = {}
     if onnx:
         with s.step(f"export ONNX ({', '.join(ONNX_QUANTS)}) and parity"):
@@ -179,17 +191,31 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
             row.parity = _parity_row(gguf_parity, q)
             measure(row, test)
             rows.append(row)
+        manifest = read_manifest(adapted)
+        mmproj = sorted(adapted.glob("mmproj*.gguf"))
+        for q in ADAPTER_QUANTS:
+            row = Row(f"GGUF {q} + f16 adapter (llama.cpp)", "llamacpp", adapted, quant=q,
+                      size_mb=_size_mb(adapted / manifest["models"][q], *mmproj,
+                                       *(adapted / f for f in manifest["adapters"].values())))
+            row.parity = _parity_row(adapted_parity, q)
+            measure(row, test)
+            rows.append(row)
         for q, (folder, result) in onnx_dirs.items():
             row = Row(f"ONNX {q} (onnxruntime)", "onnx", folder, quant=q,
                       size_mb=_size_mb(*[p for p in folder.rglob("*") if p.suffix in (".onnx", ".data")]))
             row.parity = _parity_row(result, q)
             measure(row, test)
             rows.append(row)
+    with s.step(f"report generation: the VQA model fine-tuned on findings reports, GGUF "
+                f"({', '.join(REPORT_QUANTS)}), BLEU / ROUGE-L / CIDEr retention ({REPORT_TEST} test studies)"):
+        reports = report_task(model, data["reports"], out, steps)
+        s.console.print(reports.table())
     with s.step("bundles (sealed manifests, model cards) and report"):
         _finalize(gguf, out / "parity-gguf.json", rows, "llamacpp")
+        _finalize(adapted, out / "parity-gguf-adapter.json", rows, "llamacpp")
         for q, (folder, _) in onnx_dirs.items():
             _finalize(folder, out / f"parity-onnx-{q}.json", rows, "onnx")
-        report = write_report(out, rows, run, time.time() - t_start, machine)
+        report = write_report(out, rows, run, time.time() - t_start, machine, reports)
     s.console.print(summary_table(rows))
     log = log_path()
     s.console.print(f"\nreport: {report}\ntotal: {time.time() - t_start:.0f} s\n"
@@ -198,6 +224,46 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
                     f"next:   edgemed serve {gguf}   (OpenAI-compatible API on http://127.0.0.1:8080/v1)\n"
                     f"        edgemed ask {gguf} \"Is there a lesion?\" --image {test[0].image}")
     return report
+
+
+def report_task(vqa_model: Path, reports: Path, out: Path, steps: int | None = None,
+                max_tokens: int | None = None) -> Any:
+    """Fine-tune the merged VQA model on the demo set's findings reports (recipes/demo_report.yaml), merge it,
+    export it to GGUF and score the reports of the model before, the fine-tune and each export (BLEU-1..4,
+    ROUGE-L, CIDEr-D with pycocoevalcap's scorers; edgemed.evaluate). Returns the EvalResult."""
+    from edgemed.evaluate import evaluate_many
+    from edgemed.export.gguf import export_gguf
+    from edgemed.merge import merge
+    from edgemed.recipe import load_recipe
+    from edgemed.train import finetune
+
+    overrides = [f"model.path={vqa_model}", f"stages.0.data.train={reports}", f"stages.0.data.validation={reports}"]
+    if steps:
+        overrides.append(f"stages.0.max_steps={steps}")
+    recipe = load_recipe(Path(__file__).parent / "recipes" / "demo_report.yaml", overrides)
+    run = finetune(recipe, out / "report-run")
+    model = merge(run, out / "report-model")
+    gguf = export_gguf(model, list(REPORT_QUANTS), out / "report-gguf")
+    return evaluate_many([vqa_model, model, gguf], reports, task="report", split="test", limit=REPORT_TEST,
+                         max_tokens=max_tokens, report=out / "eval-report.json")
+
+
+def report_lines(res: Any) -> list[str]:
+    """The report-generation table of the demo report: each row's scores, and its ROUGE-L change against the row it
+    is compared with (an export against its model) with the paired bootstrap 95% CI."""
+    if res is None:
+        return []
+    out = ["", f"Report generation ({res.results[0]['overall']['n']} test studies, reports cleaned as R2Gen does; "
+           "the change is in ROUGE-L points with its paired bootstrap 95% CI):", "",
+           "| model / export | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr | ROUGE-L change | vs |",
+           "|---|---|---|---|---|---|---|"]
+    for r in res.results:
+        o, ret = r["overall"], r.get("retention")
+        change = "-" if not ret else (f"{r['delta_points']:+.1f} ({100 * ret['ci_low']:+.1f} to "
+                                      f"{100 * ret['ci_high']:+.1f})")
+        out.append(f"| {r['label']} | {_num(o.get('bleu_1'))} | {_num(o.get('bleu_4'))} | {_num(o.get('rouge_l'))} | "
+                   f"{_num(o.get('cider'))} | {change} | {r.get('vs') or '-'} |")
+    return out
 
 
 def _check_machine() -> str:
@@ -280,7 +346,8 @@ def summary_table(rows: list[Row]) -> Any:
     return t
 
 
-def write_report(out: Path, rows: list[Row], run: Path, seconds: float, machine: str = "") -> Path:
+def write_report(out: Path, rows: list[Row], run: Path, seconds: float, machine: str = "",
+                 reports: Any = None) -> Path:
     """Markdown report with the loss curve, accuracy per format and size against accuracy."""
     import matplotlib
 
@@ -317,6 +384,7 @@ def write_report(out: Path, rows: list[Row], run: Path, seconds: float, machine:
                      f"{_num(p.get('kl_mean'), '.4f')} | {('pass' if p.get('passed') else 'FAIL') if p else '-'} | "
                      f"{_num(r.size_mb, '.1f')} | {_num(r.decode_tok_s, '.1f')} |")
     lines += _retention_lines(rows)
+    lines += report_lines(reports)
     lines += ["", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "", "![size](size_vs_accuracy.png)", "",
               "Accuracy: closed questions (yes/no) scored as accuracy, open questions as exact match, over the "
               "held-out test split. Parity: teacher-forced comparison with the merged PyTorch model "

@@ -467,7 +467,7 @@ def test_demo_is_deterministic(tmp_path):
     a = generate_demo_set(tmp_path / "a", seed=3, n_train=20, n_val=4, n_test=6)
     b = generate_demo_set(tmp_path / "b", seed=3, n_train=20, n_val=4, n_test=6)
     c = generate_demo_set(tmp_path / "c", seed=4, n_train=20, n_val=4, n_test=6)
-    assert set(a) == {"train", "validation", "test", "captions", "abstracts"}
+    assert set(a) == {"train", "validation", "test", "captions", "abstracts", "reports"}
     for k in a:
         assert a[k].read_bytes() == b[k].read_bytes()
     assert image_hashes(tmp_path / "a") == image_hashes(tmp_path / "b")

@@ -19,7 +19,7 @@ from edgemed.artifacts import atomic_dir, sha256_file
 from edgemed.data.dispatch import dataset_sha256
 from edgemed.errors import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: reports.json (R2Gen layout) beside the VQA splits, which are unchanged
 DEMO_SIZE = 64
 DEMO_SYSTEM = "You are a radiology assistant. Answer with one word."
 CAPTION_SYSTEM = "You are a radiology assistant. Describe the image in one short phrase."
@@ -105,6 +105,24 @@ def _caption(lesion: tuple[str, str] | None) -> str:
     return f"chest radiograph with a {size} lesion in the {side} lung ({side} side of the image)"
 
 
+_NORMAL_REPORTS = ("The lungs are clear. No focal lesion is seen.",
+                   "Both lung fields are clear. There is no lesion.",
+                   "Clear lungs. No lesion.")
+_LESION_REPORTS = ("There is a {size} lesion in the {side} lung. The {other} lung is clear.",
+                   "A {size} {side} lung lesion is seen. The {other} lung is clear.",
+                   "{Size} lesion in the {side} lung. No other lesion.")
+
+
+def _report(rng: np.random.Generator, lesion: tuple[str, str] | None) -> str:
+    """A short findings report of a phantom: what it shows (side and size), in one of a few phrasings."""
+    if lesion is None:
+        return _NORMAL_REPORTS[int(rng.integers(0, len(_NORMAL_REPORTS)))]
+    side, size = lesion
+    other = "right" if side == "left" else "left"
+    text = _LESION_REPORTS[int(rng.integers(0, len(_LESION_REPORTS)))]
+    return text.format(size=size, Size=size.capitalize(), side=side, other=other)
+
+
 _ABSTRACT_TOPICS = (("community-acquired pneumonia", "consolidation"), ("lung cancer", "a pulmonary nodule"),
                     ("tuberculosis", "upper-lobe cavitation"), ("heart failure", "pleural effusion"),
                     ("chronic obstructive pulmonary disease", "hyperinflation"), ("sarcoidosis", "hilar adenopathy"))
@@ -154,7 +172,8 @@ def generate_demo_set(out: Path | str, seed: int = 0, n_train: int = 480, n_val:
 
     Returns:
         Paths of the JSONL files: train, validation, test (VQA), captions (train images, "Describe the image."),
-        abstracts (text corpus).
+        abstracts (text corpus); and reports: ``reports.json``, a findings report per image in R2Gen's
+        annotation.json layout (train/val/test as the VQA splits), for the report-generation task.
     """
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if not isinstance(n, int) or n < 2:
@@ -166,12 +185,17 @@ def generate_demo_set(out: Path | str, seed: int = 0, n_train: int = 480, n_val:
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         captions: list[dict[str, Any]] = []
+        reports: dict[str, list[dict[str, Any]]] = {}
+        report_rng = np.random.default_rng([seed, 2])  # its own stream: the VQA splits keep version 1's bytes
         for split, n in splits.items():
             rows: list[dict[str, Any]] = []
             for i, lesion in enumerate(_labels(rng, n)):
                 rel = f"images/{split}_{i:04d}.png"
                 Image.fromarray(np.repeat(_phantom(rng, lesion)[..., None], 3, axis=2), "RGB").save(tmp / rel)
                 rows += _questions(rng, rel, lesion)
+                study = {"id": f"{split}_{i:04d}", "report": _report(report_rng, lesion),
+                         "image_path": [rel[len("images/"):]], "split": _R2GEN_SPLIT[split]}
+                reports.setdefault(_R2GEN_SPLIT[split], []).append(study)
                 if split == "train":
                     captions.append(_vqa(rel, _Q_CAPTION, _caption(lesion), "open", "caption", CAPTION_SYSTEM))
             _write_jsonl(tmp / f"{split}.jsonl", rows)
@@ -180,7 +204,12 @@ def generate_demo_set(out: Path | str, seed: int = 0, n_train: int = 480, n_val:
         counts["captions"] = {"images": n_train, "records": len(captions)}
         _write_jsonl(tmp / "abstracts.jsonl", (_abstract(rng, i) for i in range(24)))
         counts["abstracts"] = {"images": 0, "records": 24}
-        names = [*splits, "captions", "abstracts"]
+        # R2Gen's annotation.json layout (IU-Xray's, one view per study), images under images/ beside it; "records"
+        # counts the train split, the one read_dataset reads by default
+        (tmp / "reports.json").write_text(json.dumps(reports, indent=1) + "\n")
+        counts["reports"] = {"images": sum(splits.values()), "records": n_train,
+                             "studies": {k: len(v) for k, v in reports.items()}}
+        names = [*splits, "captions", "abstracts", "reports"]
         info = {
             "edgemed_dataset": 1,
             "name": "edgemed-phantom-cxr",
@@ -190,8 +219,15 @@ def generate_demo_set(out: Path | str, seed: int = 0, n_train: int = 480, n_val:
             "image_size": DEMO_SIZE,
             "convention": "left/right mean the left/right half of the image (not the patient's side)",
             "counts": counts,
-            "sha256": {f"{k}.jsonl": sha256_file(tmp / f"{k}.jsonl") for k in names},
-            "dataset_sha256": {f"{k}.jsonl": dataset_sha256(tmp / f"{k}.jsonl") for k in names},
+            "sha256": {_file(k): sha256_file(tmp / _file(k)) for k in names},
+            "dataset_sha256": {_file(k): dataset_sha256(tmp / _file(k)) for k in names},
         }
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    return {k: out / f"{k}.jsonl" for k in names}
+    return {k: out / _file(k) for k in names}
+
+
+_R2GEN_SPLIT = {"train": "train", "validation": "val", "test": "test"}
+
+
+def _file(name: str) -> str:
+    return "reports.json" if name == "reports" else f"{name}.jsonl"
