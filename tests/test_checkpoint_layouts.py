@@ -388,6 +388,7 @@ def test_cls_warning_follows_the_llama_cpp_version(tiny_model, tmp_path, monkeyp
         export(tiny_model("llava"), tmp_path / "fixed")
 
 
+@pytest.mark.slow  # a fresh `edgemed` process (import, supervision) and an export: about 14 s here
 def test_cli_shows_the_clip_warning_on_the_terminal(tiny_model, tmp_path):
     """Through the real `edgemed` program (supervised, library noise to the log): one warning line on stderr."""
     exe = Path(sys.executable).with_name("edgemed")
@@ -402,6 +403,7 @@ def test_cli_shows_the_clip_warning_on_the_terminal(tiny_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- templates at export
+@pytest.mark.slow  # an ONNX export and two runtimes: about 14 s here
 def test_onnx_export_gives_a_base_model_the_template(tiny_model, tmp_path):
     """A base model (no template) exported with --chat-template answers chat prompts through the ONNX runtime with
     that template, as PyTorch does with the model it came from."""
