@@ -252,14 +252,19 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4 accuracy level (0-4).")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
+@click.option("--chat-template", "chat_template", type=EXISTING,
+              help="Jinja chat template file to save as the folder's template instead of the model's (a base model "
+                   "has none).")
 @handled
 def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level: int, out: Path,
-                    overwrite: bool) -> None:
+                    overwrite: bool, chat_template: Path | None) -> None:
     """Write MODEL_DIR as ONNX for onnxruntime: decoder with KV cache and, for image models, the vision encoder."""
     from edgemed.export.onnx import export_onnx
+    from edgemed.prompting import read_template
 
     click.echo(export_onnx(model_dir, quant, out, overwrite=overwrite, block_size=block_size,
-                           accuracy_level=accuracy_level))
+                           accuracy_level=accuracy_level,
+                           chat_template=read_template(chat_template) if chat_template else None))
 
 
 # ---------------------------------------------------------------- checks

@@ -24,7 +24,7 @@ from edgemed.artifacts import (
     write_manifest,
 )
 from edgemed.errors import ArtifactError, ExportError
-from edgemed.export.gguf_mmproj import write_mmproj_gguf
+from edgemed.export.gguf_mmproj import warn_known_defects, write_mmproj_gguf
 from edgemed.export.gguf_tensors import (
     Checkpoint,
     Entry,
@@ -97,6 +97,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     _refuse_quantized(model_dir, config, ckpt)
     text_plan = plan_tensors(spec, config, ckpt, "text")
     vision_plan = plan_tensors(spec, config, ckpt, "vision") if spec.is_vision else []
+    warn_known_defects(spec, vision_plan, model_dir)  # before anything is written (a CLIP LLaVA)
     provenance = source_provenance(model_dir, source)
     wants = quants + (["mmproj-q5_0"] if spec.is_vision and mmproj_quant == "q5_0" else [])
     calib = _calibration_plan(model_dir, wants, calibration, calibrate, calibration_samples)

@@ -29,7 +29,7 @@ from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, 
 from edgemed.errors import ArtifactError, ExportError
 from edgemed.export import gguf_tensors as gt
 from edgemed.export import gguf_text as g
-from edgemed.export.gguf_mmproj import write_mmproj_gguf
+from edgemed.export.gguf_mmproj import warn_known_defects, write_mmproj_gguf
 from edgemed.export.gguf_tensors import Checkpoint, Entry, plan_tensors
 from edgemed.modeling import ADAPTER, TRAINED, refuse_bnb, run_base
 
@@ -154,6 +154,8 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
     run_prov = {**base_prov, "name": str(manifest.get("name") or run_dir.name), "tree_sha256": tree_sha256(run_dir),
                 "manifest": {"sha256": sha256_file(run_dir / MANIFEST), "kind": "run"}}
 
+    if spec.is_vision:  # before anything is written (a CLIP LLaVA)
+        warn_known_defects(spec, plan_tensors(spec, config, ckpt, "vision"), run_dir)
     files: dict[str, str] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_base(spec, config, base, ckpt, text_plan, quants, tmp, base_prov, files)

@@ -4,11 +4,56 @@ multimodal library (mtmd) loads beside the text model."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from edgemed.archs.base import ArchSpec
+from edgemed.errors import EdgemedWarning
 from edgemed.export.gguf_tensors import Checkpoint, Entry, add_kv, file_type, general_kv, write_gguf
+
+# llama.cpp's LLaVA graph (tools/mtmd/models/llava.cpp) with a class token: CLS concatenated after the patches
+# (issue #25814; fix PR #25844 unmerged) and the skip-last-layer step run twice on block_count = n-1 (issue #25817).
+# Per llama-cpp-python version: whether its llama.cpp has these defects. A release with the fix is one line
+# ("0.x.y": False); a version not listed (or none installed) is taken to have them.
+CLS_DEFECT = {
+    "0.3.36": True,  # docs/parity.md, Known gaps: measured on the tiny CLIP LLaVA
+}
+CLS_DEFECT_PROJECTORS = ("mlp",)  # clip projector types whose graph is llava.cpp's (the ones edgemed writes)
+
+
+def llama_cpp_version() -> str | None:
+    """The installed llama-cpp-python's version (its llama.cpp runs the files), None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def has_cls_defect(version: str | None) -> bool:
+    """Whether the llama.cpp of llama-cpp-python ``version`` has the LLaVA CLS defects (:data:`CLS_DEFECT`)."""
+    return CLS_DEFECT.get(version or "", True)
+
+
+def warn_known_defects(spec: ArchSpec, plan: list[Entry], where: Path) -> bool:
+    """Warn, before anything is written, when llama.cpp is known to run this mmproj wrongly: a CLIP tower (class
+    embedding) in llama.cpp's LLaVA graph. Returns whether it warned."""
+    version = llama_cpp_version()
+    if spec.gguf_projector not in CLS_DEFECT_PROJECTORS or not any(e.name == "v.class_embd" for e in plan) \
+            or not has_cls_defect(version):
+        return False
+    which = f"llama.cpp of llama-cpp-python {version}" if version else "llama.cpp (llama-cpp-python not installed)"
+    warnings.warn(
+        f"{where}: its vision tower has a class token (CLIP; vision_feature_select_strategy 'default'), which the "
+        f"{which} mishandles: its LLaVA graph concatenates CLS last, so the decoder gets [patch 1..n-1, CLS] instead "
+        "of [patch 0..n-1] (llama.cpp issue #25814; the one-line fix, PR #25844, is unmerged), and it runs the "
+        "skip-last-layer step twice when a converter writes block_count = n-1 (issue #25817). The GGUF files are "
+        "written, but images reach the decoder differently from PyTorch and `edgemed parity` fails them; export "
+        f"this model with `edgemed export onnx {where} --out DIR` instead (docs/parity.md, Known gaps)",
+        EdgemedWarning, stacklevel=3)
+    return True
 
 
 def mmproj_kv(spec: ArchSpec, config: Any, model_dir: Path) -> dict[str, Any]:

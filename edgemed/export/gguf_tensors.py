@@ -151,7 +151,9 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
         parts = ("vision", "projector")
     n_head = text_cfg.num_attention_heads
     n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_head
-    tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    # transformers ties the head by the top-level config alone (LlavaConfig copies its text config's flag up; a Gemma 3
+    # saved untied keeps text_config.tie_word_embeddings true and is untied all the same)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     entries: list[Entry] = []
     for key in ckpt.keys:
         rewritten = _rewrite(g, key)
@@ -185,6 +187,11 @@ def plan_tensors(spec: ArchSpec, config: Any, ckpt: Checkpoint, which: str) -> l
         entries.append(Entry("", "rope_freqs.weight", freqs.shape, make=lambda: freqs))
     if not entries:
         raise ExportError(f"{ckpt.folder}: no {which} tensors found for {spec.name}")
+    if which == "text" and not tied and not any(e.name == "output.weight" for e in entries):
+        raise ExportError(f"{ckpt.folder}: config.json says the LM head is not tied to the embeddings "
+                          "(tie_word_embeddings false) but the checkpoint has no lm_head weight, so transformers "
+                          "would start it from random values; save the model again with its head, or set "
+                          "tie_word_embeddings to true if the head is the embedding matrix")
     names = [e.name for e in entries]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:

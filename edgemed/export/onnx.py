@@ -26,6 +26,7 @@ import torch
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
+from edgemed.export.gguf_vocab import replace_template
 from edgemed.export.onnx_decoder import decoder_route, export_decoder
 from edgemed.export.onnx_graph import DECODER, EMBED, VISION, check_graph
 from edgemed.export.onnx_quant import quantize_decoder_int4, quantize_embed_int8
@@ -42,7 +43,7 @@ _SKIP_FILES = ("manifest.json", "model.safetensors.index.json", "pytorch_model.b
 
 
 def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | None = None, *, overwrite: bool = False,
-                block_size: int = 32, accuracy_level: int = 4) -> Path:
+                block_size: int = 32, accuracy_level: int = 4, chat_template: str | None = None) -> Path:
     """Export a merged model folder to ONNX for onnxruntime.
 
     Args:
@@ -53,6 +54,8 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         overwrite: replace an existing ``out`` once the new folder is complete.
         block_size: int4/int8 block size (16, 32, 64, 128, 256).
         accuracy_level: int4/int8 MatMulNBits accuracy level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
+        chat_template: template text saved as the folder's chat_template.jinja instead of the model's
+            (``--chat-template``; a base model has none), so the ONNX runtime renders prompts with it.
 
     Returns:
         The output folder.
@@ -89,6 +92,8 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             graphs["decoder"]["quant_algorithm"] = quantize_decoder_int4(tmp / DECODER, block_size, accuracy_level,
                                                                          base_graph, base)
         _copy_processing_files(model_dir, tmp)
+        if chat_template is not None:
+            replace_template(tmp, chat_template)
         for g in graphs.values():
             check_graph(tmp / g["file"])
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
