@@ -24,10 +24,14 @@ def test_retention_lines_name_flips_and_interval():
     assert _retention_note(q8, [before, q8]) == ""
 
 
-def test_report_task_trains_on_reports_and_scores_every_export(tiny_model, tmp_path):
+def test_report_task_trains_on_reports_and_scores_every_export(tiny_model, tmp_path, monkeypatch):
     """The demo's report step on a tiny LLaVA: a report fine-tune of the given model on the demo set's reports.json,
     merged and exported to GGUF, each row scored with BLEU/ROUGE-L/CIDEr and each export compared with its model."""
     import json
+
+    from edgemed import scoring
+
+    monkeypatch.setattr(scoring, "java_available", lambda: False)  # METEOR starts a JVM per row: not what this checks
 
     from edgemed.data import generate_demo_set
     from edgemed.demo import REPORT_QUANTS, report_lines, report_task

@@ -207,3 +207,12 @@ def test_report_metrics_by_hand(monkeypatch):
     assert r["meteor"] is None and "no Java runtime" in r["meteor_skipped"]
     with pytest.raises(ParityError, match="missing"):
         report_metrics(refs, {"a": "x"})
+
+
+@pytest.mark.skipif(not scoring.java_available(), reason="no Java runtime: METEOR's scorer is a Java jar")
+def test_meteor_with_java_scores_exact_reports_higher():
+    refs = {"a": "no acute disease .", "b": "small left effusion ."}
+    exact = report_metrics(refs, dict(refs), meteor=True)
+    wrong = report_metrics(refs, {"a": "large right effusion .", "b": "heart enlarged ."}, meteor=True)
+    assert exact["meteor_skipped"] is None and exact["meteor"] > 0.9
+    assert wrong["meteor"] < 0.5 * exact["meteor"] and len(wrong["per_item"]["meteor"]) == 2
