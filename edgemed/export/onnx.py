@@ -27,6 +27,7 @@ from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
 from edgemed.export.onnx_decoder import decoder_route, export_decoder
+from edgemed.export.onnx_genai import write_genai_config
 from edgemed.export.onnx_graph import DECODER, EMBED, VISION, check_graph
 from edgemed.export.onnx_quant import quantize_decoder_int4, quantize_embed_int8
 from edgemed.export.onnx_vision import example_image_inputs, export_embed, export_vision
@@ -91,6 +92,7 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         _copy_processing_files(model_dir, tmp)
         for g in graphs.values():
             check_graph(tmp / g["file"])
+        graphs["decoder"]["genai"] = write_genai_config(tmp, spec, graphs["decoder"])  # og.Model(folder) opens it
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
                        options={"block_size": block_size, "accuracy_level": accuracy_level}
                        if quant in ("int4", "int8") else {},
