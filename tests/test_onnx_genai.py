@@ -233,3 +233,139 @@ def test_embedded_model_answers_the_same_through_genai(quant, embedded_text, tmp
             assert text == torch.tokenizer.decode(got, skip_special_tokens=True) and len(text) > 20
         finally:
             torch.close()
+
+
+# ---------------------------------------------------------------- og.Adapters: one int4 base, an adapter file per run
+def _finetune(base: Path, root: Path, answer: str, decoder: str = "lora") -> Path:
+    """A tiny fine-tune that answers ``answer`` to every question, merged (LoRA B starts non-zero: real work)."""
+    from edgemed.merge import merge
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    root.mkdir(parents=True)
+    recs = [{"question": q, "answer": answer, "answer_type": "open", "image": None}
+            for q in ("Which side?", "Where is it?", "Which side is bright?", "Say it.")]
+    (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    recipe = Recipe.model_validate({
+        "model": {"path": str(base)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2, "warmup_ratio": 0.0},
+        "stages": [{"name": "s", "data": {"train": str(root / "vqa.jsonl")}, "max_steps": 8,
+                    "train": {"vision": "frozen", "projector": "frozen", "decoder": decoder}}]})
+    return merge(finetune(recipe, root / "run"), root / "merged", check=False)
+
+
+@pytest.fixture(scope="module")
+def adapters_export(tiny_model, tmp_path_factory):
+    """(export folder, {name: merged folder}): two fine-tunes of the tiny Llama with opposite answers."""
+    from edgemed.export.onnx_genai_adapters import export_genai_adapters
+
+    root = tmp_path_factory.mktemp("genai-adapters")
+    merged = {side: _finetune(tiny_model("llama"), root / side, side) for side in ("left", "right")}
+    return export_genai_adapters(merged, root / "export"), merged
+
+
+def test_adapters_switch_per_generator_and_equal_each_merged_export(adapters_export, tmp_path):
+    """og.Adapters loads each run's file onto the one int4 base; a generator with an adapter gives the greedy
+    tokens of that run's own int4 export (edgemed's backend) and of PyTorch on the merged model, one without gives
+    the base's, and two generators with different adapters, stepped in turn, each keep their own."""
+    from edgemed.artifacts import sha256_file
+    from edgemed.export.onnx_genai_adapters import SUFFIX
+
+    folder, merged = adapters_export
+    manifest = read_manifest(folder, ("onnx",))
+    assert set(manifest["adapters"]) == set(merged)
+    for name, entry in manifest["adapters"].items():
+        assert entry["file"] == f"adapters/{name}{SUFFIX}" and sha256_file(folder / entry["file"]) == entry["sha256"]
+        assert entry["weights"] > 0 and entry["merge"]["path"] == str(merged[name])
+    model = og.Model(str(folder))
+    adapters = og.Adapters(model)
+    for name in merged:
+        adapters.load(str(folder / "adapters" / f"{name}{SUFFIX}"), name)
+    base = open_backend(folder)
+    try:
+        tokens = base.tokenize(base.render("Which side?"))
+        answers = {name: genai_greedy(model, tokens, 6, adapters, name)[0] for name in merged}
+        assert genai_greedy(model, tokens, 6)[0] == greedy(base, tokens, 6)  # no adapter: the base
+    finally:
+        base.close()
+    assert answers["left"] != answers["right"], answers
+    for name, m in merged.items():
+        own = export(m, tmp_path / name, "int4")  # the merge's int4 export: the same base, its change in the graph
+        for ref_folder in (own, m):
+            ref = open_backend(ref_folder)
+            try:
+                assert answers[name] == greedy(ref, tokens, 6), f"{name}: genai with the adapter vs {ref_folder}"
+            finally:
+                ref.close()
+    gens = {}
+    for name in merged:  # both alive at once, on one model: switching is per generator, not a reload
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(tokens) + 6, do_sample=False)
+        gens[name] = og.Generator(model, params)
+        gens[name].set_active_adapter(adapters, name)
+        gens[name].append_tokens(np.array([tokens], dtype=np.int32))
+    stepped = {name: [] for name in gens}
+    while not all(g.is_done() for g in gens.values()):
+        for name, g in gens.items():
+            if not g.is_done():
+                g.generate_next_token()
+                stepped[name].append(int(g.get_next_tokens()[0]))
+    assert stepped == answers
+
+
+def test_runs_an_adapter_cannot_carry_are_refused(adapters_export, tiny_model, tmp_path):
+    """Trained norms (no LoRA) and fine-tunes of different bases are refused before any export, with the reason."""
+    from edgemed.errors import ExportError
+    from edgemed.export.onnx_genai_adapters import export_genai_adapters
+
+    _, merged = adapters_export
+    norms = _finetune(tiny_model("llama"), tmp_path / "norms", "left", decoder="layernorm")
+    with pytest.raises(ExportError, match="is not a LoRA merge"):
+        export_genai_adapters({"norms": norms}, tmp_path / "out")
+    other = _finetune(tiny_model("llama", seed=1), tmp_path / "other", "left")
+    with pytest.raises(ExportError, match="start from different base models"):
+        export_genai_adapters({"left": merged["left"], "other": other}, tmp_path / "out")
+    with pytest.raises(ExportError, match="adapter name 'a/b'"):
+        export_genai_adapters({"a/b": other}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _graph(path: Path, w: np.ndarray, norm: np.ndarray, head: np.ndarray) -> Path:
+    """x -> MatMul(W) -> Mul(norm) -> MatMul(head): a projection, a norm and an LM head, as a decoder has them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "proj.MatMul.weight"], ["h"], name="/proj/MatMul"),
+             helper.make_node("Mul", ["h", "norm.weight"], ["n"], name="/norm/Mul"),
+             helper.make_node("MatMul", ["n", "lm_head.MatMul.weight"], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(w, "proj.MatMul.weight"),
+                               numpy_helper.from_array(norm, "norm.weight"),
+                               numpy_helper.from_array(head, "lm_head.MatMul.weight")])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_changes_other_than_low_rank_projections_are_refused(tmp_path):
+    """Only a low-rank change of a decoder projection becomes adapter factors; a norm, the LM head, a full-rank
+    change or no change at all is refused with the tensor's name."""
+    from edgemed.errors import ExportError
+    from edgemed.export.onnx_genai_adapters import _run_factors, _Weights
+
+    rng = np.random.default_rng(0)
+    w, norm, head = rng.standard_normal((64, 64), np.float32), np.ones(64, np.float32), rng.standard_normal(
+        (64, 8), np.float32)
+    ref = _Weights(_graph(tmp_path / "base.onnx", w, norm, head))
+    u, v = rng.standard_normal((64, 2), np.float32), rng.standard_normal((2, 64), np.float32) * 0.01
+    f = _run_factors("r", tmp_path, ref, _graph(tmp_path / "lora.onnx", w + u @ v, norm, head), 8)
+    (a, b), = f.values()
+    assert list(f) == ["proj.MatMul.weight"] and a.shape == (64, 2) and np.allclose(a @ b, u @ v, atol=1e-5)
+    cases = {"norm.weight.*not a decoder projection": (w, norm * 1.1, head),
+             "lm_head.MatMul.weight.*not a decoder projection": (w, norm, head * 1.1),
+             "change of 'proj.MatMul.weight' is not of rank <= 8": (w + rng.standard_normal((64, 64), np.float32),
+                                                                    norm, head),
+             "equals the base's": (w, norm, head)}
+    for i, (match, arrays) in enumerate(cases.items()):
+        with pytest.raises(ExportError, match=match):
+            _run_factors("r", tmp_path, ref, _graph(tmp_path / f"{i}.onnx", *arrays), 8)
