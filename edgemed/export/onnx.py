@@ -28,6 +28,7 @@ from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manife
 from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
 from edgemed.export.gguf_vocab import replace_template
 from edgemed.export.onnx_decoder import decoder_route, export_decoder
+from edgemed.export.onnx_genai import write_genai_config
 from edgemed.export.onnx_graph import DECODER, EMBED, VISION, check_graph
 from edgemed.export.onnx_quant import quantize_decoder_int4, quantize_embed_int8
 from edgemed.export.onnx_vision import example_image_inputs, export_embed, export_vision
@@ -96,6 +97,7 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             replace_template(tmp, chat_template)
         for g in graphs.values():
             check_graph(tmp / g["file"])
+        graphs["decoder"]["genai"] = write_genai_config(tmp, spec, graphs["decoder"])  # og.Model(folder) opens it
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
                        options={"block_size": block_size, "accuracy_level": accuracy_level}
                        if quant in ("int4", "int8") else {},
