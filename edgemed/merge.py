@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgemed import memory
 from edgemed.archs import arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError
@@ -324,6 +325,7 @@ def merge(run_dir: Path | str, out: Path | str, *, overwrite: bool = False, chec
     run = load(run_dir, ("run",))
     base = run_base(run_dir, run)
     refuse_bnb(base, "merge")
+    memory.require(memory.merge_need(base), f"merging {run_dir} into {base}")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         counts = merge_weights(base, run_dir, tmp)
         index = base / "model.safetensors.index.json"

@@ -13,6 +13,7 @@ CPU, one GPU, or several processes under ``accelerate launch`` / ``torchrun`` (D
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,8 @@ from edgemed.train_model import (
     trainable_names,
     trainable_report,
 )
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 SCHEDULER = "scheduler.pt"
@@ -75,6 +78,7 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
         _check_output(out, work, resume, overwrite)
     base, stages = _resolve_paths(recipe)
     device, use_4bit = device_and_method(recipe, strict)
+    _check_memory(recipe, base, device)
     encoded = encode_stages(recipe, base, stages)  # every record checked (images decoded) before weights load
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,6 +92,25 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
             shutil.rmtree(out)
         work.rename(out)
     return out
+
+
+def _check_memory(recipe: Recipe, base: Path, device: str) -> None:
+    """Refuse a fine-tune that will not fit (RAM on the CPU, free GPU memory on CUDA) before anything loads."""
+    from edgemed import memory
+    from edgemed.plan import plan
+
+    what = f"fine-tuning {base} ({recipe.method}, batch {recipe.optim.batch_size} x {recipe.max_length} tokens)"
+    try:
+        need = plan(recipe, base, device="cuda" if device.startswith("cuda") else "cpu").gpu_peak * memory.GB
+    except Exception as e:  # noqa: BLE001 - the estimate is a courtesy: a config plan cannot read still trains
+        log.warning("no memory estimate for %s (%s: %s); training without the check", base, type(e).__name__, e)
+        return
+    if device.startswith("cuda"):
+        import torch
+
+        memory.require(need + 300 * memory.MB, what + " on the GPU", available=torch.cuda.mem_get_info()[0])
+    else:
+        memory.require(need + 300 * memory.MB, what)
 
 
 def _check_output(out: Path, work: Path, resume: bool, overwrite: bool) -> None:

@@ -1,0 +1,133 @@
+"""Memory a command will need, checked before it starts: a workstation that is short gets a refusal that says how
+much is needed and how much there is, never an out-of-memory kill halfway through a merge or an export.
+
+The needs are peak resident memory *above the interpreter that has imported torch and transformers* (the process
+already holds that when a command starts), from the checkpoint's files and config alone. Each rule is the shape
+the code's own memory takes, with constants measured on this code (the figures, and the commands that gave them,
+are in docs/scale.md, "Memory before work"):
+
+* merge: shards are streamed tensor by tensor and the logit check reads one decoder layer at a time, so the peak is
+  the largest shard plus 10% and 200 MB (tools/bench_merge.py measured 762 MB at 0.66B for a bound of 827 MB).
+* export gguf: tensors are converted one at a time and llama.cpp's quantizer maps its input, so twice the largest
+  tensor in fp32 plus 150 MB (SmolLM2-135M to q4_k_m: 172 MB above the baseline; its largest tensor is 113 MB
+  in fp32). Computing importance matrices loads the whole model in fp32 for its forward passes: that instead.
+* export onnx: torch.onnx holds the fp32 model and the graph it builds with its initializers: 2.3x the fp32
+  weights plus 200 MB (SmolLM2-135M: 1.04 GB fp32 and 1.23 GB int4 above the baseline, for 0.54 GB of weights).
+* parity: the reference in fp32, every export file it opens (llama.cpp and onnxruntime map them), a quarter of
+  the reference for activations and logits, plus 300 MB (SmolLM2-135M against its q4_k_m: 0.99 GB measured,
+  1.08 GB predicted).
+* finetune: `edgemed plan`'s own sum (weights, LoRA with AdamW, activations, logits) for the device it runs on,
+  plus 300 MB (``edgemed.train`` asks; this module imports nothing of edgemed's but its errors).
+
+``EDGEMED_NO_MEMORY_CHECK=1`` skips the checks, for a machine whose swap or page cache the estimate cannot see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from edgemed.errors import EdgemedError
+
+GB = 1e9
+MB = 1e6
+SKIP_ENV = "EDGEMED_NO_MEMORY_CHECK"
+
+
+class MemoryShortError(EdgemedError):
+    """The machine has less memory available than a command needs."""
+
+
+def available_bytes() -> int | None:
+    """Memory this process may still take: MemAvailable, capped by a cgroup (container) limit; None if unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    limit = _cgroup_room()
+    if limit is not None:
+        avail = limit if avail is None else min(avail, limit)
+    return avail
+
+
+def _cgroup_room() -> int | None:
+    """Room left under a cgroup v2 memory limit (memory.max - memory.current), or None when there is no limit."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        raw = (root / "memory.max").read_text().strip()
+        if raw == "max":
+            return None
+        return max(0, int(raw) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def require(need: float, what: str, available: int | None = None) -> None:
+    """Refuse ``what`` (a sentence naming the command and its input) when ``need`` bytes exceed what is available."""
+    if os.environ.get(SKIP_ENV) == "1":
+        return
+    have = available_bytes() if available is None else available
+    if have is None or need <= have:
+        return
+    raise MemoryShortError(
+        f"{what} needs about {need / GB:.1f} GB of memory and this machine has {have / GB:.1f} GB available; "
+        "nothing was started. Close other programs or run it on a machine with more memory (`edgemed plan "
+        f"RECIPE` shows what each step needs); set {SKIP_ENV}=1 to try anyway")
+
+
+# ---------------------------------------------------------------- what a checkpoint holds, from its headers
+
+
+def _safetensors(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def tensor_sizes(folder: Path) -> tuple[int, int]:
+    """(number of values in all tensors, in the largest one) of a safetensors checkpoint, from the file headers."""
+    total = largest = 0
+    for f in _safetensors(folder):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            numel = 1
+            for d in v["shape"]:
+                numel *= d
+            total += numel
+            largest = max(largest, numel)
+    return total, largest
+
+
+def largest_shard(folder: Path) -> int:
+    return max((f.stat().st_size for f in _safetensors(folder)), default=0)
+
+
+# ---------------------------------------------------------------- needs, in bytes above the interpreter
+
+
+def merge_need(base: Path) -> float:
+    return 1.1 * largest_shard(base) + 200 * MB
+
+
+def gguf_need(model: Path, calibrating: bool = False) -> float:
+    total, largest = tensor_sizes(model)
+    need = 2 * 4 * largest + 150 * MB
+    return max(need, 4 * total + 300 * MB) if calibrating else need
+
+
+def onnx_need(model: Path) -> float:
+    total, _ = tensor_sizes(model)
+    return 2.3 * 4 * total + 200 * MB
+
+
+def parity_need(reference: Path, export_files: list[Path]) -> float:
+    total, _ = tensor_sizes(reference)
+    return 1.25 * 4 * total + sum(f.stat().st_size for f in export_files if f.is_file()) + 300 * MB
+

@@ -1,0 +1,79 @@
+"""Memory before work: a command that will not fit is refused before it starts, saying how much it needs and how
+much there is, and leaves nothing behind; the needs come from the checkpoint's headers."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_vqa
+
+from edgemed import memory
+from edgemed.cli import main
+from edgemed.recipe import Recipe
+from edgemed.train import finetune
+
+
+def test_require_names_need_and_room_and_can_be_skipped(monkeypatch):
+    memory.require(2e9, "x", available=3e9)  # fits: nothing happens
+    with pytest.raises(memory.MemoryShortError, match=r"merging A needs about 2\.0 GB .* has 0\.5 GB available; "
+                                                      r"nothing was started"):
+        memory.require(2e9, "merging A", available=int(5e8))
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    memory.require(2e9, "merging A", available=int(5e8))
+
+
+def test_available_is_capped_by_a_cgroup_limit(monkeypatch):
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: 12345)
+    assert memory.available_bytes() == 12345
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
+    assert memory.available_bytes() > 12345  # MemAvailable of this machine
+
+
+def test_sizes_come_from_the_headers(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    numels = {n: p.numel() for n, p in model.state_dict().items()}
+    total, largest = memory.tensor_sizes(folder)
+    assert largest == max(numels.values())
+    assert total == sum(v for k, v in numels.items() if k != "lm_head.weight" or not model.config.tie_word_embeddings)
+    assert memory.merge_need(folder) == pytest.approx(1.1 * memory.largest_shard(folder) + 200e6)
+    assert memory.onnx_need(folder) > memory.gguf_need(folder)  # ONNX holds the whole graph, GGUF one tensor
+    assert memory.gguf_need(folder, calibrating=True) >= 4 * total  # the imatrix forward holds the fp32 model
+
+
+def _recipe(model, data):
+    return Recipe.model_validate({
+        "model": {"path": str(model)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2}, "stages": [{"name": "s", "data": {"train": str(data)},
+                                                             "max_steps": 1}]})
+
+
+def test_finetune_and_merge_refuse_before_work_when_memory_is_short(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    recipe = _recipe(model, write_vqa(tmp_path / "data", n=4, image=False))
+    run = finetune(recipe, tmp_path / "run")  # room enough: trains
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
+    with pytest.raises(memory.MemoryShortError, match=r"fine-tuning .* needs about .* 0\.0 GB available"):
+        finetune(recipe, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run2.partial").exists()
+    r = CliRunner().invoke(main, ["merge", str(run), "--out", str(tmp_path / "merged")])
+    assert r.exit_code != 0 and "needs about" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "merged").exists()
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    assert (CliRunner().invoke(main, ["merge", str(run), "--out", str(tmp_path / "merged")]).exit_code == 0)
+
+
+def test_finetune_need_follows_the_plan(tiny_model, tmp_path, monkeypatch):
+    """The refusal threshold is edgemed plan's sum: just below it refuses, just above it trains."""
+    from edgemed.plan import plan
+
+    model = tiny_model("llama")
+    recipe = _recipe(model, write_vqa(tmp_path / "data", n=4, image=False))
+    need = plan(recipe, model, device="cpu").gpu_peak * 1e9 + 300e6
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need) - 1)
+    with pytest.raises(memory.MemoryShortError):
+        finetune(recipe, tmp_path / "a")
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need) + 1)
+    assert finetune(recipe, tmp_path / "b").is_dir()
