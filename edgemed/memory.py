@@ -110,24 +110,38 @@ def largest_shard(folder: Path) -> int:
 
 
 # ---------------------------------------------------------------- needs, in bytes above the interpreter
+# each from numbers (values in all tensors and in the largest, bytes of the largest shard), so that `edgemed plan`
+# can predict them from a config alone, and from a folder's headers
 
 
-def merge_need(base: Path) -> float:
-    return 1.1 * largest_shard(base) + 200 * MB
+def merge_bytes(largest_shard_bytes: float) -> float:
+    return 1.1 * largest_shard_bytes + 200 * MB
 
 
-def gguf_need(model: Path, calibrating: bool = False) -> float:
-    total, largest = tensor_sizes(model)
+def gguf_bytes(total: int, largest: int, calibrating: bool = False) -> float:
     need = 2 * 4 * largest + 150 * MB
     return max(need, 4 * total + 300 * MB) if calibrating else need
 
 
-def onnx_need(model: Path) -> float:
-    total, _ = tensor_sizes(model)
+def onnx_bytes(total: int) -> float:
     return 2.3 * 4 * total + 200 * MB
 
 
-def parity_need(reference: Path, export_files: list[Path]) -> float:
-    total, _ = tensor_sizes(reference)
-    return 1.25 * 4 * total + sum(f.stat().st_size for f in export_files if f.is_file()) + 300 * MB
+def parity_bytes(total: int, export_bytes: float) -> float:
+    return 1.25 * 4 * total + export_bytes + 300 * MB
 
+
+def merge_need(base: Path) -> float:
+    return merge_bytes(largest_shard(base))
+
+
+def gguf_need(model: Path, calibrating: bool = False) -> float:
+    return gguf_bytes(*tensor_sizes(model), calibrating=calibrating)
+
+
+def onnx_need(model: Path) -> float:
+    return onnx_bytes(tensor_sizes(model)[0])
+
+
+def parity_need(reference: Path, export_files: list[Path]) -> float:
+    return parity_bytes(tensor_sizes(reference)[0], sum(f.stat().st_size for f in export_files if f.is_file()))

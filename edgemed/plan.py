@@ -13,13 +13,13 @@ The fine-tune estimate follows what ``edgemed.train`` does, term by term:
 * logits at the supervised positions only, in fp32, with their log-softmax and gradient.
 
 Nothing here is fitted to measurements; tests/test_plan.py checks it against the GPU measurements in
-docs/benchmarks-gpu.md. RAM for merge, export and parity is not predicted yet: those figures have not been measured
-at size on this code (issue 15).
+docs/benchmarks-gpu.md. The RAM each later command needs comes from edgemed.memory, whose rules the commands
+themselves check before they start.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class Plan:
     gpu_peak: float
     checkpoint_gb: float
     largest_tensor_gb: float
+    ram_gb: dict[str, float] = field(default_factory=dict)  # peak RAM above the interpreter, per command
 
     def table(self) -> str:
         c = self.counts
@@ -80,6 +81,10 @@ class Plan:
             f"merged 16-bit checkpoint {self.checkpoint_gb:.2f} GB; largest tensor {self.largest_tensor_gb:.2f} GB "
             "in 16-bit",
         ]
+        if self.ram_gb:
+            rows.append("RAM, peak above the interpreter (about 0.4 GB with torch), as each command checks before "
+                        "it starts:")
+            rows += [f"  {k:<34} {v:6.2f} GB" for k, v in self.ram_gb.items()]
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,5 +189,29 @@ def plan(recipe: Any, model_dir: Path, *, batch: int | None = None, seq: int | N
     return Plan(model=str(model_dir), method="qlora" if qlora else f"lora-{recipe.dtype}", batch=batch, seq=seq,
                 supervised=supervised, counts=c, gpu_weights=weights / GB, gpu_trainable=trainable / GB,
                 gpu_activations=acts / GB, gpu_logits=logits / GB, gpu_peak=peak / GB,
-                checkpoint_gb=c.total * 2 / GB, largest_tensor_gb=c.largest_tensor * 2 / GB)
+                checkpoint_gb=c.total * 2 / GB, largest_tensor_gb=c.largest_tensor * 2 / GB,
+                ram_gb=ram_needs(Path(model_dir), c, peak if device == "cpu" else plan(
+                    recipe, model_dir, batch=batch, seq=seq, supervised=supervised, device="cpu").gpu_peak * GB))
+
+
+SHARD_BYTES = 5e9  # transformers' default max_shard_size ("5GB"): the merged shards when the folder has no weights
+Q4_K_M_BITS = 4.85  # llama.cpp's q4_k_m file, bits per weight (its own table for 7B-class models)
+
+
+def ram_needs(model_dir: Path, c: Counts, cpu_finetune: float) -> dict[str, float]:
+    """Each command's RAM need in GB (edgemed.memory's rules) for this model: from its safetensors headers when
+    the folder has weights, else from the config's counts with hub-sized (5 GB) shards."""
+    from edgemed import memory
+
+    if any(model_dir.glob("*.safetensors")):
+        total, largest = memory.tensor_sizes(model_dir)
+        shard = memory.largest_shard(model_dir)
+    else:
+        total, largest, shard = c.total, c.largest_tensor, min(SHARD_BYTES, 2 * c.total)
+    return {"finetune (this recipe, 16/32-bit LoRA on CPU)": (cpu_finetune + 300 * memory.MB) / GB,
+            "merge (its logit check included)": memory.merge_bytes(shard) / GB,
+            "export gguf": memory.gguf_bytes(total, largest) / GB,
+            "export gguf, calibrated": memory.gguf_bytes(total, largest, calibrating=True) / GB,
+            "export onnx": memory.onnx_bytes(total) / GB,
+            "parity of a q4_k_m export": memory.parity_bytes(total, total * Q4_K_M_BITS / 8) / GB}
 

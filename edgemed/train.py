@@ -78,8 +78,8 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
         _check_output(out, work, resume, overwrite)
     base, stages = _resolve_paths(recipe)
     device, use_4bit = device_and_method(recipe, strict)
-    _check_memory(recipe, base, device)
     encoded = encode_stages(recipe, base, stages)  # every record checked (images decoded) before weights load
+    _check_memory(recipe, base, device, encoded)
     work.mkdir(parents=True, exist_ok=True)
     try:
         _train(recipe, base, encoded, work, device, use_4bit, resume)
@@ -94,14 +94,20 @@ def finetune(recipe: Recipe, out: Path | str, *, resume: bool = False, strict: b
     return out
 
 
-def _check_memory(recipe: Recipe, base: Path, device: str) -> None:
-    """Refuse a fine-tune that will not fit (RAM on the CPU, free GPU memory on CUDA) before anything loads."""
+def _check_memory(recipe: Recipe, base: Path, device: str,
+                  encoded: list[tuple[Stage, list[Example], list[Example]]]) -> None:
+    """Refuse a fine-tune that will not fit (RAM on the CPU, free GPU memory on CUDA) before the weights load: the
+    plan's sum at the longest example's length and supervised tokens (not max_length, which most data never fills)."""
     from edgemed import memory
     from edgemed.plan import plan
 
-    what = f"fine-tuning {base} ({recipe.method}, batch {recipe.optim.batch_size} x {recipe.max_length} tokens)"
+    examples = [e for _, train, val in encoded for e in (*train, *val)]
+    seq = min(recipe.max_length, max(int(e.labels.shape[-1]) for e in examples))
+    supervised = max(int((e.labels >= 0).sum()) for e in examples)
+    what = f"fine-tuning {base} ({recipe.method}, batch {recipe.optim.batch_size} x {seq} tokens)"
     try:
-        need = plan(recipe, base, device="cuda" if device.startswith("cuda") else "cpu").gpu_peak * memory.GB
+        need = plan(recipe, base, seq=seq, supervised=supervised,
+                    device="cuda" if device.startswith("cuda") else "cpu").gpu_peak * memory.GB
     except Exception as e:  # noqa: BLE001 - the estimate is a courtesy: a config plan cannot read still trains
         log.warning("no memory estimate for %s (%s: %s); training without the check", base, type(e).__name__, e)
         return

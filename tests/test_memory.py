@@ -65,15 +65,25 @@ def test_finetune_and_merge_refuse_before_work_when_memory_is_short(tiny_model, 
     assert (CliRunner().invoke(main, ["merge", str(run), "--out", str(tmp_path / "merged")]).exit_code == 0)
 
 
-def test_finetune_need_follows_the_plan(tiny_model, tmp_path, monkeypatch):
-    """The refusal threshold is edgemed plan's sum: just below it refuses, just above it trains."""
+def test_finetune_need_is_the_plan_at_the_data_s_real_lengths(tiny_model, tmp_path, monkeypatch):
+    """The refusal threshold is edgemed plan's sum at the longest example and its supervised tokens (what the data
+    really holds, not max_length), plus 300 MB: just below it refuses, at it trains."""
     from edgemed.plan import plan
 
     model = tiny_model("llama")
     recipe = _recipe(model, write_vqa(tmp_path / "data", n=4, image=False))
-    need = plan(recipe, model, device="cpu").gpu_peak * 1e9 + 300e6
+    seen = []
+    real = memory.require
+    monkeypatch.setattr(memory, "require", lambda need, what, available=None: (seen.append((need, what)),
+                                                                                real(need, what, available)))
+    finetune(recipe, tmp_path / "a")
+    ((need, what),) = seen
+    seq = int(what.split(" x ")[1].split()[0])
+    assert 4 < seq < recipe.max_length  # "Say left." and its answer, far below 1024
+    assert need == pytest.approx(plan(recipe, model, seq=seq, supervised=seq, device="cpu").gpu_peak * 1e9 + 300e6,
+                                 rel=0.05)
     monkeypatch.setattr(memory, "available_bytes", lambda: int(need) - 1)
     with pytest.raises(memory.MemoryShortError):
-        finetune(recipe, tmp_path / "a")
+        finetune(recipe, tmp_path / "b")
     monkeypatch.setattr(memory, "available_bytes", lambda: int(need) + 1)
-    assert finetune(recipe, tmp_path / "b").is_dir()
+    assert finetune(recipe, tmp_path / "c").is_dir()
