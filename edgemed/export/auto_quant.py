@@ -34,7 +34,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
                thresholds: tuple[str, ...] | list[str] = (), data: Path | str | None = None,
                max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
-               n_threads: int | None = None, calibration: Path | str | None = None, mmproj_quant: str = "f16") -> Path:
+               n_threads: int | None = None, calibration: Path | str | None = None, mmproj_quant: str = "f16",
+               adapters: bool = True) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -51,6 +52,10 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         calibration: calibration data (default: the run's training data); with it each quant is tried
             calibrated and uncalibrated, by the same budget.
         mmproj_quant: file type of the image projector (image models), as ``export gguf --mmproj-quant``.
+        adapters: for a merged LoRA fine-tune whose run is still there, also try each quant of the base with the
+            run's LoRA as an f16 llama.cpp adapter (``export gguf RUN_DIR``): at 4 bits the merged weights can round
+            the fine-tune away where base + adapter keeps it. At each quant the merged file is tried first (it is
+            smaller by the adapter file).
 
     Returns:
         The export folder; its manifest holds ``auto_quant``: the choice and why each other candidate lost.
@@ -80,16 +85,36 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                   } if calibration is not None or default_calibration(model_dir) is not None else {}
         trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False,
                                              mmproj_quant=mmproj_quant)
+        run = lora_run(model_dir) if adapters else None
+        if run is not None:
+            trials["adapter"] = export_gguf(run, order, work / "adapter", calibration=calibration,
+                                            mmproj_quant=mmproj_quant)
         results = {mode: run_parity(t, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
                                     localise=False, n_threads=n_threads) for mode, t in trials.items()}
         chosen, mode, decisions = _choose(order, trials, results, model_dir, data, max_drop, limit, n_threads)
         _keep(trials[mode], out, overwrite, chosen,
-              {"chosen": chosen, "calibrated": mode == "calibrated", "tried": decisions,
+              {"chosen": chosen, "form": _FORMS[mode], "calibrated": mode != "uncalibrated", "tried": decisions,
                "eval_data": str(data) if data else None, "max_drop_points": max_drop,
                "parity": results[mode].to_dict()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out.absolute()
+
+
+_FORMS = {"calibrated": "merged", "uncalibrated": "merged", "adapter": "base + f16 LoRA adapter"}
+
+
+def lora_run(model_dir: Path) -> Path | None:
+    """The run folder a merged model came from, when it is still there and holds a LoRA adapter; else None."""
+    from edgemed.manifest import find, run_of
+    from edgemed.modeling import ADAPTER
+
+    m = find(model_dir)
+    if m is None or m.kind != "model":
+        return None
+    run = run_of(m)
+    folder = run.folder if run is not None else None
+    return folder if folder is not None and (folder / ADAPTER).is_dir() else None
 
 
 def _choose(order: list[str], trials: dict[str, Path], results: dict[str, Any], model_dir: Path,
@@ -114,7 +139,8 @@ def _choose(order: list[str], trials: dict[str, Path], results: dict[str, Any], 
                 if drop > max_drop:
                     why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
                                f"{100 * ref_score:.1f} (budget {max_drop})")
-            decisions.append({"quant": q, "calibrated": mode == "calibrated", "accepted": not why,
+            decisions.append({"quant": q, "calibrated": mode != "uncalibrated", "form": _FORMS[mode],
+                              "accepted": not why,
                               "reasons": why, "kl_mean": row.metrics.kl_mean, "top1": row.metrics.top1,
                               "flip_rate": row.metrics.flip_rate})
             if not why:
@@ -152,10 +178,13 @@ def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n
 
 
 def _explain(chosen: str, decisions: list[dict[str, Any]]) -> str:
-    how = "calibrated" if decisions[-1].get("calibrated") else "uncalibrated"
+    last = decisions[-1]
+    how = ("calibrated" if last.get("calibrated") else "uncalibrated") + (
+        f", {last['form']}" if last.get("form", "merged") != "merged" else "")
     lines = [f"auto-quant chose {chosen} ({how}): the smallest candidate that passed parity and eval budgets."]
     for d in decisions:
         if not d["accepted"]:
             cal = " (calibrated)" if d.get("calibrated") else ""
-            lines.append(f"{d['quant']}{cal} rejected: {'; '.join(d['reasons'])}")
+            form = f" ({d['form']})" if d.get("form", "merged") != "merged" else ""
+            lines.append(f"{d['quant']}{cal}{form} rejected: {'; '.join(d['reasons'])}")
     return "\n".join(lines)
