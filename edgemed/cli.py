@@ -192,6 +192,16 @@ def merge(run_dir: Path, out: Path, overwrite: bool, no_check: bool) -> None:
 
 
 # ---------------------------------------------------------------- export
+def calibration_options(fn):
+    """``--calibration``, ``--no-calibration`` and ``--calibration-samples``, shared by both export commands."""
+    fn = click.option("--calibration-samples", type=int, default=None,
+                      help="Calibration records to read (default 128).")(fn)
+    fn = click.option("--no-calibration", is_flag=True, help="Quantize without importance matrices.")(fn)
+    return click.option("--calibration", type=EXISTING, default=None,
+                        help="Data (text or VQA JSONL, VQA-RAD, SLAKE) for the importance matrices of the 4/3-bit "
+                             "quants; default: a merged fine-tune's own training data.")(fn)
+
+
 @main.group()
 def export() -> None:
     """Export a merged model folder for an offline runtime."""
@@ -210,11 +220,7 @@ def export() -> None:
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
-@click.option("--calibration", type=EXISTING, default=None,
-              help="Data (text or VQA JSONL, VQA-RAD, SLAKE) for the importance matrices of llama.cpp's quants; "
-                   "default: a merged fine-tune's own training data.")
-@click.option("--no-calibration", is_flag=True, help="Quantize without importance matrices.")
-@click.option("--calibration-samples", type=int, default=None, help="Calibration records to read (default 128).")
+@calibration_options
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str, out: Path,
                     overwrite: bool, auto_quant: bool, chat_template: Path | None, calibration: Path | None,
@@ -255,16 +261,20 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to save as the folder's template instead of the model's (a base model "
                    "has none).")
+@calibration_options
 @handled
 def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level: int, out: Path,
-                    overwrite: bool, chat_template: Path | None) -> None:
+                    overwrite: bool, chat_template: Path | None, calibration: Path | None, no_calibration: bool,
+                    calibration_samples: int | None) -> None:
     """Write MODEL_DIR as ONNX for onnxruntime: decoder with KV cache and, for image models, the vision encoder."""
     from edgemed.export.onnx import export_onnx
     from edgemed.prompting import read_template
 
     click.echo(export_onnx(model_dir, quant, out, overwrite=overwrite, block_size=block_size,
                            accuracy_level=accuracy_level,
-                           chat_template=read_template(chat_template) if chat_template else None))
+                           chat_template=read_template(chat_template) if chat_template else None,
+                           calibration=calibration, calibrate=not no_calibration,
+                           calibration_samples=calibration_samples))
 
 
 # ---------------------------------------------------------------- checks

@@ -132,6 +132,7 @@ class OnnxManifest(Manifest):
     quant: str | None = None
     options: dict[str, Any] = {}
     graphs: dict[str, Any] = {}
+    calibration: dict[str, Any] | None = None
     machine: str | None = None
     lineage: dict[str, Any] | None = None
 

@@ -9,15 +9,19 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import write_vqa  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from edgemed.errors import DataError, ExportError  # noqa: E402
 from edgemed.export.onnx_quant import (  # noqa: E402
     _quantize,
+    _werr,
     dequantize,
     low_rank,
     quantize_embedding_int8,
     quantize_head_int8,
     quantize_int4_min,
+    search_scale_min,
 )
 
 
@@ -82,7 +86,7 @@ def test_graph_computes_x_times_the_quantised_weights(accuracy_level):
     model = linear_graph(weights, k)
     x = np.random.default_rng(5).normal(size=(2, 3, k)).astype(np.float32)
     counts = quantize_int4_min(model, 32, accuracy_level, exclude={"mm_odd"})
-    assert counts == {"quantized": 2, "skipped": 0, "low_rank": 0, "max_rank": 0}
+    assert counts == {"quantized": 2, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
     ops = [n.op_type for n in model.graph.node]
     # a and b: 4-bit each, one shared 8-bit block sum of x, an 8-bit correction each; odd stays a MatMul
     assert ops.count("MatMulNBits") == 2 + 1 + 2 and ops.count("MatMul") == 1 and ops.count("Add") == 2
@@ -155,7 +159,8 @@ def test_low_rank_recovers_the_factors_or_refuses():
 
 def test_input_width_not_a_multiple_of_the_block_is_left_alone():
     model = linear_graph({"w": np.ones((48, 8), np.float32)}, 48)
-    assert quantize_int4_min(model, 32, 4) == {"quantized": 0, "skipped": 1, "low_rank": 0, "max_rank": 0}
+    assert quantize_int4_min(model, 32, 4) == {"quantized": 0, "skipped": 1, "low_rank": 0, "max_rank": 0,
+                                           "calibrated": 0}
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
 
 
@@ -211,3 +216,190 @@ def test_embedding_table_goes_8_bit_and_gathers_the_same_rows():
     out = run(model, ids=ids, ids_small=np.array([3, 0], np.int64))
     assert np.abs(out["emb"] - table[ids]).max() < 1e-6
     assert np.array_equal(out["other"], small[[3, 0]])
+
+
+# ---------------------------------------------------------------- calibrated int4 (importance-weighted search)
+def _blocks(seed: int, nb: int = 6, n: int = 40) -> np.ndarray:
+    """Blocks [nb, 32, N] of heavy-tailed weights, as trained matrices have (a few outliers per block)."""
+    return np.random.default_rng(seed).standard_t(4, size=(nb, 32, n)).astype(np.float32) * 0.02
+
+
+def _importance(k: int, seed: int) -> np.ndarray:
+    """Per-channel mean squares spread over two decades, as a decoder's input channels are."""
+    return np.exp(np.random.default_rng(seed).normal(0, 1.5, k)).astype(np.float32)
+
+
+def test_weighted_search_with_uniform_weights_equals_the_unweighted_one():
+    x = _blocks(20)
+    q, scale, lo = search_scale_min(x)
+    for c in (1.0, 3.7):  # any constant weight: the same grid (the fit and the choice are scale-free)
+        qc, sc, lc = search_scale_min(x, np.full_like(x, c))
+        assert np.array_equal(qc, q)
+        assert np.allclose(sc, scale, rtol=1e-5) and np.allclose(lc, lo, rtol=1e-5, atol=1e-8)
+
+
+def test_search_is_never_worse_than_min_max_and_usually_better():
+    from edgemed.export.onnx_quant import _min_max
+
+    x = _blocks(21)
+    w = np.ones_like(x)
+    err_search = _werr(x, w, *search_scale_min(x))
+    err_minmax = _werr(x, w, *_min_max(x))
+    assert np.all(err_search <= err_minmax * (1 + 1e-6))
+    assert err_search.sum() < 0.9 * err_minmax.sum(), (err_search.sum(), err_minmax.sum())  # measured 0.82x
+
+
+def test_weighted_search_beats_the_unweighted_one_on_the_weighted_metric():
+    x = _blocks(22)
+    w = np.broadcast_to(_importance(x.shape[0] * 32, 23).reshape(x.shape[0], 32, 1), x.shape).copy()
+    weighted, plain = _werr(x, w, *search_scale_min(x, w)), _werr(x, w, *search_scale_min(x))
+    assert np.all(weighted <= plain * (1 + 1e-6))  # per block: the weighted fit is optimal for its own metric
+    assert weighted.sum() < 0.85 * plain.sum(), (weighted.sum(), plain.sum())
+    # and the unweighted search keeps the lower plain error: the two searches answer different questions
+    ones = np.ones_like(x)
+    assert _werr(x, ones, *search_scale_min(x)).sum() < _werr(x, ones, *search_scale_min(x, w)).sum()
+
+
+def test_calibrated_blocks_pack_into_the_same_layout_and_cut_the_output_error():
+    k, n = 128, 48
+    rng = np.random.default_rng(24)
+    w = (rng.standard_t(4, size=(k, n)) * 0.02 + rng.normal(0, 0.01, (1, n))).astype(np.float32)
+    w[:32, :4] += 0.05  # blocks entirely above zero: the minimum is positive, the rest carries it
+    imp = _importance(k, 25)
+    plain, cal = _quantize(w, 32), _quantize(w, 32, imp)
+    assert [a.shape for a in plain] == [a.shape for a in cal] and not np.array_equal(plain[0], cal[0])
+    # the packed tensors stand for the searched grid exactly (zero points and the float rest included)
+    sigma2 = (w * w).mean(0)
+    elem = (imp[:, None] * np.sqrt(sigma2 + w * w)).reshape(k // 32, 32, n)
+    q, scale, lo = search_scale_min(w.reshape(k // 32, 32, n), elem)
+    want = (scale[:, None] * q + lo[:, None]).reshape(k, n)
+    assert np.abs(dequantize(*cal, block_size=32) - want).max() < 1e-6
+    # E|x @ (W - W_q)|^2 for activations of per-channel mean square imp: lower calibrated
+    out_err = {name: float((imp[:, None] * (dequantize(*t, block_size=32) - w) ** 2).sum())
+               for name, t in (("plain", plain), ("calibrated", cal))}
+    assert out_err["calibrated"] < 0.8 * out_err["plain"], out_err
+
+
+def test_importance_reaches_the_graph_and_onnxruntime_computes_the_calibrated_weights():
+    k = 64
+    weights = {"a": np.random.default_rng(26).normal(0, 0.02, (k, 48)).astype(np.float32),
+               "b": np.random.default_rng(27).normal(0, 0.02, (k, 24)).astype(np.float32)}
+    imp = _importance(k, 28)
+    seen = []
+
+    def importance(name, w):
+        seen.append((name, w.shape))
+        return imp if name == "a" else None
+
+    model = linear_graph(weights, k)
+    counts = quantize_int4_min(model, 32, 1, importance=importance)
+    assert counts["quantized"] == 2 and counts["calibrated"] == 1
+    assert sorted(seen) == [("a", (k, 48)), ("b", (k, 24))]
+    x = np.random.default_rng(29).normal(size=(1, 5, k)).astype(np.float32)
+    out = run(model, x=x)
+    for name, want_w in (("a", dequantize(*_quantize(weights["a"], 32, imp), block_size=32)),
+                         ("b", dequantize(*_quantize(weights["b"], 32), block_size=32))):
+        want = x @ want_w
+        assert np.abs(out[f"y_{name}"] - want).max() <= 3e-3 * np.abs(want).max(), name
+
+
+def _q4_bytes(folder) -> dict[str, bytes]:
+    m = onnx.load(str(folder / "decoder.onnx"))
+    return {t.name: numpy_helper.to_array(t, base_dir=str(folder)).tobytes() for t in m.graph.initializer
+            if t.name.endswith(".q4.B")}
+
+
+def _calibrated_export(arch: str, tiny_model, tmp_path):
+    from edgemed.artifacts import read_manifest
+    from edgemed.export.onnx import export_onnx
+
+    model = tiny_model(arch)
+    data = write_vqa(tmp_path / "d", n=3, image=arch in ("gemma3",))
+    plain = export_onnx(model, "int4", tmp_path / "plain")  # a plain checkpoint: uncalibrated by default
+    cal = export_onnx(model, "int4", tmp_path / "cal", calibration=data, calibration_samples=2)
+    a, b = _q4_bytes(plain), _q4_bytes(cal)
+    assert a and a.keys() == b.keys()
+    assert sum(a[n] != b[n] for n in a) == len(a)  # every 4-bit weight moved: each one found its matrix
+    m, p = read_manifest(cal, ("onnx",)), read_manifest(plain, ("onnx",))
+    c = m["calibration"]
+    assert p.get("calibration") is None and c["samples"] == 2 and c["data"] == str(data.absolute())
+    assert c["matrices"] == len(a) and len(c["imatrix_sha256"]) == 64 and len(c["data_sha256"]) == 64
+    algo = m["graphs"]["decoder"]["quant_algorithm"]
+    assert f"importance-weighted search on {len(a)} of them" in algo and "min-max" in p["graphs"]["decoder"][
+        "quant_algorithm"]
+    return cal
+
+
+@pytest.mark.slow  # two int4 exports through the genai builder: about 25 s here
+def test_calibration_changes_the_int4_bytes_and_is_recorded(tiny_model, tmp_path):
+    """The genai builder's graph (q, k and v packed into one MatMul): every 4-bit weight is calibrated."""
+    cal = _calibrated_export("llama", tiny_model, tmp_path)
+    from edgemed.backends import open_model
+
+    be = open_model(cal)
+    try:
+        assert np.isfinite(be.logits(be.tokenize("Which side is bright?"))).all()
+    finally:
+        be.close()
+
+
+@pytest.mark.slow
+def test_calibration_reaches_the_torch_onnx_graph_of_an_image_model(tiny_model, tmp_path):
+    """torch.onnx names weights val_NNN: they are matched by value, calibrated on prompts with their images."""
+    _calibrated_export("gemma3", tiny_model, tmp_path)
+
+
+def test_weights_are_matched_by_value_including_a_packed_qkv(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgemed.export import imatrix
+
+    model = tiny_model("llama")
+    data = write_vqa(tmp_path / "d", n=2, image=False)
+    records, sha = imatrix.read_calibration(data)
+    imp = imatrix.compute_weight_importance(model, records, data, sha, max_tokens=32)
+    torch_model = AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+    attn = torch_model.model.layers[0].self_attn
+    q, k, v = (getattr(attn, f"{n}_proj").weight.detach().numpy() for n in "qkv")
+    packed = np.concatenate([q, k, v], 0).T  # the builder's qkv_proj: [K, Nq + Nk + Nv]
+    got = imp("qkv", packed)
+    assert got is not None and got.shape == (q.shape[1],) and (got > 0).all()
+    assert np.array_equal(imp("q", q.T), got)  # the parts of a pack share their input
+    down = torch_model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert imp("down", down.T).shape == (down.shape[1],) and not np.array_equal(imp("down", down.T), got)
+    assert imp("noise", np.random.default_rng(0).normal(size=packed.shape).astype(np.float32)) is None
+    assert imp("wrong tail", np.concatenate([q.T, np.zeros((q.shape[1], 3), np.float32)], 1)) is not None
+    assert imp("wrong values", np.concatenate([q.T[:, :1], q.T[:, 1:] + 1], 1)) is None
+    assert set(imp.cal.matrices) == {"qkv", "q", "down", "wrong tail"}
+
+
+def test_corrupt_calibration_file_is_refused_with_no_output(tiny_model, tmp_path):
+    from edgemed.export.onnx import export_onnx
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok", "answer": "yes"}\n{"question": 3\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        export_onnx(tiny_model("llama"), "int4", out, calibration=bad)
+    msg = str(e.value)
+    assert "calibration" in msg and f"{bad}:2" in msg and "\n" not in msg
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(ExportError, match="contradict"):
+        export_onnx(tiny_model("llama"), "int4", out, calibration=write_vqa(tmp_path / "d", 2), calibrate=False)
+    assert not out.exists()
+
+
+def test_cli_export_onnx_takes_the_calibration_options(tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    r = CliRunner().invoke(main, ["export", "onnx", str(tiny_model("llama")), "--quant", "int4", "--calibration",
+                                  str(bad), "--calibration-samples", "4", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "calibration" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["export", "onnx", str(tiny_model("llama")), "--no-calibration", "--calibration",
+                                  str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "contradict" in r.output, r.output

@@ -155,22 +155,12 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
 # ---------------------------------------------------------------- inputs
 def _calibration_plan(model_dir: Path, quants: list[str], calibration: Path | str | None, calibrate: bool,
                       max_samples: int | None) -> tuple[list[Any], Path, str] | None:
-    """(records, file, sha256) of the calibration data the export will use, read and checked before anything is
-    written (a bad file leaves no output); None for an uncalibrated export."""
+    """The calibration data for the llama.cpp quants among ``quants`` (``imatrix.calibration_plan``)."""
     from edgemed.export import imatrix
 
     llama = [q for q in quants if q in LLAMA_QUANTS or q == "mmproj-q5_0"]
-    if calibration is not None and not calibrate:
-        raise ExportError("--calibration and --no-calibration contradict each other; give one")
-    path = Path(calibration) if calibration is not None else (
-        imatrix.default_calibration(model_dir) if calibrate and llama else None)
-    if path is None:
-        return None
-    records, sha = imatrix.read_calibration(path, max_samples or imatrix.MAX_SAMPLES)  # a bad file fails here
-    if not llama:
-        log.info("no llama.cpp quant asked for (%s): the calibration data is not needed", ", ".join(quants))
-        return None
-    return records, path, sha
+    return imatrix.calibration_plan(model_dir, calibration, calibrate, max_samples, used=bool(llama),
+                                    unused=f"no llama.cpp quant asked for ({', '.join(quants)})")
 
 
 def _calibrated_quantize(src: Path, folder: Path, quant: str, cal: Any) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from edgemed.errors import DataError, EdgemedError, ExportError
 MAX_SAMPLES = 128  # calibration records read (llama.cpp's guidance: a few hundred chunks; these are short)
 MAX_TOKENS = 512  # tokens per record
 IMATRIX_FILE = "imatrix.gguf"
+
+log = logging.getLogger(__name__)
 
 
 class CalibrationError(DataError):
@@ -56,10 +59,11 @@ class Calibration:
             h.update(m.tobytes())
         return h.hexdigest()
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, file: str | None = IMATRIX_FILE) -> dict[str, Any]:
+        """The manifest's ``calibration`` entry; ``file`` names the matrices' file in the folder (None: none)."""
         return {"data": self.source, "data_sha256": self.data_sha256, "samples": self.samples, "tokens": self.tokens,
                 "images": self.images, "matrices": len(self.matrices), "imatrix_sha256": self.sha256,
-                "file": IMATRIX_FILE}
+                **({"file": file} if file else {})}
 
 
 # ---------------------------------------------------------------- which data
@@ -117,6 +121,32 @@ def read_calibration(path: Path | str, max_samples: int = MAX_SAMPLES) -> tuple[
     return records, sha
 
 
+def calibration_plan(model_dir: Path, calibration: Path | str | None, calibrate: bool, max_samples: int | None,
+                     used: bool, unused: str = "") -> tuple[list[Any], Path, str] | None:
+    """(records, file, sha256) of the calibration data an export will use, read and checked before anything is
+    written (a bad file leaves no output); None for an uncalibrated export.
+
+    Args:
+        model_dir: the model folder being exported (a merged fine-tune's default is its run's training data).
+        calibration: the file given (``--calibration``), or None for the default.
+        calibrate: False exports uncalibrated (``--no-calibration``); contradicts a given file.
+        max_samples: cap on the records read (default :data:`MAX_SAMPLES`).
+        used: whether any requested output uses the matrices; a given file is still checked when not.
+        unused: why not, for the log line.
+    """
+    if calibration is not None and not calibrate:
+        raise ExportError("--calibration and --no-calibration contradict each other; give one")
+    path = Path(calibration) if calibration is not None else (
+        default_calibration(model_dir) if calibrate and used else None)
+    if path is None:
+        return None
+    records, sha = read_calibration(path, max_samples or MAX_SAMPLES)  # a bad file fails here
+    if not used:
+        log.info("%s: the calibration data is not needed", unused or "nothing to calibrate")
+        return None
+    return records, path, sha
+
+
 # ---------------------------------------------------------------- which layer is which tensor
 def _fingerprint(w: Any) -> tuple[Any, ...]:
     """Shape and a strided sample of a weight's values: enough to tell a checkpoint's matrices apart."""
@@ -162,7 +192,8 @@ def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[s
 def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_sha256: str, ckpt: Any,
                     entries: list[Any], max_tokens: int = MAX_TOKENS, system: str | None = None,
                     n_threads: int | None = None) -> Calibration:
-    """Run the PyTorch model over ``records`` and collect each mapped layer's input mean squares.
+    """Run the PyTorch model over ``records`` and collect each mapped layer's input mean squares, keyed by the
+    GGUF tensor names of ``entries``.
 
     Args:
         model_dir: the merged model folder being exported.
@@ -174,6 +205,76 @@ def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_s
         system: system prompt used where a record has none (the recipe's).
         n_threads: torch threads.
     """
+    names: dict[str, list[str]] = {}
+
+    def pick(model: Any) -> set[str]:
+        names.update(_module_names(model, ckpt, entries))
+        if not names:
+            raise ExportError(f"{model_dir}: no linear layer of the model matches a GGUF tensor; cannot calibrate")
+        return set(names)
+
+    cal, means, counts = _collect(model_dir, records, data_path, data_sha256, pick, max_tokens, system, n_threads)
+    for module_name, gguf_names in names.items():
+        if module_name not in means:
+            continue  # never reached (e.g. the vision tower of a text-only calibration set)
+        for g in gguf_names:
+            cal.matrices[g] = means[module_name]
+            cal.counts[g] = counts[module_name]
+    return cal
+
+
+class WeightImportance:
+    """Importance matrices of a model's ``nn.Linear`` layers, found by a weight's values: call it with an ONNX
+    MatMul initializer (name, W [K, N], the transposed PyTorch weight) for that weight's matrix, or None.
+
+    Exporters name weights their own way (the genai builder ``...qkv_proj.MatMul.weight``, q, k and v packed along
+    N; torch.onnx ``val_226``), so a weight is matched by values: its first column must be the first row of a
+    layer's weight, and its first columns that whole weight (a packed weight's parts share their input, hence their
+    matrix). Matched matrices collect in :attr:`cal` under the initializer names (its hash covers what was used).
+    """
+
+    def __init__(self, cal: Calibration, means: dict[str, Any], counts: dict[str, int],
+                 prints: dict[bytes, list[tuple[str, int, tuple[Any, ...]]]]):
+        self.cal, self._means, self._counts, self._prints = cal, means, counts, prints
+
+    def __call__(self, name: str, w: Any) -> Any:
+        import numpy as np
+
+        if w.ndim != 2:
+            return None
+        for module, rows, fp in self._prints.get(np.ascontiguousarray(w[:, 0], np.float32).tobytes(), []):
+            if module in self._means and rows <= w.shape[1] and _fingerprint(w[:, :rows].T) == fp:
+                self.cal.matrices[name], self.cal.counts[name] = self._means[module], self._counts[module]
+                return self._means[module]
+        return None
+
+
+def compute_weight_importance(model_dir: Path, records: list[Any], data_path: Path, data_sha256: str,
+                              max_tokens: int = MAX_TOKENS, system: str | None = None,
+                              n_threads: int | None = None) -> WeightImportance:
+    """Input mean squares of every ``nn.Linear`` layer of the PyTorch model over ``records`` (arguments as
+    :func:`compute_imatrix`), to be matched to an export's weights by value (:class:`WeightImportance`)."""
+    import numpy as np
+    import torch
+
+    prints: dict[bytes, list[tuple[str, int, tuple[Any, ...]]]] = {}
+
+    def pick(model: Any) -> set[str]:
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.detach().float().cpu().numpy()
+                prints.setdefault(np.ascontiguousarray(w[0]).tobytes(), []).append((name, w.shape[0],
+                                                                                    _fingerprint(w)))
+        return {m for entries in prints.values() for m, _, _ in entries}
+
+    cal, means, counts = _collect(model_dir, records, data_path, data_sha256, pick, max_tokens, system, n_threads)
+    return WeightImportance(cal, means, counts, prints)
+
+
+def _collect(model_dir: Path, records: list[Any], data_path: Path, data_sha256: str, pick: Any, max_tokens: int,
+             system: str | None, n_threads: int | None) -> tuple[Calibration, dict[str, Any], dict[str, int]]:
+    """Forward ``records`` through the PyTorch model with hooks on the layers ``pick(model)`` names: the
+    calibration's provenance (no matrices yet), and per layer reached its input mean square and row count."""
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -183,9 +284,7 @@ def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_s
 
     backend = TorchBackend(model_dir, device="cpu", n_threads=n_threads)
     try:
-        names = _module_names(backend.model, ckpt, entries)
-        if not names:
-            raise ExportError(f"{model_dir}: no linear layer of the model matches a GGUF tensor; cannot calibrate")
+        names = pick(backend.model)
         sums: dict[str, Any] = {}
         counts: dict[str, int] = {}
         hooks = []
@@ -228,14 +327,8 @@ def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_s
     finally:
         backend.close()
     cal = Calibration(str(Path(data_path).absolute()), data_sha256, len(records), tokens, images)
-    for module_name, gguf_names in names.items():
-        if module_name not in counts:
-            continue  # never reached (e.g. the vision tower of a text-only calibration set)
-        mean = (sums[module_name] / counts[module_name]).astype(np.float32)
-        for g in gguf_names:
-            cal.matrices[g] = mean
-            cal.counts[g] = counts[module_name]
-    return cal
+    means = {m: (sums[m] / counts[m]).astype(np.float32) for m in counts}
+    return cal, means, counts
 
 
 def write_imatrix(cal: Calibration, path: Path) -> Path:

@@ -26,6 +26,7 @@ import torch
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
+from edgemed.export import imatrix
 from edgemed.export.gguf_vocab import replace_template
 from edgemed.export.onnx_decoder import decoder_route, export_decoder
 from edgemed.export.onnx_genai import write_genai_config
@@ -44,7 +45,9 @@ _SKIP_FILES = ("manifest.json", "model.safetensors.index.json", "pytorch_model.b
 
 
 def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | None = None, *, overwrite: bool = False,
-                block_size: int = 32, accuracy_level: int = 4, chat_template: str | None = None) -> Path:
+                block_size: int = 32, accuracy_level: int = 4, chat_template: str | None = None,
+                calibration: Path | str | None = None, calibrate: bool = True,
+                calibration_samples: int | None = None) -> Path:
     """Export a merged model folder to ONNX for onnxruntime.
 
     Args:
@@ -57,6 +60,11 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         accuracy_level: int4/int8 MatMulNBits accuracy level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
         chat_template: template text saved as the folder's chat_template.jinja instead of the model's
             (``--chat-template``; a base model has none), so the ONNX runtime renders prompts with it.
+        calibration: data file (any training-data format) for the importance matrices that weight int4's search
+            for each block's scale and minimum; default: the training data of the run a merged model came from, as
+            `export gguf` (see :mod:`edgemed.export.imatrix`). Only int4 uses it.
+        calibrate: False exports uncalibrated even when the run's data is at hand.
+        calibration_samples: cap on the calibration records read.
 
     Returns:
         The output folder.
@@ -71,12 +79,15 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     route = decoder_route(spec, model_dir)  # before loading weights: an unsupported decoder fails at once
+    calib = imatrix.calibration_plan(model_dir, calibration, calibrate, calibration_samples, used=quant == "int4",
+                                     unused=f"--quant {quant} (only int4 is calibrated)")
     model, processor, tokenizer = _load(model_dir, spec)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=tmp.parent) as work:
         work = Path(work)
         graphs: dict[str, Any] = {}
+        importance = None
         image_inputs = example_image_inputs(processor, spec) if spec.is_vision else None
         graphs["decoder"] = export_decoder(route, model, spec, tokenizer, tmp, work, quant, block_size,
                                            accuracy_level, image_inputs)
@@ -90,8 +101,12 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             del model  # a LoRA merge's base is loaded next: one model in memory at a time
             base = _lora_base(model_dir)
             base_graph = _base_decoder_graph(route, base, spec, tokenizer, work, image_inputs) if base else None
+            importance = _importance(model_dir, calib) if calib is not None else None
             graphs["decoder"]["quant_algorithm"] = quantize_decoder_int4(tmp / DECODER, block_size, accuracy_level,
-                                                                         base_graph, base)
+                                                                         base_graph, base, importance)
+            if importance is not None and not importance.cal.matrices:
+                raise ExportError(f"{model_dir}: no int4 weight of the ONNX decoder matches a linear layer of the "
+                                  "PyTorch model, so the calibration cannot apply; export with --no-calibration")
         _copy_processing_files(model_dir, tmp)
         if chat_template is not None:
             replace_template(tmp, chat_template)
@@ -101,8 +116,16 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
         write_manifest(tmp, "onnx", arch=spec.name, quant=quant,
                        options={"block_size": block_size, "accuracy_level": accuracy_level}
                        if quant in ("int4", "int8") else {},
-                       graphs=graphs, parent=_parent(model_dir))
+                       graphs=graphs, parent=_parent(model_dir),
+                       **({"calibration": importance.cal.provenance(file=None)} if importance is not None else {}))
     return out.absolute()
+
+
+def _importance(model_dir: Path, calib: tuple[list[Any], Path, str]) -> imatrix.WeightImportance:
+    """The PyTorch model's importance matrices on the calibration records, to be matched to the ONNX weights."""
+    records, data_path, sha = calib
+    return imatrix.compute_weight_importance(model_dir, records, data_path, sha,
+                                             system=imatrix.run_system_prompt(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------- checks and loading

@@ -38,7 +38,8 @@ MS_DOMAIN = "com.microsoft"
 
 
 def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude: set[str] | None = None,
-                      base: Callable[[str], np.ndarray | None] | None = None, max_rank: int = 64) -> dict[str, int]:
+                      base: Callable[[str], np.ndarray | None] | None = None, max_rank: int = 64,
+                      importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None) -> dict[str, int]:
     """Rewrite, in place, every ``MatMul`` by a constant 2-D fp32 weight as 4-bit ``MatMulNBits`` with a per-block
     minimum (module docstring). Weights whose input dimension is not a multiple of ``block_size`` and nodes named in
     ``exclude`` stay as they are.
@@ -49,13 +50,17 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
     of the fine-tune away (demo model: top-1 54.5%, KL 1.87 merged-then-quantised). The factors ride in the correction
     MatMuls: ``x @ [S | U]`` then ``@ [rest ; V]``.
 
-    Returns counts: ``quantized``, ``skipped``, ``low_rank`` (of the quantised, those with factors), ``max_rank``.
+    ``importance`` (initializer name and weight [K, N] -> the weight's importance matrix, one value per input
+    channel, or None) makes each block's scale and minimum a weighted search (:func:`_quantize`) instead of min-max.
+
+    Returns counts: ``quantized``, ``skipped``, ``low_rank`` (of the quantised, those with factors), ``max_rank``,
+    ``calibrated`` (of the quantised, those with an importance matrix).
     """
     exclude = exclude or set()
     inits = {t.name: t for t in model.graph.initializer}
     new_nodes, replaced, added = [], set(), []
     block_sums: dict[str, str] = {}  # input tensor -> its block-sum tensor (q, k and v, gate and up share one)
-    counts = {"quantized": 0, "skipped": 0, "low_rank": 0, "max_rank": 0}
+    counts = {"quantized": 0, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if (weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT
@@ -68,13 +73,15 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
             counts["skipped"] += 1
             new_nodes.append(node)
             continue
+        imp = importance(weight.name, w) if importance else None  # of the merged weight: the one PyTorch ran
+        counts["calibrated"] += imp is not None
         factors = None
         w_base = base(weight.name) if base else None
         if w_base is not None and w_base.shape == w.shape and np.any(w_base != w):
             factors = low_rank(w - w_base, max_rank)
             if factors is not None:
                 w = w_base
-        packed, scales, zps, rest = _quantize(w, block_size)
+        packed, scales, zps, rest = _quantize(w, block_size, imp)
         stem = node.name or node.output[0]
         names = {s: f"{stem}.q4.{s}" for s in ("B", "scales", "zero_points", "nbits", "correction", "mixed")}
         added += [numpy_helper.from_array(packed, names["B"]), numpy_helper.from_array(scales, names["scales"]),
@@ -181,19 +188,84 @@ def low_rank(delta: np.ndarray, max_rank: int, tol: float = 1e-3) -> tuple[np.nd
     return u.astype(np.float32), v.astype(np.float32)
 
 
-def _quantize(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _quantize(w: np.ndarray, block_size: int, importance: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """W [K, N] -> MatMulNBits B [N, K/bs, bs/2] (uint8, two 4-bit values a byte, low nibble first), scales
-    [N, K/bs], packed zero points [N, ceil(K/bs / 2)], and the float rest of each block's minimum [K/bs, N]."""
+    [N, K/bs], packed zero points [N, ceil(K/bs / 2)], and the float rest of each block's minimum [K/bs, N].
+
+    Without ``importance`` each block is its min-max grid. With it (one value per input channel K: the mean square
+    of that channel's activations) each block's scale and minimum come from :func:`search_scale_min` under
+    llama.cpp's element weights for an importance matrix, ``importance[k] * sqrt(sigma2 + w^2)`` (``sigma2`` the
+    output row's mean square weight), as its Q4_1 / Q4_K quantizers weight them."""
     k, n = w.shape
-    nb = k // block_size
-    blocks = w.astype(np.float32).reshape(nb, block_size, n)
+    blocks = w.astype(np.float32).reshape(k // block_size, block_size, n)
+    if importance is None:
+        q, scale, lo = _min_max(blocks)
+    else:
+        sigma2 = np.mean(np.square(w, dtype=np.float32), axis=0)                         # [N]
+        weights = np.asarray(importance, np.float32)[:, None] * np.sqrt(sigma2 + np.square(w, dtype=np.float32))
+        q, scale, lo = search_scale_min(blocks, weights.reshape(blocks.shape))
+    return _pack(q, scale, lo)
+
+
+def _min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each block [nb, bs, N] on its min-max grid: q [nb, bs, N] in 0..15, scale and minimum [nb, N]."""
     lo, hi = blocks.min(1), blocks.max(1)                          # [nb, N]
     scale = (hi - lo) / 15
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)    # a constant block: q = 0, ``rest`` holds it
-    q = np.clip(np.rint((blocks - lo[:, None]) / scale[:, None]), 0, 15).astype(np.uint8)  # [nb, bs, N]
+    q = np.clip(np.rint((blocks - lo[:, None]) / scale[:, None]), 0, 15)
+    return q.astype(np.uint8), scale, lo
+
+
+def search_scale_min(blocks: np.ndarray, weights: np.ndarray | None = None, nmax: int = 15, rmin: float = -0.9,
+                     rdelta: float = 0.05, nstep: int = 36) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block, the grid ``scale * q + lo`` (q in 0..nmax) of least weighted squared error
+    ``sum_i w_i (x_i - scale * q_i - lo)^2`` among candidates, as llama.cpp's k-quants search with an importance
+    matrix: the min-max grid, then for each of ``nstep + 1`` inverse scales ``(nmax + rmin + rdelta * i) / (max -
+    min)`` the values are rounded on it and ``scale`` and ``lo`` refitted by weighted least squares for those
+    levels. ``blocks`` and ``weights`` are [nb, bs, N] (blocks along axis 1); None weighs every value alike.
+
+    Returns q [nb, bs, N] uint8, scale and lo [nb, N] float32 (scale > 0).
+    """
+    x = blocks.astype(np.float32)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, np.float32)
+    q, scale, lo = _min_max(x)
+    best = _werr(x, w, q, scale, lo)
+    span = x.max(1) - x.min(1)
+    span = np.where(span > 0, span, 1.0)
+    sw, sx = w.sum(1, dtype=np.float64), (w * x).sum(1, dtype=np.float64)
+    for i in range(nstep + 1):
+        iscale = (nmax + rmin + rdelta * i) / span
+        levels = np.clip(np.rint((x - x.min(1, keepdims=True)) * iscale[:, None]), 0, nmax).astype(np.float32)
+        wl = w * levels
+        sl, sl2, sxl = wl.sum(1, dtype=np.float64), (wl * levels).sum(1, dtype=np.float64), \
+            (wl * x).sum(1, dtype=np.float64)
+        det = sw * sl2 - sl * sl
+        ok = det > 1e-12 * np.maximum(sw * sl2, 1e-30)    # all levels alike (or no weight): no fit
+        det = np.where(ok, det, 1.0)
+        s = ((sw * sxl - sx * sl) / det).astype(np.float32)
+        m = ((sl2 * sx - sl * sxl) / det).astype(np.float32)
+        ok &= s > 0
+        err = _werr(x, w, levels, s, m)
+        better = ok & (err < best)
+        if better.any():
+            q = np.where(better[:, None], levels, q)
+            scale, lo, best = np.where(better, s, scale), np.where(better, m, lo), np.where(better, err, best)
+    return q.astype(np.uint8), scale.astype(np.float32), lo.astype(np.float32)
+
+
+def _werr(x: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Weighted squared error per block of the grid ``scale * q + lo`` against ``x`` ([nb, bs, N] -> [nb, N])."""
+    d = scale[:, None] * q + lo[:, None] - x
+    return (w * d * d).sum(1, dtype=np.float64)
+
+
+def _pack(q: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """q [nb, bs, N], scale and minimum [nb, N] -> :func:`_quantize`'s MatMulNBits tensors and the float rest."""
+    nb, _, n = q.shape
     zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)    # [nb, N]
     rest = (lo + scale * zp).astype(np.float32)                   # so that scale * (q - zp) + rest = scale * q + lo
-    q = q.transpose(2, 0, 1)                                       # [N, nb, bs]
+    q = q.astype(np.uint8).transpose(2, 0, 1)                      # [N, nb, bs]
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     zpt = zp.T                                                     # [N, nb]
     if nb % 2:
@@ -285,11 +357,13 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
 
 # ---------------------------------------------------------------------------------------------- graph files
 def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base_graph: Path | None = None,
-                          base: Path | None = None) -> str:
+                          base: Path | None = None,
+                          importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None) -> str:
     """int4 (:func:`quantize_int4_min`): every MatMul by a constant weight to 4-bit blocks with a float minimum;
     the LM head, and an embedding tied to it, to 8-bit blocks of 32. With ``base_graph`` (the fp32 decoder of the
     model a LoRA merge started from) the base weights are quantised and the fine-tune's low-rank change is kept
-    in the 8-bit correction MatMuls beside them. Returns the algorithm's description."""
+    in the 8-bit correction MatMuls beside them. ``importance`` (see :func:`quantize_int4_min`) calibrates the
+    4-bit blocks. Returns the algorithm's description."""
     m = onnx.load(str(path))
     head = lm_head(m)
     lookup = None
@@ -299,7 +373,7 @@ def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base
         def lookup(name: str):
             t = base_inits.get(name)
             return numpy_helper.to_array(t, base_dir=str(base_graph.parent)) if t is not None else None
-    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup)
+    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup, importance=importance)
     tied = False
     if head:
         tied = quantize_head_int8(m, head[0], accuracy_level)
@@ -309,9 +383,12 @@ def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base
     lora = (f"; the LoRA merge's change kept as low-rank factors (rank <= {counts['max_rank']}) on "
             f"{counts['low_rank']} of them, the 4-bit weights being those of the base {base}"
             if counts["low_rank"] else "")
-    return (f"4-bit min-max blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
-            f"{counts['quantized']} weights{skipped}; LM head{' and the embedding tied to it' if tied else ''} "
-            f"8-bit (blocks of 32){lora}")
+    grid = "" if importance else "min-max "
+    weighted = (f", each block's scale and minimum by an importance-weighted search on {counts['calibrated']} of "
+                "them" if importance else "")
+    return (f"4-bit {grid}blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
+            f"{counts['quantized']} weights{weighted}{skipped}; "
+            f"LM head{' and the embedding tied to it' if tied else ''} 8-bit (blocks of 32){lora}")
 
 
 def quantize_embed_int8(path: Path) -> str:
