@@ -87,3 +87,13 @@ def test_finetune_need_is_the_plan_at_the_data_s_real_lengths(tiny_model, tmp_pa
         finetune(recipe, tmp_path / "b")
     monkeypatch.setattr(memory, "available_bytes", lambda: int(need) + 1)
     assert finetune(recipe, tmp_path / "c").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "onnx"])
+def test_exports_refuse_before_writing_when_memory_is_short(kind, tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
+    r = CliRunner().invoke(main, ["export", kind, str(model), "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0 and f"exporting {model} to {kind.upper()} needs about" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial folder either

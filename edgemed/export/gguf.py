@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgemed import memory
 from edgemed.archs import arch_for_dir
 from edgemed.artifacts import (
     atomic_dir,
@@ -101,6 +102,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     provenance = source_provenance(model_dir, source)
     wants = quants + (["mmproj-q5_0"] if spec.is_vision and mmproj_quant == "q5_0" else [])
     calib = _calibration_plan(model_dir, wants, calibration, calibrate, calibration_samples)
+    memory.require(memory.gguf_need(model_dir, calibrating=calib is not None),
+                   f"exporting {model_dir} to GGUF" + (" with importance matrices" if calib is not None else ""))
 
     files: dict[str, str] = {}
     cal = None

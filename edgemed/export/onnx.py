@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from edgemed import memory
 from edgemed.archs import ArchSpec, arch_for_dir
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, source_manifest, tree_sha256, write_manifest
 from edgemed.errors import ArtifactError, EdgemedWarning, ExportError
@@ -81,6 +82,7 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
     route = decoder_route(spec, model_dir)  # before loading weights: an unsupported decoder fails at once
     calib = imatrix.calibration_plan(model_dir, calibration, calibrate, calibration_samples, used=quant == "int4",
                                      unused=f"--quant {quant} (only int4 is calibrated)")
+    memory.require(memory.onnx_need(model_dir), f"exporting {model_dir} to ONNX")
     model, processor, tokenizer = _load(model_dir, spec)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp, \
