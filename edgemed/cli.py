@@ -277,6 +277,22 @@ def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level
                            calibration_samples=calibration_samples))
 
 
+@export.command("onnx-adapters")
+@click.option("--adapter", "adapters", multiple=True, required=True, metavar="NAME=MERGED_DIR",
+              help="A LoRA fine-tune (`edgemed merge` folder) to carry as adapters/NAME.onnx_adapter (repeatable).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size of the base.")
+@click.option("--out", type=OUT, required=True)
+@click.option("--overwrite", is_flag=True)
+@handled
+def export_onnx_adapters_cmd(adapters: tuple[str, ...], block_size: int, out: Path, overwrite: bool) -> None:
+    """Write one int4 ONNX base and an onnxruntime-genai adapter file per fine-tune of it (og.Adapters switches
+    them per generator)."""
+    from edgemed.export.onnx_genai_adapters import export_genai_adapters
+    from edgemed.serve import parse_adapters
+
+    click.echo(export_genai_adapters(parse_adapters(adapters), out, overwrite=overwrite, block_size=block_size))
+
+
 # ---------------------------------------------------------------- checks
 @main.command()
 @click.argument("export_dir", type=EXISTING)

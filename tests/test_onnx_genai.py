@@ -369,3 +369,21 @@ def test_changes_other_than_low_rank_projections_are_refused(tmp_path):
     for i, (match, arrays) in enumerate(cases.items()):
         with pytest.raises(ExportError, match=match):
             _run_factors("r", tmp_path, ref, _graph(tmp_path / f"{i}.onnx", *arrays), 8)
+
+
+def test_cli_writes_the_same_adapter_folder_and_refuses_a_bad_spec(adapters_export, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.artifacts import read_manifest
+    from edgemed.cli import main
+
+    folder, merged = adapters_export
+    args = ["export", "onnx-adapters", *(f for n, m in merged.items() for f in ("--adapter", f"{n}={m}"))]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    got, want = read_manifest(tmp_path / "cli"), read_manifest(folder)
+    assert {n: a["sha256"] for n, a in got["adapters"].items()} == {n: a["sha256"] for n, a in want["adapters"].items()}
+    r = CliRunner().invoke(main, ["export", "onnx-adapters", "--adapter", "no-equals-sign",
+                                  "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "NAME=DIR" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
