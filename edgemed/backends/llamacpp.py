@@ -363,7 +363,7 @@ class LlamaCppBackend(HFBackend):
         import numpy as np
 
         rows, _ = self._prefill(tokens, image, "all")
-        return np.stack(rows).astype(np.float32)  # a copy: the rows kept for the cache stay as they were
+        return np.stack(rows).astype(np.float32, copy=False)  # stack copies: the rows kept stay as they were
 
     def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         from llama_cpp import mtmd_cpp

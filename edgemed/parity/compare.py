@@ -22,7 +22,9 @@ from edgemed.parity.reference import GREEDY_TOKENS, CacheInfo, Turn, continuatio
 from edgemed.parity.report import Row
 from edgemed.parity.thresholds import DECIDED_MARGIN, SIZE_ORDER, Thresholds, judge, thresholds_for, warnings_for
 
-GREEDY_PROBES = 16  # probes each candidate answers free-running (16 of 32: greedy bars keep their resolution)
+# probes each candidate answers free-running: 10 keep the float bars' tolerance (f32 0.9: one answer of 10 may part,
+# f16 0.75: two), and a greedy answer costs each candidate a decode step per token (docs/scale.md, Parity speed)
+GREEDY_PROBES = 10
 
 
 def candidates(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -135,7 +137,7 @@ class Reference:
             ref = RefLogits.of(turn.logits)
             logits = {k: self._candidate(accs[k], k, c, turn, ref, templates[k] == ref_template,
                                          turn.index in greedy) for k, c in cands.items()}
-            bases = {base: RefLogits.of(logits[base]) for base, _ in pairs.values()}
+            bases = {base: RefLogits.of(logits[base]) for base in {b for b, _ in pairs.values()}}
             for name, (base, other) in pairs.items():
                 accs[name].add(compare_logits(bases[base], logits[other]), turn.index, turn.probe.source, turn.seq,
                                logits[base], logits[other], self.piece)

@@ -43,12 +43,6 @@ class PositionFigures:
     margin: np.ndarray
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 @dataclass(frozen=True)
 class RefLogits:
     """The reference side of :func:`compare_logits`, worked out once per probe and shared by every candidate (and
@@ -62,13 +56,18 @@ class RefLogits:
 
     @classmethod
     def of(cls, logits: np.ndarray) -> RefLogits:
-        logp = _log_softmax(logits)
+        x = logits.astype(np.float64)
+        x -= x.max(axis=-1, keepdims=True)
+        e = np.exp(x)
+        s = e.sum(axis=-1, keepdims=True)
+        logp = x - np.log(s)
+        e /= s  # the probabilities, without a second exp
         if logits.shape[-1] > 1:  # the top two by partition: the same two values a full sort gives
             top2 = np.partition(logits, -2, axis=-1)[:, -2:]
             margin = (top2[:, 1] - top2[:, 0]).astype(np.float64)
         else:
             margin = np.full(len(logits), np.inf)
-        return cls(logits, logp, np.exp(logp), logits.argmax(-1), margin)
+        return cls(logits, logp, e, logits.argmax(-1), margin)
 
     @property
     def width(self) -> int:

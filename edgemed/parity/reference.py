@@ -11,7 +11,8 @@ What is kept is what the metrics read: the logits rows as the model gave them (f
 reference distribution and ``logit_diff_max`` every logit, so neither float16 nor top-k with a log-sum-exp would give
 the same figures (float16 rounding alone is about the f32 export's KL bar). Entries are written whole and renamed,
 built under a lock so two processes never build one, ignored and rebuilt when damaged, and the least recently used
-are removed beyond ``EDGEMED_PARITY_CACHE_GB`` (default 16). ``EDGEMED_PARITY_CACHE=off`` keeps nothing.
+are removed beyond ``EDGEMED_PARITY_CACHE_GB`` (default 16). ``EDGEMED_PARITY_CACHE=off`` keeps nothing;
+``EDGEMED_PARITY_CACHE_DIR`` puts the cache elsewhere.
 
 A cold reference runs batched: greedy answers of the text probes in left-padded batches and their logits in
 right-padded ones (``TorchBackend.generate_batch`` / ``logits_batch``), equal to the one-at-a-time figures up to
@@ -135,9 +136,10 @@ def cache_enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """``$EDGEMED_PARITY_CACHE_DIR``, or ``parity-ref`` under edgemed's cache root."""
     from edgemed.paths import cache_root
 
-    return cache_root() / "parity-ref"
+    return Path(os.environ.get("EDGEMED_PARITY_CACHE_DIR") or cache_root() / "parity-ref")
 
 
 def _uncached(backend: Any, items: list[Prompted], key: str) -> tuple[list[Turn], CacheInfo]:
