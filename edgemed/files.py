@@ -96,16 +96,16 @@ def load_safetensors(path: Path | str, error: type[EdgemedError] = ArtifactError
 
 
 def check_gguf(path: Path | str) -> None:
-    """Parse a GGUF file's header and tensor table with gguf-py, so a cut or foreign file is refused before
-    llama.cpp sees it (llama.cpp only says that loading failed, or worse)."""
-    import gguf
+    """Parse a GGUF file's header and tensor table, so a cut or foreign file is refused before llama.cpp sees it
+    (llama.cpp only says that loading failed, or worse)."""
+    from edgemed.gguf_header import read_header
 
     path = Path(path)
     _a_file(path, "a GGUF file", ArtifactError)
     with reading(path, "a GGUF file", todo="the file is damaged or cut short; export it again"):
         if _head(path, 4) != b"GGUF":
             raise ArtifactError(f"{path}: not a GGUF file (no GGUF magic at the start); export it again")
-        gguf.GGUFReader(path)  # maps every tensor: one that runs past the end of the file fails here
+        read_header(path)  # every tensor's data range: one that runs past the end of the file fails here
 
 
 def _head(path: Path, n: int) -> bytes:

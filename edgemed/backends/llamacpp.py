@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,30 @@ def _quiet(verbose: bool) -> None:
     llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+@dataclass
+class _Cached:
+    """What the context's cache holds for sequence 0: the text tokens decoded (empty: unknown, or an image), the
+    logits rows kept for the first of them, and the LoRA adapter they were decoded with."""
+
+    tokens: list[int] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    adapter: str | None = None
+
+    def shared(self, tokens: list[int], need_rows: bool, adapter: str | None) -> int:
+        """How many leading ``tokens`` can stay in the cache: at most all but the last (whose logits the decode
+        gives), and, when every row's logits are wanted, only those whose rows were kept."""
+        if not self.tokens or adapter != self.adapter:
+            return 0
+        limit = min(len(self.tokens), len(tokens) - 1, len(self.rows) if need_rows else len(tokens))
+        n = 0
+        while n < limit and self.tokens[n] == tokens[n]:
+            n += 1
+        return n
+
+    def extended(self, token: int) -> _Cached:
+        return _Cached([*self.tokens, token], self.rows, self.adapter) if self.tokens else _Cached()
+
+
 class LlamaCppBackend(HFBackend):
     """A GGUF export answering through the edgemed Backend protocol.
 
@@ -51,13 +76,15 @@ class LlamaCppBackend(HFBackend):
         kv_type: KV-cache precision, "f32", "f16" or "auto" (f32 for an f32 model, so that it reproduces
             PyTorch's fp32 numbers; f16 otherwise, llama.cpp's default).
         verbose: let llama.cpp print its logs.
+        processing: (processor, tokenizer) already loaded from this folder (another quant of it), instead of
+            loading them again.
     """
 
     name = "llamacpp"
 
     def __init__(self, folder: Path | str, quant: str | None = None, n_threads: int | None = None,
                  n_ctx: int = 4096, n_batch: int = 512, kv_type: str = "auto", verbose: bool = False,
-                 adapter: str | None = "default", **_: Any):
+                 adapter: str | None = "default", processing: tuple[Any, Any] | None = None, **_: Any):
         offline()
         import llama_cpp
         from llama_cpp import _internals
@@ -73,7 +100,7 @@ class LlamaCppBackend(HFBackend):
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} is missing; the export is incomplete, export again")
         arch, is_vision = get_arch(manifest["arch"]), bool(manifest.get("mmproj"))
-        super().__init__(folder, arch, is_vision, *load_processing(folder, arch, is_vision))
+        super().__init__(folder, arch, is_vision, *(processing or load_processing(folder, arch, is_vision)))
         if self.image_token_id is None:  # a family without a placeholder text: the id the exporter recorded
             self.image_token_id = manifest.get("image_token_id")
         _quiet(verbose)
@@ -103,6 +130,7 @@ class LlamaCppBackend(HFBackend):
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
         self.n_vocab = self._model.n_vocab()
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self._model.model)
+        self._kv = _Cached()
         self._mtmd = None
         if self.is_vision:
             self._mtmd = self._load_mtmd(self.folder / manifest["mmproj"], n_threads)
@@ -281,16 +309,31 @@ class LlamaCppBackend(HFBackend):
             llama_cpp.llama_batch_free(batch)
 
     def _prefill(self, tokens: list[int], image: Image.Image | None, logits: str) -> tuple[list[np.ndarray], int]:
-        """Clear the cache and decode the prompt (image placeholder expanded); return logits rows and n_past."""
+        """Decode the prompt (image placeholder expanded) into a fresh cache; return logits rows and n_past.
+
+        A text prompt that starts with tokens already in the cache (the chat template's opening, or the prompt of
+        the teacher-forced sequence just scored) decodes only the rest: the cache is cut after the shared part,
+        whose logits rows, when asked for, are those kept from when it was decoded (same tokens, same positions).
+        """
         from llama_cpp import mtmd_cpp
 
         if len(tokens) == 0:
             raise DataError("no tokens to decode")
+        if image is None and len(tokens) >= self.n_ctx:
+            raise DataError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        kept, self._kv = self._kv, _Cached()  # unknown until this decode completes
+        if image is None:
+            n = kept.shared(tokens, logits == "all", self.adapters.active)
+            if n and self._ctx.kv_cache_seq_rm(0, n, -1):
+                rows = self._decode_tokens(tokens[n:], n, logits)
+                rows = [*kept.rows[:n], *rows] if logits == "all" else rows
+                self._kv = _Cached(list(tokens), rows if logits == "all" else kept.rows[:n], self.adapters.active)
+                return rows, len(tokens)
         self._ctx.kv_cache_clear()
         if image is None:
-            if len(tokens) >= self.n_ctx:
-                raise DataError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
-            return self._decode_tokens(tokens, 0, logits), len(tokens)
+            rows = self._decode_tokens(tokens, 0, logits)
+            self._kv = _Cached(list(tokens), rows if logits == "all" else [], self.adapters.active)
+            return rows, len(tokens)
         k = self._placeholder_index(tokens)
         pre, post = tokens[:k], tokens[k + 1:]
         wrap = self.arch.gguf.image_wrap if self.arch.gguf else ("", "")
@@ -320,7 +363,7 @@ class LlamaCppBackend(HFBackend):
         import numpy as np
 
         rows, _ = self._prefill(tokens, image, "all")
-        return np.stack(rows).astype(np.float32)
+        return np.stack(rows).astype(np.float32, copy=False)  # stack copies: the rows kept stay as they were
 
     def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         from llama_cpp import mtmd_cpp
@@ -359,7 +402,9 @@ class LlamaCppBackend(HFBackend):
             while n_past < self.n_ctx:
                 t = llama_cpp.llama_sampler_sample(sampler.sampler, self._ctx.ctx, -1)
                 yield t
+                kept, self._kv = self._kv, _Cached()
                 self._decode_tokens([t], n_past, "last")
+                self._kv = kept.extended(t)
                 n_past += 1
             return "length"
         finally:

@@ -108,6 +108,7 @@ class OnnxBackend(HFBackend):
 
             self._grid_config = AutoConfig.from_pretrained(self.folder, local_files_only=True).to_dict()
         self._position_offset = 0  # grid decoders: what a generated token adds to its index (the prompt's delta)
+        self._kept: tuple[list[int], dict[str, np.ndarray], np.ndarray] | None = None  # last text prompt's cache
 
     def _max_positions(self) -> int:
         import json
@@ -214,7 +215,15 @@ class OnnxBackend(HFBackend):
 
     def _prefill(self, tokens: list[int], image: Image.Image | None
                  ) -> tuple[np.ndarray, dict, list[int], int, dict[str, np.ndarray] | None]:
-        """Run the prompt; (logits, KV cache, row of each token, positions used, cross inputs for later steps)."""
+        """Run the prompt; (logits, KV cache, row of each token, positions used, cross inputs for later steps).
+
+        A text prompt that starts like the last one prefilled (the chat template's opening, or the prompt of the
+        teacher-forced sequence just scored) runs only the rest, on that prompt's KV cache cut after the shared
+        part; the shared rows' logits are the ones kept from then (same tokens, same positions)."""
+        if image is None and self._reusable:
+            hit = self._reuse(list(tokens))
+            if hit is not None:
+                return hit
         ids, image_inputs, rows = self._expand(tokens, image)
         feats = self._image_features(image_inputs) if image_inputs else None
         if len(ids) > self.max_length:
@@ -227,10 +236,38 @@ class OnnxBackend(HFBackend):
         if self._dec.get("position_ids") == "grid":
             positions, self._position_offset = self.arch.grid.rope_index(ids, image_inputs.get("image_grid_thw"),
                                                                          self._grid_config)
+        self._kept = None
         logits, past = self._forward(ids, feats, self._empty_past(), 0, cross, positions)
         if cross is not None:  # later tokens attend to the image as the prompt's last token does
             cross = {**cross, "cross_attention_mask": cross["cross_attention_mask"][:, -1:]}
+        if image is None and self._reusable:
+            self._kept = (list(ids), past, logits)
         return logits, past, rows, len(ids), cross
+
+    @property
+    def _reusable(self) -> bool:
+        """Whether a prompt's KV cache can be cut and continued: plain positions, no cross-attention inputs."""
+        return self._dec.get("position_ids") != "grid" and "cross_attention_states" not in self._dec_inputs
+
+    def _reuse(self, ids: list[int]) -> tuple[np.ndarray, dict, list[int], int, None] | None:
+        """``_prefill`` of a text prompt on the kept prompt's cache, or None when they share no leading token."""
+        import numpy as np
+
+        if self._kept is None:
+            return None
+        kept_ids, kept_past, kept_logits = self._kept
+        limit, n = min(len(kept_ids), len(ids) - 1), 0
+        while n < limit and kept_ids[n] == ids[n]:
+            n += 1
+        if n == 0:
+            return None
+        if len(ids) > self.max_length:
+            raise DataError(f"the prompt is {len(ids)} tokens long; this model takes at most {self.max_length}")
+        past = {k: np.ascontiguousarray(v[:, :, :n]) for k, v in kept_past.items()}
+        rest, past = self._forward(ids[n:], None, past, n)
+        logits = np.concatenate([kept_logits[:n], rest])
+        self._kept = (ids, past, logits)
+        return logits, past, list(range(len(ids))), len(ids), None
 
     # ------------------------------------------------------------------ numbers
     def _logits(self, tokens: list[int], image: Image.Image | None) -> np.ndarray:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 # keys of a processor's output that are not image inputs of the model
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+BATCH_TOKENS = 1024  # padded tokens per batched forward: beyond a few hundred rows a CPU matmul gains little
+BATCH_LOGIT_BYTES = 256 << 20  # float32 logits per batch (262144-wide Gemma rows: 256 tokens)
 
 
 class _Sampler:
@@ -85,12 +87,14 @@ class TorchBackend(HFBackend):
         dtype: float32, bfloat16 or float16.
         n_threads: CPU threads for torch (default: torch's choice).
         device: "cpu", "cuda", "cuda:1"...; default CUDA when available.
+        lazy: load only the tokenizer and processor now, the weights when a number or an answer is first asked
+            for (parity's reference: a warm cache needs its prompts, not its weights).
     """
 
     name = "pytorch"
 
     def __init__(self, folder: Path | str, dtype: str = "float32", n_threads: int | None = None,
-                 device: str | None = None, **_: Any):
+                 device: str | None = None, lazy: bool = False, **_: Any):
         offline()  # never reach for a hub: everything is in the folder
         import torch
 
@@ -103,10 +107,29 @@ class TorchBackend(HFBackend):
         if n_threads:
             torch.set_num_threads(int(n_threads))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_any(folder, dtype=dtype, device=self.device)  # a run folder: base + adapter + trained tensors
-        self.model = loaded.model.eval()
-        super().__init__(folder, loaded.arch, loaded.arch.is_vision, loaded.processor, loaded.tokenizer,
-                         hf_dir=loaded.base_dir)
+        self.dtype, self._model, self._closed = dtype, None, False
+        if lazy:
+            arch, processor, tokenizer, base_dir = _text_side(folder)
+        else:
+            loaded = load_any(folder, dtype=dtype, device=self.device)  # a run folder: base + adapter + trained
+            self._model = loaded.model.eval()
+            arch, processor, tokenizer, base_dir = loaded.arch, loaded.processor, loaded.tokenizer, loaded.base_dir
+        super().__init__(folder, arch, arch.is_vision, processor, tokenizer, hf_dir=base_dir)
+
+    @property
+    def model(self) -> Any:
+        """The transformers model (loaded here on first use when the backend was opened ``lazy``)."""
+        if self._model is None and not self._closed:
+            self._model = load_any(self.folder, dtype=self.dtype, device=self.device).model.eval()
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model = value
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._model is not None
 
     # ------------------------------------------------------------------ model inputs
     def _inputs(self, tokens: list[int], image: Image.Image | None) -> tuple[dict[str, Any], list[int]]:
@@ -136,6 +159,82 @@ class TorchBackend(HFBackend):
         with torch.inference_mode():
             out = self.model(**inputs, use_cache=False)
         return out.logits[0, rows].float().cpu().numpy()
+
+    def logits_batch(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """Teacher-forced logits of several text sequences (``logits`` of each, up to float summation order): run
+        in right-padded batches of similar length, at most ``BATCH_TOKENS`` tokens and ``BATCH_LOGIT_BYTES`` of
+        logits each. Right padding leaves every real position's causal context unchanged."""
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        with self._lock:
+            for group in self._groups([len(s) for s in seqs]):
+                width = max(len(seqs[i]) for i in group)
+                ids = torch.full((len(group), width), self._pad_id(), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(group):
+                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[r, :len(seqs[i])] = 1
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        use_cache=False).logits
+                for r, i in enumerate(group):
+                    out[i] = logits[r, :len(seqs[i])].float().cpu().numpy()
+        return out  # type: ignore[return-value]
+
+    def generate_batch(self, prompts: list[str], params: GenParams | None = None) -> list[str]:
+        """Greedy answers to several rendered text prompts, each what ``generate`` gives (up to float summation
+        order): left-padded batches through transformers' ``generate``, each row cut at its first end id. Sampling,
+        stop strings and ``ignore_eos`` go one prompt at a time."""
+        params = params or GenParams()
+        if params.temperature > 0 or params.stop or params.ignore_eos or params.max_tokens <= 0:
+            return ["".join(self.generate(p, params=params)) for p in prompts]
+        toks = [self.tokenize(p) for p in prompts]
+        out = [""] * len(prompts)
+        with self._lock:
+            for group in self._groups([len(t) + params.max_tokens for t in toks]):
+                for i, ids in zip(group, self._greedy_ids([toks[i] for i in group], params.max_tokens), strict=True):
+                    out[i] = _text_of(ids, self._detokenize)
+        return out
+
+    def _greedy_ids(self, toks: list[list[int]], max_tokens: int) -> list[list[int]]:
+        import torch
+        from transformers import GenerationConfig
+
+        width = max(len(t) for t in toks)
+        ids = torch.full((len(toks), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, t in enumerate(toks):
+            ids[r, width - len(t):] = torch.tensor(t)
+            mask[r, width - len(t):] = 1
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, num_beams=1,
+                                  eos_token_id=self.eos_ids or None, pad_token_id=self._pad_id())
+        with torch.inference_mode():
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=config)
+        rows = []
+        for row in gen[:, width:].tolist():
+            end = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
+            rows.append(row[:end])
+        return rows
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else (self.eos_ids or [0])[0]
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        """Indices batched by similar length: each batch at most BATCH_TOKENS padded tokens and BATCH_LOGIT_BYTES
+        of float32 logits."""
+        head = self.model.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else 262144  # unknown: budget for a wide one
+        budget = max(1, min(BATCH_TOKENS, BATCH_LOGIT_BYTES // (4 * vocab)))
+        groups: list[list[int]] = []
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # ascending: lengths[i] is the widest
+            if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def _image_embeddings(self, image: Image.Image) -> np.ndarray:
         import torch
@@ -203,7 +302,7 @@ class TorchBackend(HFBackend):
 
     def close(self) -> None:
         with self._lock:
-            self.model = None
+            self._closed, self._model = True, None
         try:
             import torch
 
@@ -211,6 +310,32 @@ class TorchBackend(HFBackend):
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+
+def _text_of(ids: list[int], detokenize: Any) -> str:
+    """The text ``generate`` yields for these ids (the shared stream loop, no stop strings)."""
+    from edgemed.backends.base import stream_text
+
+    def gen() -> Generator[int, None, str]:
+        yield from ids
+        return "stop"
+
+    return "".join(c.text for c in stream_text(gen(), detokenize, []))
+
+
+def _text_side(folder: Path) -> tuple[Any, Any, Any, Path]:
+    """(arch, processor, tokenizer, folder of the transformers files) of a model or run folder, without its weights:
+    what ``load_any`` gives besides the model. A run's base is hash-checked when its weights load."""
+    from edgemed.archs import arch_for_dir
+    from edgemed.files import reading
+    from edgemed.manifest import kind_of
+    from edgemed.modeling import load_processor, run_base
+
+    base = run_base(folder, check_hash=False) if kind_of(folder) == "run" else folder
+    arch = arch_for_dir(base)
+    with reading(base, "the tokenizer and processor files saved with the model"):
+        processor, tokenizer = load_processor(base, arch)
+    return arch, processor, tokenizer, base
 
 
 def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

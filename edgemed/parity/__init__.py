@@ -6,8 +6,12 @@ each runtime's own chat template and compares the export with the PyTorch refere
 * identity: chat template text and rendered prompts, token ids of the same text, BOS count, vocabulary width;
 * teacher-forced, per position of prompt + the reference's greedy answer: top-1 agreement, KL(reference || export)
   (mean, p99, max) and the largest logit difference;
-* free-running: greedy exact-match rate and the first token where the answers part;
+* free-running: greedy exact-match rate and the first token where the answers part, on at most
+  :data:`GREEDY_PROBES` probes spread over the set, each at most :data:`GREEDY_TOKENS` tokens;
 * image models: cosine similarity of the projected image embeddings.
+
+The reference's side (answers, logits, image embeddings) is computed once, batched, and cached on disk by content
+hash (:mod:`edgemed.parity.reference`): every export and auto-quant candidate is compared against the same one.
 
 Each file of the export (a GGUF folder may hold several quants) gets a row, judged against the thresholds of its
 quant type (:data:`THRESHOLDS`, documented and justified in ``docs/parity.md``). KL divergence is the primary
@@ -16,7 +20,8 @@ localises the loss: tokenizer/template, merge (adapter vs merged), conversion (m
 quantisation (float export vs the quantised one).
 
 The package: ``probes`` (what is asked), ``metrics`` (the numbers), ``thresholds`` (the bars and the judgement),
-``compare`` (one pass over the runtimes), ``localise`` (which stage lost it), ``report`` (rows, table, JSON).
+``reference`` (the reference's turns and their cache), ``compare`` (one pass over the runtimes), ``localise``
+(which stage lost it), ``report`` (rows, table, JSON).
 Parity opens folders with :func:`edgemed.backends.open_model` and imports no exporter and no evaluator.
 """
 
@@ -31,9 +36,17 @@ from edgemed.artifacts import MANIFEST, read_manifest
 from edgemed.backends import open_model, runtime_of
 from edgemed.errors import ParityError
 from edgemed.machine import machine_summary, runtime_versions
-from edgemed.parity.compare import GREEDY_TOKENS, Reference, candidates, gguf_file_checks, judged_row, opened
+from edgemed.parity.compare import (
+    GREEDY_PROBES,
+    GREEDY_TOKENS,
+    Reference,
+    candidates,
+    gguf_file_checks,
+    judged_row,
+    opened,
+)
 from edgemed.parity.localise import FloatExport, Localiser, merge_row
-from edgemed.parity.metrics import Accumulator, Metrics, PositionFigures, compare_logits, mean_cosine
+from edgemed.parity.metrics import Accumulator, Metrics, PositionFigures, RefLogits, compare_logits, mean_cosine
 from edgemed.parity.probes import GENERAL_PROMPTS, Probe, default_probes, disjoint_from_calibration, read_probes
 from edgemed.parity.report import ParityResult, Row
 from edgemed.parity.thresholds import (
@@ -50,10 +63,10 @@ from edgemed.parity.thresholds import (
     warnings_for,
 )
 
-__all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_TOKENS", "KEYS", "LOSSY_BUDGET",
-           "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics", "ParityResult", "PositionFigures",
-           "Probe", "Row", "Thresholds", "compare_logits", "default_probes", "judge", "judged_row", "mean_cosine",
-           "read_probes", "run_parity", "thresholds_for", "warnings_for"]
+__all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_PROBES", "GREEDY_TOKENS", "KEYS",
+           "LOSSY_BUDGET", "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics", "ParityResult",
+           "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits", "default_probes", "judge",
+           "judged_row", "mean_cosine", "read_probes", "run_parity", "thresholds_for", "warnings_for"]
 
 
 def run_parity(export_dir: Path | str, reference: Path | str | None = None, adapter: Path | str | None = None,
@@ -97,7 +110,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
     if chat_template is not None:
         kw["chat_template"] = chat_template
-    backend = open_model(ref_dir, **kw)
+    backend = open_model(ref_dir, lazy=True, **kw)  # its weights load only when the reference cache misses
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, backend.is_vision, max_probes)
         plist, calibration = disjoint_from_calibration(manifest, plist, given is not None)
@@ -112,7 +125,9 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
             _add_gguf_file_checks(ref, export_dir, manifest, rows)
         result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,
                               prompt_format=prompting.prompt_format(backend.processor), calibration=calibration,
-                              runtimes=runtime_versions(), machine=machine_summary())
+                              runtimes=runtime_versions(), machine=machine_summary(),
+                              reference_cache=ref.cache.to_dict() if ref.cache else None,
+                              greedy={"probes": len(ref.greedy), "of": len(plist), "max_tokens": GREEDY_TOKENS})
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = merge_row(ref, Path(adapter))
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]

@@ -16,12 +16,15 @@ import numpy as np
 from edgemed import prompting
 from edgemed.backends import Backend, open_model
 from edgemed.errors import ArtifactError, EdgemedError, ParityError
-from edgemed.parity.metrics import Accumulator, bos_count, compare_logits, mean_cosine
+from edgemed.parity.metrics import Accumulator, RefLogits, bos_count, compare_logits, mean_cosine
 from edgemed.parity.probes import Probe
+from edgemed.parity.reference import GREEDY_TOKENS, CacheInfo, Turn, continuation_ids, reference_turns
 from edgemed.parity.report import Row
 from edgemed.parity.thresholds import DECIDED_MARGIN, SIZE_ORDER, Thresholds, judge, thresholds_for, warnings_for
 
-GREEDY_TOKENS = 16  # answers to the probes are short; 16 tokens show where two runtimes part
+# probes each candidate answers free-running: 10 keep the float bars' tolerance (f32 0.9: one answer of 10 may part,
+# f16 0.75: two), and a greedy answer costs each candidate a decode step per token (docs/scale.md, Parity speed)
+GREEDY_PROBES = 10
 
 
 def candidates(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -42,11 +45,19 @@ def candidates(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, str, d
 
 @contextlib.contextmanager
 def opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[str, Backend]]:
-    """Open every folder (label -> (folder, open_model kwargs)); close them all on the way out."""
+    """Open every folder (label -> (folder, open_model kwargs)); close them all on the way out.
+
+    Several files of one GGUF folder share its tokenizer and processor, loaded once (``processing``): a
+    262144-piece tokenizer takes seconds to load."""
     out: dict[str, Backend] = {}
+    shared: dict[Path, tuple[Any, Any]] = {}
     try:
         for k, (folder, kw) in folders.items():
+            key = Path(folder).resolve()
+            if key in shared and "quant" in kw:
+                kw = {**kw, "processing": shared[key]}
             out[k] = open_model(folder, **kw)
+            shared.setdefault(key, (out[k].processor, out[k].tokenizer))
         yield out
     finally:
         for b in out.values():
@@ -54,48 +65,52 @@ def opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[str
                 b.close()
 
 
-def _image_embeddings(backend: Backend, image: Any) -> np.ndarray | None:
-    """Projected image features, or None where the family has none to compare (Mllama feeds the image through
-    cross-attention, so no image tokens reach the decoder's input); its image path is still covered by logits."""
-    try:
-        return backend.image_embeddings(image)
-    except (AttributeError, NotImplementedError):
-        return None
+def greedy_probes(n: int, cap: int = GREEDY_PROBES) -> set[int]:
+    """Which of ``n`` probes get a free-running greedy answer from each candidate: at most ``cap``, spread evenly
+    over the set (validation questions, image probes and general prompts alike)."""
+    return set(np.linspace(0, n - 1, min(n, cap)).round().astype(int).tolist()) if n else set()
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
     return next((n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-@dataclass
-class _Turn:
-    """What the reference did with one probe: its prompt, tokens, greedy answer and teacher-forced logits."""
-
-    index: int
-    probe: Probe
-    image: Any  # the image when the reference takes it, else None
-    prompt: str
-    tokens: list[int]
-    answer: str
-    seq: list[int]  # prompt tokens + the answer's continuation ids
-    logits: np.ndarray
-    embeddings: np.ndarray | None
+def _parted(text: str, want: str) -> bool:
+    """Whether an answer that starts with ``text`` can no longer equal ``want`` once both are stripped."""
+    got = text.strip()
+    return bool(got) and not want.strip().startswith(got)
 
 
 @dataclass
 class Reference:
     """The reference side of a parity run, shared by every pass: the open PyTorch model, the probes, and the
-    settings each candidate is opened (``open_kw``) and judged (threshold ``overrides``) with."""
+    settings each candidate is opened (``open_kw``) and judged (threshold ``overrides``) with.
+
+    Its turns on the probes (answers, logits, image embeddings) are had once, from the cache or computed
+    (:mod:`edgemed.parity.reference`), and serve every pass: the export's files, merge and localisation stages."""
 
     backend: Backend
     folder: Path
     probes: list[Probe]
     overrides: tuple[str, ...] | list[str] = ()
     open_kw: dict[str, Any] = field(default_factory=dict)
+    _turns: list[Turn] | None = field(default=None, repr=False)
+    cache: CacheInfo | None = None
 
     @property
     def bos(self) -> int | None:
         return getattr(getattr(self.backend, "tokenizer", None), "bos_token_id", None)
+
+    @property
+    def turns(self) -> list[Turn]:
+        if self._turns is None:
+            self._turns, self.cache = reference_turns(self.backend, self.folder, self.probes)
+        return self._turns
+
+    @property
+    def greedy(self) -> set[int]:
+        """The probes whose free-running answers are compared."""
+        return greedy_probes(len(self.probes))
 
     def piece(self, token: int) -> str:
         """The reference tokenizer's text of one token, for messages."""
@@ -107,7 +122,7 @@ class Reference:
     # ------------------------------------------------------------ the pass
     def compare(self, cands: dict[str, Backend], pairs: dict[str, tuple[str, str]]
                 ) -> tuple[dict[str, Accumulator], int]:
-        """Run every probe through the reference and every candidate (probe-major, so no logits are kept).
+        """Run every probe through every candidate (probe-major, so only one probe's logits are held).
 
         ``pairs`` adds candidate-vs-candidate comparisons (e.g. "f16>q4_k_m": ("f16", "q4_k_m")) on the same tokens.
         Returns the accumulators (by candidate label and pair name) and the number of teacher-forced positions.
@@ -116,40 +131,22 @@ class Reference:
         positions = 0
         ref_template = self.backend.chat_template()
         templates = {k: c.chat_template() for k, c in cands.items()}
-        for i, p in enumerate(self.probes):
-            turn = self._turn(i, p)
+        greedy = self.greedy
+        for turn in self.turns:
             positions += len(turn.seq)
-            logits = {k: self._candidate(accs[k], k, c, turn, templates[k] == ref_template)
-                      for k, c in cands.items()}
+            ref = RefLogits.of(turn.logits)
+            logits = {k: self._candidate(accs[k], k, c, turn, ref, templates[k] == ref_template,
+                                         turn.index in greedy) for k, c in cands.items()}
+            bases = {base: RefLogits.of(logits[base]) for base in {b for b, _ in pairs.values()}}
             for name, (base, other) in pairs.items():
-                accs[name].add(compare_logits(logits[base], logits[other]), i, p.source, turn.seq, logits[base],
-                               logits[other], self.piece)
+                accs[name].add(compare_logits(bases[base], logits[other]), turn.index, turn.probe.source, turn.seq,
+                               logits[base], logits[other], self.piece)
         return accs, positions
 
-    def _generate(self, backend: Backend, prompt: str, image: Any) -> str:
-        from edgemed.backends.base import GenParams
-
-        return "".join(backend.generate(prompt, image=image, params=GenParams(max_tokens=GREEDY_TOKENS,
-                                                                              temperature=0.0)))
-
-    def _continuation_ids(self, prompt: str, tokens: list[int], text: str) -> list[int]:
-        full = self.backend.tokenize(prompt + text)
-        return full[len(tokens):] if full[:len(tokens)] == tokens else []
-
-    def _turn(self, i: int, p: Probe) -> _Turn:
-        ref = self.backend
-        image = p.load_image()
-        image = image if image is not None and ref.is_vision else None
-        prompt = ref.render(p.question, image=image is not None, system=p.system)
-        tokens = ref.tokenize(prompt)
-        answer = self._generate(ref, prompt, image)
-        seq = tokens + self._continuation_ids(prompt, tokens, answer)
-        return _Turn(i, p, image, prompt, tokens, answer, seq, ref.logits(seq, image),
-                     _image_embeddings(ref, image) if image is not None else None)
-
-    def _candidate(self, a: Accumulator, label: str, c: Backend, t: _Turn, same_template: bool) -> np.ndarray:
-        """One candidate on one probe: identity checks, teacher-forced figures, greedy answer, image cosine.
-        Returns its logits (for the pairs)."""
+    def _candidate(self, a: Accumulator, label: str, c: Backend, t: Turn, ref: RefLogits, same_template: bool,
+                   greedy: bool) -> np.ndarray:
+        """One candidate on one probe: identity checks, teacher-forced figures, greedy answer (on the probes that
+        get one), image cosine. Returns its logits (for the pairs)."""
         p, use_image = t.probe, t.image is not None
         try:
             cprompt = c.render(p.question, image=use_image, system=p.system)
@@ -165,21 +162,40 @@ class Reference:
         a.bos.append((bos_count(t.tokens, self.bos), bos_count(c.tokenize(cprompt), self.bos)))
         lc = c.logits(t.seq, t.image)
         a.widths.add((t.logits.shape[-1], lc.shape[-1]))
-        a.add(compare_logits(t.logits, lc), t.index, p.source, t.seq, t.logits, lc, self.piece)
-        canswer = self._generate(c, cprompt, t.image)
+        a.add(compare_logits(ref, lc), t.index, p.source, t.seq, t.logits, lc, self.piece)
+        if greedy:
+            self._greedy(a, c, cprompt, t)
+        if t.embeddings is not None:
+            a.cos.append(mean_cosine(np.asarray(t.embeddings), c.image_embeddings(t.image)) if c.is_vision else 0.0)
+        return lc
+
+    def _greedy(self, a: Accumulator, c: Backend, cprompt: str, t: Turn) -> None:
+        """The candidate's greedy answer against the reference's, at most GREEDY_TOKENS tokens. Once five
+        divergences are on record, an answer is cut where it parts from the reference's (it can no longer match)."""
+        from edgemed.backends.base import GenParams
+
+        detail = len(a.first_divergence) < 5
+        canswer = ""
+        stream = c.stream(cprompt, image=t.image, params=GenParams(max_tokens=GREEDY_TOKENS, temperature=0.0))
+        try:
+            for chunk in stream:
+                canswer += chunk.text
+                if not detail and _parted(canswer, t.answer):
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
         a.greedy.append(canswer.strip() == t.answer.strip())
-        if canswer.strip() != t.answer.strip() and len(a.first_divergence) < 5:
-            cids = self._continuation_ids(t.prompt, t.tokens, canswer)
+        if canswer.strip() != t.answer.strip() and detail:
+            cids = continuation_ids(self.backend, t.prompt, t.tokens, canswer)
             rids = t.seq[len(t.tokens):]
             j = _first_difference(rids, cids)
             a.first_divergence.append({
-                "probe": t.index, "source": p.source, "token": j,
+                "probe": t.index, "source": t.probe.source, "token": j,
                 "reference": self.piece(rids[j]) if j < len(rids) else "<end>",
                 "export": self.piece(cids[j]) if j < len(cids) else "<end>",
                 "reference_answer": t.answer[:80], "export_answer": canswer[:80]})
-        if t.embeddings is not None:
-            a.cos.append(mean_cosine(t.embeddings, c.image_embeddings(t.image)) if c.is_vision else 0.0)
-        return lc
 
     def compare_folder(self, label: str, quant: str, runtime: str, folder: Path, kw: dict[str, Any]) -> Row:
         """Open one folder (``kw`` on top of ``open_kw``), compare it on every probe and judge it as ``quant``."""
@@ -233,14 +249,11 @@ def gguf_file_checks(file: Path, ref: Backend, probes: list[Probe], bos_ref: int
     """What a llama.cpp deployment that reads only the GGUF sees: its embedded chat template, rendered the way
     llama.cpp's servers render it (Jinja, trim/lstrip blocks), and its BOS rule (add_bos_token + the template's
     own BOS). The backend renders with the HF files beside the GGUF, so these are checked here, from the file."""
-    import gguf
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    reader = gguf.GGUFReader(file)
+    from edgemed.gguf_header import read_header
 
-    def get(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
+    get = read_header(file).get
 
     template, add_bos = get("tokenizer.ggml.chat_template") or get("tokenizer.chat_template"), bool(
         get("tokenizer.ggml.add_bos_token"))

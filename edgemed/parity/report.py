@@ -63,6 +63,8 @@ class ParityResult:
     calibration: dict[str, Any] | None = None  # the export's calibration data and that the probes are disjoint
     runtimes: dict[str, str | None] = field(default_factory=dict)  # builds the figures hold for (machine.py)
     machine: str = ""  # edgemed doctor's one line for the machine that measured them
+    reference_cache: dict[str, Any] | None = None  # key, hit, path, model calls (edgemed.parity.reference)
+    greedy: dict[str, int] = field(default_factory=dict)  # probes answered free-running, of how many, max tokens
 
     @property
     def passed(self) -> bool:
@@ -76,7 +78,8 @@ class ParityResult:
                 "rows": [r.to_dict() for r in self.rows],
                 "merge": self.merge.to_dict() if self.merge else None,
                 "localisation": [r.to_dict() for r in self.localisation],
-                "calibration": self.calibration, "runtimes": self.runtimes, "machine": self.machine}
+                "calibration": self.calibration, "runtimes": self.runtimes, "machine": self.machine,
+                "reference_cache": self.reference_cache, "greedy": self.greedy}
 
     def write(self, report: Path | str) -> None:
         """Write the JSON report; a report is refreshed on every run, so replacing it is expected (written whole,
@@ -92,6 +95,14 @@ class ParityResult:
                  f"{self.seconds:.0f} s)",
                  f"flips: top-1 changes on positions the reference decides by >= {DECIDED_MARGIN:g} nats; top1: over "
                  "all positions (near-ties included, not a gate)"]
+        if self.greedy:
+            g = self.greedy
+            lines.append(f"greedy: free-running answers on {g['probes']} of {g['of']} probes, at most "
+                         f"{g['max_tokens']} tokens each")
+        if self.reference_cache:
+            c = self.reference_cache
+            lines.append(f"reference: {'from the cache' if c['hit'] else 'computed'} (key {c['key'][:12]}…"
+                         f"{', kept in ' + c['path'] if c['path'] and not c['hit'] else ''})")
         if self.prompt_format == "plain":
             lines.append("prompts: plain text (the model has no chat template; give one with --chat-template FILE)")
         lines.append(head)
