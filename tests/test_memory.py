@@ -97,3 +97,14 @@ def test_exports_refuse_before_writing_when_memory_is_short(kind, tiny_model, tm
     assert r.exit_code != 0 and f"exporting {model} to {kind.upper()} needs about" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial folder either
+
+
+def test_parity_refuses_before_loading_when_memory_is_short(tiny_model, tmp_path, monkeypatch):
+    from edgemed.export.gguf import export_gguf
+
+    model = tiny_model("llama")
+    out = export_gguf(model, ["f16"], tmp_path / "g")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
+    r = CliRunner().invoke(main, ["parity", str(out), "--reference", str(model), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code != 0 and f"parity of {out} against {model} needs about" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "r.json").exists()

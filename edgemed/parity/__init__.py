@@ -107,6 +107,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     for q in dict.fromkeys([*(q for _, q, _ in cands), "f32"]):  # bad overrides fail before any model loads
         thresholds_for(q, thresholds)
     given = read_probes(probes)[:max_probes] if probes else None  # a bad file fails before any model loads
+    _check_memory(export_dir, ref_dir)
     kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
     if chat_template is not None:
         kw["chat_template"] = chat_template
@@ -149,6 +150,20 @@ def _add_gguf_file_checks(ref: Reference, export_dir: Path, manifest: dict[str, 
         checks, fails = gguf_file_checks(export_dir / manifest["models"][row.quant], ref.backend, ref.probes, bos_ref)
         row.checks.update(checks)
         row.failures += fails
+
+
+def _check_memory(export_dir: Path, ref_dir: Path) -> None:
+    """Refuse, before any model loads, a comparison this machine cannot hold (edgemed.memory's parity rule: the
+    fp32 reference and every export file; conservative when the reference cache would spare the reference)."""
+    from edgemed import memory
+
+    weights = ref_dir
+    if (ref_dir / MANIFEST).is_file() and read_manifest(ref_dir).get("kind") == "run":
+        from edgemed.modeling import run_base
+
+        weights = run_base(ref_dir, check_hash=False)
+    files = [f for f in export_dir.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".safetensors")]
+    memory.require(memory.parity_need(weights, files), f"parity of {export_dir} against {ref_dir}")
 
 
 def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Path | None) -> Path:
