@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,7 +86,6 @@ def main() -> None:
 
     from edgemed import embedded
     from edgemed.export.gguf import export_gguf
-    from edgemed.parity import THRESHOLDS
 
     model = Path(args.model) if Path(args.model).is_dir() else embedded.materialize(args.model, quiet=True)
     quants = [q.strip() for q in args.quants.split(",") if q.strip()]
@@ -100,6 +100,17 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (shared with other work); "
           f"{args.threads or 'default'} thread(s) per runtime")
 
+    try:
+        runs = measure(model, out, args, env, cache_root, cached)
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)  # a bench's entries (about 1 GB for Gemma's vocabulary)
+    report(model, quants, runs)
+
+
+def measure(model: Path, out: Path, args: argparse.Namespace, env: dict[str, str], cache_root: Path, cached: bool
+            ) -> dict[str, dict]:
+    from edgemed.export.gguf import export_gguf
+
     runs: dict[str, dict] = {}
     if not args.skip_timing:  # one quant alone, its own cold cache
         single = args.work / f"{model.name}-gguf-{args.timing_quant}"
@@ -109,7 +120,18 @@ def main() -> None:
     runs["all, cold cache" if cached else "all (no reference cache)"] = timed(out, model, args, env, args.report)
     if cached:
         runs["all, warm cache"] = timed(out, model, args, env)
-    last = list(runs.values())[-1]
+    for q in [q.strip() for q in args.onnx.split(",") if q.strip()]:
+        from edgemed.export.onnx import export_onnx
+
+        folder = export_onnx(model, q, args.work / f"{model.name}-onnx-{q}", overwrite=True)
+        runs[f"onnx {q}"] = timed(folder, model, args, env)
+    return runs
+
+
+def report(model: Path, quants: list[str], runs: dict[str, dict]) -> None:
+    from edgemed.parity import THRESHOLDS
+
+    last = runs.get("all, warm cache") or runs.get("all, cold cache") or runs["all (no reference cache)"]
     print(last["table"])
     print(f"\nparity of {model.name}, {len(quants)} quants ({','.join(quants)}), {last['probes']} probes, "
           f"{last['positions']} positions:")
@@ -119,20 +141,17 @@ def main() -> None:
         print(f"| {name} | {r['seconds']} | {r['cpu_seconds']} | {r['load_before']}/{r['load_after']} | "
               f"{'hit' if r['cache_hit'] else 'miss' if r['cache_hit'] is False else '-'} |")
     rows = dict(last["rows"])
-    for q in [q.strip() for q in args.onnx.split(",") if q.strip()]:
-        from edgemed.export.onnx import export_onnx
-
-        folder = export_onnx(model, q, args.work / f"{model.name}-onnx-{q}", overwrite=True)
-        r = timed(folder, model, args, env)
-        print(r["table"])
-        rows.update(r["rows"])
+    for name, r in runs.items():
+        if name.startswith("onnx "):
+            print(r["table"])
+            rows.update(r["rows"])
     print("\nmarkdown:")
     print("| quant | top-1 agreement | KL mean | KL p99 | KL max | max |dlogit| | greedy match | threshold kl_mean |")
     print("|---|---|---|---|---|---|---|---|")
     for q, m in rows.items():
         print(f"| {q} | {m['top1']:.1%} | {m['kl_mean']:.2e} | {m['kl_p99']:.2e} | {m['kl_max']:.2e} | "
               f"{m['logit_diff_max']:.2f} | {m['greedy_match']:.0%} | {THRESHOLDS[q].kl_mean} |")
-    print(json.dumps({"model": str(model), "quants": quants, "threads": args.threads,
+    print(json.dumps({"model": str(model), "quants": quants,
                       "runs": {k: {x: v for x, v in r.items() if x != "table"} for k, r in runs.items()}}, indent=1))
 
 
