@@ -27,6 +27,12 @@ from edgemed.parity import THRESHOLDS, compare_logits, read_probes, run_parity, 
 N_PROBES = 4
 
 
+@pytest.fixture(autouse=True)
+def _own_reference_cache(tmp_path, monkeypatch):
+    """Reference cache entries of these tests go to the test's folder, not the user's cache."""
+    monkeypatch.setenv("EDGEMED_PARITY_CACHE_DIR", str(tmp_path / "parity-ref"))
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     """A copy of a model folder with an edgemed "model" manifest (what `edgemed merge` writes)."""
     shutil.copytree(src, dst)

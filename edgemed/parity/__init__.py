@@ -117,8 +117,9 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         plist, calibration = disjoint_from_calibration(manifest, plist, given is not None)
         ref = Reference(backend, ref_dir, plist, thresholds, kw)
         floats = [label for label, q, _ in cands if q in FLOAT_TYPES]
+        # float file vs each quantised one: only localisation reads these (auto-quant does not localise)
         pairs = {f"{floats[0]} > {label.split()[-1]}": (floats[0], label)
-                 for label, q, _ in cands if floats and q not in FLOAT_TYPES}
+                 for label, q, _ in cands if floats and q not in FLOAT_TYPES} if localise else {}
         with opened({label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}) as cand_backends:
             accs, positions = ref.compare(cand_backends, pairs)
         rows = [ref.row(label, q, runtime_of(manifest), accs[label]) for label, q, _ in cands]
