@@ -5,7 +5,9 @@ Parametrise a test over ``ARCHS`` (or ``VISION_ARCHS``, ``GGUF_ARCHS``) and a ne
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # parity's reference cache (hundreds of MB per embedded-model entry) goes to a folder of this session, not the user's
-os.environ.setdefault("EDGEMED_PARITY_CACHE_DIR", tempfile.mkdtemp(prefix="edgemed-test-parity-ref-"))
+if "EDGEMED_PARITY_CACHE_DIR" not in os.environ:
+    os.environ["EDGEMED_PARITY_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgemed-test-parity-ref-")
+    atexit.register(shutil.rmtree, os.environ["EDGEMED_PARITY_CACHE_DIR"], True)
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     # pytest-xdist workers share the cores: split PyTorch's threads between them, before torch is imported, so that
     # n workers do not run n x cores spinning OpenMP threads. Tests that pass n_threads themselves keep theirs.
