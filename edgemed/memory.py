@@ -25,6 +25,7 @@ are in docs/scale.md, "Memory before work"):
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -91,17 +92,16 @@ def tensor_sizes(folder: Path) -> tuple[int, int]:
     """(number of values in all tensors, in the largest one) of a safetensors checkpoint, from the file headers."""
     total = largest = 0
     for f in _safetensors(folder):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            numel = 1
-            for d in v["shape"]:
-                numel *= d
-            total += numel
-            largest = max(largest, numel)
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(n, 100_000_000)))
+            shapes = [v["shape"] for k, v in header.items() if k != "__metadata__"]
+            numels = [math.prod(int(d) for d in shape) for shape in shapes]
+        except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+            continue  # a damaged file counts as empty here: the loader that reads it says what is wrong with it
+        total += sum(numels)
+        largest = max([largest, *numels])
     return total, largest
 
 

@@ -290,11 +290,14 @@ def test_adapters_switch_per_generator_and_equal_each_merged_export(adapters_exp
         base.close()
     assert answers["left"] != answers["right"], answers
     for name, m in merged.items():
-        own = export(m, tmp_path / name, "int4")  # the merge's int4 export: the same base, its change in the graph
-        for ref_folder in (own, m):
+        from edgemed.export.onnx import export_onnx
+
+        # the merge's int4 export, uncalibrated as the adapters' base is: the same base, its change in the graph
+        own = export_onnx(m, "int4", tmp_path / name, calibrate=False)
+        for ref_folder, n in ((own, 6), (m, 6)):
             ref = open_backend(ref_folder)
             try:
-                assert answers[name] == greedy(ref, tokens, 6), f"{name}: genai with the adapter vs {ref_folder}"
+                assert answers[name][:n] == greedy(ref, tokens, n), f"{name}: genai with the adapter vs {ref_folder}"
             finally:
                 ref.close()
     gens = {}

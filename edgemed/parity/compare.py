@@ -57,6 +57,8 @@ def opened(folders: dict[str, tuple[Path, dict[str, Any]]]) -> Iterator[dict[str
             if key in shared and "quant" in kw:
                 kw = {**kw, "processing": shared[key]}
             out[k] = open_model(folder, **kw)
+            if hasattr(out[k], "reuse_prefix"):
+                out[k].reuse_prefix = True  # teacher-forced probes share the template's opening: run it once
             shared.setdefault(key, (out[k].processor, out[k].tokenizer))
         yield out
     finally:
