@@ -207,7 +207,7 @@ def run_demo(out: Path | str = Path("edgemed-demo"), *, overwrite: bool = False,
             measure(row, test)
             rows.append(row)
     with s.step(f"report generation: the VQA model fine-tuned on findings reports, GGUF "
-                f"({', '.join(REPORT_QUANTS)}), BLEU / ROUGE-L / CIDEr retention ({REPORT_TEST} test studies)"):
+                f"({', '.join(REPORT_QUANTS)}), BLEU / ROUGE-L / CIDEr retention (up to {REPORT_TEST} test studies)"):
         reports = report_task(model, data["reports"], out, steps)
         s.console.print(reports.table())
     with s.step("bundles (sealed manifests, model cards) and report"):
