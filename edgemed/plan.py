@@ -168,14 +168,28 @@ def layer_bytes_per_token(c: Counts, lora: bool, act_bytes: int) -> float:
 
 
 def plan(recipe: Any, model_dir: Path, *, batch: int | None = None, seq: int | None = None,
-         supervised: int | None = None, device: str = "cuda") -> Plan:
-    """Predicted memory for ``recipe`` on the model in ``model_dir`` (its config only)."""
+         supervised: int | None = None, device: str = "cuda", ram: bool = True) -> Plan:
+    """Predicted memory for ``recipe`` on the model in ``model_dir`` (its config only); ``ram``: also each later
+    command's RAM need (``ram_gb``), which reads the checkpoint's safetensors headers."""
     model, arch = meta_model(Path(model_dir))
     c = count(model, arch, recipe)
     batch = batch or recipe.optim.batch_size
     seq = seq or recipe.max_length
     supervised = min(supervised or seq, seq)
     qlora = recipe.method == "qlora" and device == "cuda"
+    weights, trainable, acts, logits = _terms(c, recipe, batch, seq, supervised, qlora)
+    peak = weights + trainable + acts + logits
+    cpu_peak = peak if not qlora else sum(_terms(c, recipe, batch, seq, supervised, False))  # LoRA on the CPU
+    return Plan(model=str(model_dir), method="qlora" if qlora else f"lora-{recipe.dtype}", batch=batch, seq=seq,
+                supervised=supervised, counts=c, gpu_weights=weights / GB, gpu_trainable=trainable / GB,
+                gpu_activations=acts / GB, gpu_logits=logits / GB, gpu_peak=peak / GB,
+                checkpoint_gb=c.total * 2 / GB, largest_tensor_gb=c.largest_tensor * 2 / GB,
+                ram_gb=ram_needs(Path(model_dir), c, cpu_peak) if ram else {})
+
+
+def _terms(c: Counts, recipe: Any, batch: int, seq: int, supervised: int, qlora: bool
+           ) -> tuple[float, float, float, float]:
+    """(weights, trainable, activations, logits) in bytes, as the module docstring adds them up."""
     compute = 2 if (qlora or recipe.dtype != "float32") else 4
     weights = (c.quantizable * NF4_BYTES + c.kept * compute) if qlora else c.total * compute
     trainable = (c.lora + c.other_trainable) * ADAM_BYTES
@@ -185,13 +199,7 @@ def plan(recipe: Any, model_dir: Path, *, batch: int | None = None, seq: int | N
     else:
         acts = c.layers * per_layer
     logits = 3 * batch * supervised * c.vocab * 4  # logits, log-softmax, gradient (fp32)
-    peak = weights + trainable + acts + logits
-    return Plan(model=str(model_dir), method="qlora" if qlora else f"lora-{recipe.dtype}", batch=batch, seq=seq,
-                supervised=supervised, counts=c, gpu_weights=weights / GB, gpu_trainable=trainable / GB,
-                gpu_activations=acts / GB, gpu_logits=logits / GB, gpu_peak=peak / GB,
-                checkpoint_gb=c.total * 2 / GB, largest_tensor_gb=c.largest_tensor * 2 / GB,
-                ram_gb=ram_needs(Path(model_dir), c, peak if device == "cpu" else plan(
-                    recipe, model_dir, batch=batch, seq=seq, supervised=supervised, device="cpu").gpu_peak * GB))
+    return weights, trainable, acts, logits
 
 
 SHARD_BYTES = 5e9  # transformers' default max_shard_size ("5GB"): the merged shards when the folder has no weights

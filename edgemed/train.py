@@ -106,7 +106,7 @@ def _check_memory(recipe: Recipe, base: Path, device: str,
     supervised = max(int((e.labels >= 0).sum()) for e in examples)
     what = f"fine-tuning {base} ({recipe.method}, batch {recipe.optim.batch_size} x {seq} tokens)"
     try:
-        need = plan(recipe, base, seq=seq, supervised=supervised,
+        need = plan(recipe, base, seq=seq, supervised=supervised, ram=False,
                     device="cuda" if device.startswith("cuda") else "cpu").gpu_peak * memory.GB
     except Exception as e:  # noqa: BLE001 - the estimate is a courtesy: a config plan cannot read still trains
         log.warning("no memory estimate for %s (%s: %s); training without the check", base, type(e).__name__, e)

@@ -256,12 +256,19 @@ def _finetune(base: Path, root: Path, answer: str, decoder: str = "lora") -> Pat
 
 @pytest.fixture(scope="module")
 def adapters_export(tiny_model, tmp_path_factory):
-    """(export folder, {name: merged folder}): two fine-tunes of the tiny Llama with opposite answers."""
-    from edgemed.export.onnx_genai_adapters import export_genai_adapters
+    """(export folder, {name: merged folder}): two fine-tunes of the tiny Llama with opposite answers, exported by
+    `edgemed export onnx-adapters` (the command line drives export_genai_adapters)."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
 
     root = tmp_path_factory.mktemp("genai-adapters")
     merged = {side: _finetune(tiny_model("llama"), root / side, side) for side in ("left", "right")}
-    return export_genai_adapters(merged, root / "export"), merged
+    args = [f for n, m in merged.items() for f in ("--adapter", f"{n}={m}")]
+    r = CliRunner().invoke(main, ["export", "onnx-adapters", *args, "--out", str(root / "export")])
+    assert r.exit_code == 0, r.output
+    assert Path(r.stdout.strip().splitlines()[-1]) == root / "export"  # the command prints the folder it wrote
+    return root / "export", merged
 
 
 def test_adapters_switch_per_generator_and_equal_each_merged_export(adapters_export, tmp_path):
@@ -294,7 +301,9 @@ def test_adapters_switch_per_generator_and_equal_each_merged_export(adapters_exp
 
         # the merge's int4 export, uncalibrated as the adapters' base is: the same base, its change in the graph
         own = export_onnx(m, "int4", tmp_path / name, calibrate=False)
-        for ref_folder, n in ((own, 6), (m, 6)):
+        # the same int4 graph math: every token; PyTorch (fp32): the trained answer's first tokens, since after them
+        # a tiny random model's near-ties move with the CPU's int8 activation rounding (seen on an AMD EPYC)
+        for ref_folder, n in ((own, 6), (m, 3)):
             ref = open_backend(ref_folder)
             try:
                 assert answers[name][:n] == greedy(ref, tokens, n), f"{name}: genai with the adapter vs {ref_folder}"
@@ -374,18 +383,11 @@ def test_changes_other_than_low_rank_projections_are_refused(tmp_path):
             _run_factors("r", tmp_path, ref, _graph(tmp_path / f"{i}.onnx", *arrays), 8)
 
 
-def test_cli_writes_the_same_adapter_folder_and_refuses_a_bad_spec(adapters_export, tmp_path):
+def test_cli_refuses_a_bad_adapter_spec(tmp_path):
     from click.testing import CliRunner
 
-    from edgemed.artifacts import read_manifest
     from edgemed.cli import main
 
-    folder, merged = adapters_export
-    args = ["export", "onnx-adapters", *(f for n, m in merged.items() for f in ("--adapter", f"{n}={m}"))]
-    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli")])
-    assert r.exit_code == 0, r.output
-    got, want = read_manifest(tmp_path / "cli"), read_manifest(folder)
-    assert {n: a["sha256"] for n, a in got["adapters"].items()} == {n: a["sha256"] for n, a in want["adapters"].items()}
     r = CliRunner().invoke(main, ["export", "onnx-adapters", "--adapter", "no-equals-sign",
                                   "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "NAME=DIR" in r.output and "Traceback" not in r.output

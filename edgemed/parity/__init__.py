@@ -158,13 +158,17 @@ def _check_memory(export_dir: Path, ref_dir: Path) -> None:
     fp32 reference and every export file; conservative when the reference cache would spare the reference)."""
     from edgemed import memory
 
-    weights = ref_dir
-    if (ref_dir / MANIFEST).is_file() and read_manifest(ref_dir).get("kind") == "run":
+    files = [f for f in export_dir.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".safetensors")]
+    memory.require(memory.parity_need(_weights_dir(ref_dir), files), f"parity of {export_dir} against {ref_dir}")
+
+
+def _weights_dir(reference: Path) -> Path:
+    """The folder holding the reference's base weights: a run's base model, else the reference itself."""
+    if (reference / MANIFEST).is_file() and read_manifest(reference).get("kind") == "run":
         from edgemed.modeling import run_base
 
-        weights = run_base(ref_dir, check_hash=False)
-    files = [f for f in export_dir.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".safetensors")]
-    memory.require(memory.parity_need(weights, files), f"parity of {export_dir} against {ref_dir}")
+        return run_base(reference, check_hash=False)
+    return reference
 
 
 def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Path | None) -> Path:
@@ -182,12 +186,7 @@ def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Pa
 def _check_same_arch(export_dir: Path, manifest: dict[str, Any], reference: Path) -> str:
     from edgemed.archs import arch_for_dir
 
-    if (reference / MANIFEST).is_file() and read_manifest(reference).get("kind") == "run":
-        from edgemed.modeling import run_base
-
-        ref_arch = arch_for_dir(run_base(reference, check_hash=False)).name
-    else:
-        ref_arch = arch_for_dir(reference).name
+    ref_arch = arch_for_dir(_weights_dir(reference)).name
     if manifest.get("kind") in ("model", "run"):
         exp_arch = arch_for_dir(export_dir).name if (export_dir / "config.json").is_file() else manifest.get("arch")
     else:
