@@ -291,7 +291,7 @@ def read_r2gen(path: Path | str, image_root: Path | str | None = None, split: st
         clean: Clean reports as R2Gen does (clean_report_iu_xray, or clean_report_mimic_cxr for records with
             ``study_id``).
     """
-    from edgemed.scoring import clean_report_iu_xray, clean_report_mimic_cxr
+    from edgemed.report_scores import clean_report_iu_xray, clean_report_mimic_cxr
 
     path = Path(path)
     data = _load_json(path, "R2Gen annotation.json")

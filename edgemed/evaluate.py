@@ -20,12 +20,12 @@ from typing import Any
 
 from edgemed.artifacts import MANIFEST, atomic_file, read_manifest
 from edgemed.errors import DataError, ParityError
+from edgemed.report_scores import report_metrics
 from edgemed.scoring import (  # noqa: F401 - normalize, yes_no, score: edgemed's rules, importable from here
     DEFAULT_PROTOCOL,
     compare,
     get_protocol,
     normalize,
-    report_metrics,
     score,
     summarize,
     yes_no,

@@ -29,9 +29,9 @@ def test_report_task_trains_on_reports_and_scores_every_export(tiny_model, tmp_p
     merged and exported to GGUF, each row scored with BLEU/ROUGE-L/CIDEr and each export compared with its model."""
     import json
 
-    from edgemed import scoring
+    from edgemed import report_scores
 
-    monkeypatch.setattr(scoring, "java_available", lambda: False)  # METEOR starts a JVM per row: not what this checks
+    monkeypatch.setattr(report_scores, "java_available", lambda: False)  # METEOR: a JVM per row, not checked here
 
     from edgemed.data import generate_demo_set
     from edgemed.demo import REPORT_QUANTS, report_lines, report_task

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from edgemed import scoring
+from edgemed import report_scores
 from edgemed.errors import ParityError
+from edgemed.report_scores import clean_report_iu_xray, clean_report_mimic_cxr, report_metrics
 from edgemed.scoring import (
     PROTOCOLS,
-    clean_report_iu_xray,
-    clean_report_mimic_cxr,
     compare,
     get_protocol,
     llava_med_closed,
@@ -20,7 +19,6 @@ from edgemed.scoring import (
     mcnemar_exact,
     paired_bootstrap_ci,
     pefomed_normalize,
-    report_metrics,
     summarize,
     token_f1,
     vqa_normalize,
@@ -202,14 +200,14 @@ def test_report_metrics_by_hand(monkeypatch):
     # newlines and "|||" in a generated report are flattened (METEOR's line protocol would hang on them)
     odd = report_metrics(refs, {"a": "no acute\ndisease .", "b": "small ||| left effusion ."}, meteor=False)
     assert odd["bleu_1"] == pytest.approx(1.0) and odd["rouge_l"] == pytest.approx(1.0)
-    monkeypatch.setattr(scoring.shutil, "which", lambda name: None)
+    monkeypatch.setattr(report_scores.shutil, "which", lambda name: None)
     r = report_metrics(refs, dict(refs))
     assert r["meteor"] is None and "no Java runtime" in r["meteor_skipped"]
     with pytest.raises(ParityError, match="missing"):
         report_metrics(refs, {"a": "x"})
 
 
-@pytest.mark.skipif(not scoring.java_available(), reason="no Java runtime: METEOR's scorer is a Java jar")
+@pytest.mark.skipif(not report_scores.java_available(), reason="no Java runtime: METEOR's scorer is a Java jar")
 def test_meteor_with_java_scores_exact_reports_higher():
     refs = {"a": "no acute disease .", "b": "small left effusion ."}
     exact = report_metrics(refs, dict(refs), meteor=True)
