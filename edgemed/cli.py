@@ -229,7 +229,12 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
 
     Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""
     from edgemed.export.gguf import export_gguf
+    from edgemed.prompting import read_template
 
+    # every export option reaches every file, auto-quant's candidates included
+    options = {"mmproj_quant": mmproj_quant, "adapter_quant": adapter_quant,
+               "chat_template": read_template(chat_template) if chat_template else None,
+               "calibration": calibration, "calibrate": not no_calibration, "calibration_samples": calibration_samples}
     if auto_quant:
         from click.core import ParameterSource
 
@@ -238,17 +243,9 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         # the quants given on the command line are the candidates (even `--quant f16`); none given: the default list
         given = click.get_current_context().get_parameter_source("quants") is not ParameterSource.DEFAULT
         kw = {"candidates": tuple(quants)} if given else {}
-        if calibration is not None:
-            kw["calibration"] = calibration
-        click.echo(pick(model_dir, out, overwrite=overwrite, mmproj_quant=mmproj_quant, **kw))
+        click.echo(pick(model_dir, out, overwrite=overwrite, **options, **kw))
         return
-    from edgemed.prompting import read_template
-
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, mmproj_quant=mmproj_quant,
-                           adapter_quant=adapter_quant,
-                           chat_template=read_template(chat_template) if chat_template else None,
-                           calibration=calibration, calibrate=not no_calibration,
-                           calibration_samples=calibration_samples))
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, **options))
 
 
 @export.command("onnx")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,32 @@ def test_auto_quant_without_quant_tries_the_default_candidates(tiny_model, tmp_p
                                   "--out", str(tmp_path / "auto")])
     assert r.exit_code == 2 and calls, r.output
     assert calls[0]["quants"] == list(DEFAULT_CANDIDATES) and calls[0]["mmproj_quant"] == "f16", calls
+
+
+def test_auto_quant_passes_every_export_option_to_every_candidate(tiny_model, tmp_path, monkeypatch):
+    """--no-calibration, --calibration-samples, --chat-template and --adapter-quant reach each candidate's export
+    (they were once dropped under --auto-quant): no calibrated trial, and the adapter trial gets --adapter-quant."""
+    from edgemed.errors import ArtifactError
+
+    calls: list[tuple[str, dict]] = []
+
+    def fake(model_dir, quants, out, **kw):
+        calls.append((Path(out).name, kw))
+        return Path(out)
+
+    def stop(*a, **kw):
+        raise ArtifactError("stopped before parity")
+
+    monkeypatch.setattr("edgemed.export.gguf.export_gguf", fake)
+    monkeypatch.setattr("edgemed.export.auto_quant.lora_run", lambda model_dir: tmp_path / "run")
+    monkeypatch.setattr("edgemed.parity.run_parity", stop)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant", "--no-calibration",
+                                  "--calibration-samples", "7", "--chat-template", str(template),
+                                  "--adapter-quant", "q8_0", "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 2 and "stopped before parity" in r.output, r.output
+    assert [name for name, _ in calls] == ["uncalibrated", "adapter"], calls  # --no-calibration: no calibrated trial
+    for _, kw in calls:
+        assert kw["calibration_samples"] == 7 and kw["chat_template"] == template.read_text(), kw
+    assert calls[1][1]["adapter_quant"] == "q8_0" and calls[1][1]["calibrate"] is False, calls

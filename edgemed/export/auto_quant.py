@@ -35,7 +35,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                thresholds: tuple[str, ...] | list[str] = (), data: Path | str | None = None,
                max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
                n_threads: int | None = None, calibration: Path | str | None = None, mmproj_quant: str = "f16",
-               adapters: bool = True) -> Path:
+               adapters: bool = True, calibrate: bool = True, calibration_samples: int | None = None,
+               adapter_quant: str = "f16", chat_template: str | None = None) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -52,6 +53,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         calibration: calibration data (default: the run's training data); with it each quant is tried
             calibrated and uncalibrated, by the same budget.
         mmproj_quant: file type of the image projector (image models), as ``export gguf --mmproj-quant``.
+        calibrate: False tries uncalibrated candidates only (``--no-calibration``).
+        calibration_samples, adapter_quant, chat_template: passed to every candidate's ``export_gguf``.
         adapters: for a merged LoRA fine-tune whose run is still there, also try each quant of the base with the
             run's LoRA as an f16 llama.cpp adapter (``export gguf RUN_DIR``): at 4 bits the merged weights can round
             the fine-tune away where base + adapter keeps it. At each quant the merged file is tried first (it is
@@ -80,15 +83,16 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.auto-", dir=out.absolute().parent))
     try:
         # calibrated and uncalibrated candidates, judged by the same budget: smallest passing wins, calibrated first
-        trials = {"calibrated": export_gguf(model_dir, order, work / "calibrated", calibration=calibration,
-                                            mmproj_quant=mmproj_quant)
-                  } if calibration is not None or default_calibration(model_dir) is not None else {}
-        trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False,
-                                             mmproj_quant=mmproj_quant)
+        common = {"mmproj_quant": mmproj_quant, "chat_template": chat_template,
+                  "calibration_samples": calibration_samples}
+        calibrated = calibrate and (calibration is not None or default_calibration(model_dir) is not None)
+        trials = {"calibrated": export_gguf(model_dir, order, work / "calibrated", calibration=calibration, **common)
+                  } if calibrated else {}
+        trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False, **common)
         run = lora_run(model_dir) if adapters else None
         if run is not None:
             trials["adapter"] = export_gguf(run, order, work / "adapter", calibration=calibration,
-                                            mmproj_quant=mmproj_quant)
+                                            calibrate=calibrate, adapter_quant=adapter_quant, **common)
         results = {mode: run_parity(t, reference=model_dir, thresholds=thresholds, max_probes=max_probes,
                                     localise=False, n_threads=n_threads) for mode, t in trials.items()}
         chosen, mode, decisions = _choose(order, trials, results, model_dir, data, max_drop, limit, n_threads)
