@@ -41,7 +41,7 @@ class Stage:
     command: str
     status: str = "not run"  # ok | refused | skipped | failed
     wall_s: float | None = None
-    peak_rss_mb: float | None = None
+    peak_rss_mb: float | None = None  # MiB (/usr/bin/time %M kB / 1024); the table shows GB (1e9)
     predicted_gb: float | None = None  # edgemed's own need, above the interpreter
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
     note: str = ""
@@ -266,8 +266,8 @@ def table(stages: list[Stage]) -> str:
     base = next((s.peak_rss_mb for s in stages if s.name == "interpreter"), 0) or 0
     for s in stages:
         wall = f"{s.wall_s:.0f} s" if s.wall_s is not None else ""
-        rss = f"{s.peak_rss_mb / 1024:.2f} GB" if s.peak_rss_mb is not None else ""
-        pred = f"{s.predicted_gb:.2f} (+{base / 1024:.2f}) GB" if s.predicted_gb is not None else ""
+        rss = f"{s.peak_rss_mb * 2**20 / GB:.2f} GB" if s.peak_rss_mb is not None else ""
+        pred = f"{s.predicted_gb:.2f} (+{base * 2**20 / GB:.2f}) GB" if s.predicted_gb is not None else ""
         big = {k: v for k, v in s.files.items() if k == "total" or v >= 5e7}
         files = ", ".join(f"{k} {human(v)}" for k, v in big.items()) if len(big) > 1 or "total" not in big else \
             human(big["total"])
