@@ -253,6 +253,9 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
 @click.option("--quant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size (MatMulNBits).")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4 accuracy level (0-4).")
+@click.option("--mixed", default=None, metavar="POLICY",
+              help="With --quant int4: 8-bit where llama.cpp's POLICY (q4_k_m, q5_k_m, q3_k_m, q4_0) stores a "
+                   "matrix above 4-bit levels, read from llama.cpp's own quantization of this model.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--chat-template", "chat_template", type=EXISTING,
@@ -260,7 +263,7 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
                    "has none).")
 @calibration_options
 @handled
-def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level: int, out: Path,
+def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level: int, mixed: str | None, out: Path,
                     overwrite: bool, chat_template: Path | None, calibration: Path | None, no_calibration: bool,
                     calibration_samples: int | None) -> None:
     """Write MODEL_DIR as ONNX for onnxruntime: decoder with KV cache and, for image models, the vision encoder."""
@@ -271,7 +274,7 @@ def export_onnx_cmd(model_dir: Path, quant: str, block_size: int, accuracy_level
                            accuracy_level=accuracy_level,
                            chat_template=read_template(chat_template) if chat_template else None,
                            calibration=calibration, calibrate=not no_calibration,
-                           calibration_samples=calibration_samples))
+                           calibration_samples=calibration_samples, mixed=mixed))
 
 
 @export.command("onnx-adapters")

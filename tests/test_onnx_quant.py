@@ -18,6 +18,7 @@ from edgemed.export.onnx_quant import (  # noqa: E402
     _werr,
     dequantize,
     low_rank,
+    q8_blocks,
     quantize_embedding_int8,
     quantize_head_int8,
     quantize_int4_min,
@@ -86,7 +87,7 @@ def test_graph_computes_x_times_the_quantised_weights(accuracy_level):
     model = linear_graph(weights, k)
     x = np.random.default_rng(5).normal(size=(2, 3, k)).astype(np.float32)
     counts = quantize_int4_min(model, 32, accuracy_level, exclude={"mm_odd"})
-    assert counts == {"quantized": 2, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
+    assert counts == {"quantized": 2, "int8": 0, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
     ops = [n.op_type for n in model.graph.node]
     # a and b: 4-bit each, one shared 8-bit block sum of x, an 8-bit correction each; odd stays a MatMul
     assert ops.count("MatMulNBits") == 2 + 1 + 2 and ops.count("MatMul") == 1 and ops.count("Add") == 2
@@ -157,10 +158,35 @@ def test_low_rank_recovers_the_factors_or_refuses():
     assert low_rank(rng.normal(size=(96, 70)).astype(np.float32), 16) is None
 
 
+def test_bits_callback_sends_a_weight_to_8_bit_and_onnxruntime_computes_it():
+    k = 64
+    weights = {"a": np.random.default_rng(6).normal(0, 0.05, (k, 40)).astype(np.float32), "b": q4_1_grid(k, 24, 7)}
+    model = linear_graph(weights, k)
+    asked = []
+
+    def bits(name, w, node):
+        asked.append((name, w.shape, node))
+        return 8 if name == "a" else 4
+
+    counts = quantize_int4_min(model, 32, 1, bits=bits)
+    assert counts["int8"] == 1 and counts["quantized"] == 1
+    assert asked == [("a", (k, 40), "mm_a.q8"), ("b", (k, 24), "mm_b.q8")]
+    nbits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert nbits["mm_a.q8"] == 8 and nbits["mm_b.q4"] == 4 and "mm_a.q4" not in nbits
+    x = np.random.default_rng(8).normal(size=(2, 3, k)).astype(np.float32)
+    out = run(model, x=x)
+    q, scale = q8_blocks(weights["a"], 32)  # the Q8_0 weights the node stands for
+    w8 = ((q.astype(np.float32) - 128) * scale[..., None]).reshape(40, k).T
+    want = x @ w8
+    assert np.abs(out["y_a"] - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(out["y_a"] - x @ weights["a"]).max() > 1e-4 * np.abs(want).max()  # it was rounded to 8 bits
+
+
 def test_input_width_not_a_multiple_of_the_block_is_left_alone():
     model = linear_graph({"w": np.ones((48, 8), np.float32)}, 48)
-    assert quantize_int4_min(model, 32, 4) == {"quantized": 0, "skipped": 1, "low_rank": 0, "max_rank": 0,
-                                           "calibrated": 0}
+    assert quantize_int4_min(model, 32, 4) == {"quantized": 0, "int8": 0, "skipped": 1, "low_rank": 0,
+                                               "max_rank": 0, "calibrated": 0}
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
 
 

@@ -32,6 +32,7 @@ from edgemed.export.gguf_vocab import replace_template
 from edgemed.export.onnx_decoder import decoder_route, export_decoder
 from edgemed.export.onnx_genai import write_genai_config
 from edgemed.export.onnx_graph import DECODER, EMBED, VISION, check_graph
+from edgemed.export.onnx_mixed import check_mix, llama_mix
 from edgemed.export.onnx_quant import quantize_decoder_int4, quantize_embed_int8
 from edgemed.export.onnx_vision import example_image_inputs, export_embed, export_vision
 from edgemed.export.onnx_vision import export_grid_vision as _export_grid_vision  # noqa: F401 - tools/bench_grid_vision.py
@@ -48,7 +49,7 @@ _SKIP_FILES = ("manifest.json", "model.safetensors.index.json", "pytorch_model.b
 def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | None = None, *, overwrite: bool = False,
                 block_size: int = 32, accuracy_level: int = 4, chat_template: str | None = None,
                 calibration: Path | str | None = None, calibrate: bool = True,
-                calibration_samples: int | None = None) -> Path:
+                calibration_samples: int | None = None, mixed: str | None = None) -> Path:
     """Export a merged model folder to ONNX for onnxruntime.
 
     Args:
@@ -66,11 +67,14 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             `export gguf` (see :mod:`edgemed.export.imatrix`). Only int4 uses it.
         calibrate: False exports uncalibrated even when the run's data is at hand.
         calibration_samples: cap on the calibration records read.
+        mixed: a llama.cpp policy (q4_k_m, ...): int4 weights that llama.cpp's own quantization of this model
+            stores above 4-bit levels go 8-bit (:mod:`edgemed.export.onnx_mixed`); the manifest lists the mix.
 
     Returns:
         The output folder.
     """
     _check_options(quant, block_size, accuracy_level)
+    check_mix(quant, mixed)
     model_dir = Path(model_dir)
     if out is None:
         raise ExportError("no output folder given; pass --out DIR")
@@ -104,8 +108,11 @@ def export_onnx(model_dir: Path | str, quant: str = "fp32", out: Path | str | No
             base = _lora_base(model_dir)
             base_graph = _base_decoder_graph(route, base, spec, tokenizer, work, image_inputs) if base else None
             importance = _importance(model_dir, calib) if calib is not None else None
+            mix = llama_mix(model_dir, mixed, work) if mixed else None
             graphs["decoder"]["quant_algorithm"] = quantize_decoder_int4(tmp / DECODER, block_size, accuracy_level,
-                                                                         base_graph, base, importance)
+                                                                         base_graph, base, importance, mix)
+            if mix is not None:
+                graphs["decoder"]["mixed"] = mix.summary()
             if importance is not None and not importance.cal.matrices:
                 raise ExportError(f"{model_dir}: no int4 weight of the ONNX decoder matches a linear layer of the "
                                   "PyTorch model, so the calibration cannot apply; export with --no-calibration")

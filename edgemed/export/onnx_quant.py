@@ -39,7 +39,8 @@ MS_DOMAIN = "com.microsoft"
 
 def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude: set[str] | None = None,
                       base: Callable[[str], np.ndarray | None] | None = None, max_rank: int = 64,
-                      importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None) -> dict[str, int]:
+                      importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
+                      bits: Callable[[str, np.ndarray, str], int] | None = None) -> dict[str, int]:
     """Rewrite, in place, every ``MatMul`` by a constant 2-D fp32 weight as 4-bit ``MatMulNBits`` with a per-block
     minimum (module docstring). Weights whose input dimension is not a multiple of ``block_size`` and nodes named in
     ``exclude`` stay as they are.
@@ -53,14 +54,18 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
     ``importance`` (initializer name and weight [K, N] -> the weight's importance matrix, one value per input
     channel, or None) makes each block's scale and minimum a weighted search (:func:`_quantize`) instead of min-max.
 
-    Returns counts: ``quantized``, ``skipped``, ``low_rank`` (of the quantised, those with factors), ``max_rank``,
-    ``calibrated`` (of the quantised, those with an importance matrix).
+    ``bits`` (initializer name, weight [K, N] and node name -> 4 or 8; :class:`edgemed.export.onnx_mixed.LlamaMix`)
+    sends a weight to 8-bit ``MatMulNBits`` in Q8_0 blocks instead (the merged weight: an 8-bit step is fine enough
+    for a LoRA change, and llama.cpp's q8_0 takes no importance matrix either).
+
+    Returns counts: ``quantized`` (4-bit), ``int8``, ``skipped``, ``low_rank`` (of the quantised, those with
+    factors), ``max_rank``, ``calibrated`` (of the quantised, those with an importance matrix).
     """
     exclude = exclude or set()
     inits = {t.name: t for t in model.graph.initializer}
     new_nodes, replaced, added = [], set(), []
     block_sums: dict[str, str] = {}  # input tensor -> its block-sum tensor (q, k and v, gate and up share one)
-    counts = {"quantized": 0, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
+    counts = {"quantized": 0, "int8": 0, "skipped": 0, "low_rank": 0, "max_rank": 0, "calibrated": 0}
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if (weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT
@@ -73,6 +78,12 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
             counts["skipped"] += 1
             new_nodes.append(node)
             continue
+        stem = node.name or node.output[0]
+        if bits is not None and bits(weight.name, w, f"{stem}.q8") == 8:
+            new_nodes.append(_q8_matmul(node.input[0], w, node.output[0], f"{stem}.q8", added, accuracy_level))
+            replaced.add(weight.name)
+            counts["int8"] += 1
+            continue
         imp = importance(weight.name, w) if importance else None  # of the merged weight: the one PyTorch ran
         counts["calibrated"] += imp is not None
         factors = None
@@ -82,7 +93,6 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
             if factors is not None:
                 w = w_base
         packed, scales, zps, rest = _quantize(w, block_size, imp)
-        stem = node.name or node.output[0]
         names = {s: f"{stem}.q4.{s}" for s in ("B", "scales", "zero_points", "nbits", "correction", "mixed")}
         added += [numpy_helper.from_array(packed, names["B"]), numpy_helper.from_array(scales, names["scales"]),
                   numpy_helper.from_array(zps, names["zero_points"])]
@@ -115,7 +125,7 @@ def quantize_int4_min(model: Any, block_size: int, accuracy_level: int, exclude:
                                        name=f"{stem}.q4.add")]
         replaced.add(weight.name)
         counts["quantized"] += 1
-    if counts["quantized"]:
+    if counts["quantized"] or counts["int8"]:
         _rewrite(model, new_nodes, added, replaced)
     return counts
 
@@ -358,12 +368,14 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
 # ---------------------------------------------------------------------------------------------- graph files
 def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base_graph: Path | None = None,
                           base: Path | None = None,
-                          importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None) -> str:
+                          importance: Callable[[str, np.ndarray], np.ndarray | None] | None = None,
+                          bits: Callable[[str, np.ndarray, str], int] | None = None) -> str:
     """int4 (:func:`quantize_int4_min`): every MatMul by a constant weight to 4-bit blocks with a float minimum;
     the LM head, and an embedding tied to it, to 8-bit blocks of 32. With ``base_graph`` (the fp32 decoder of the
     model a LoRA merge started from) the base weights are quantised and the fine-tune's low-rank change is kept
     in the 8-bit correction MatMuls beside them. ``importance`` (see :func:`quantize_int4_min`) calibrates the
-    4-bit blocks. Returns the algorithm's description."""
+    4-bit blocks; ``bits`` (see :func:`quantize_int4_min`) sends some weights to 8 bits. Returns the algorithm's
+    description."""
     m = onnx.load(str(path))
     head = lm_head(m)
     lookup = None
@@ -373,7 +385,8 @@ def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base
         def lookup(name: str):
             t = base_inits.get(name)
             return numpy_helper.to_array(t, base_dir=str(base_graph.parent)) if t is not None else None
-    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup, importance=importance)
+    counts = quantize_int4_min(m, block_size, accuracy_level, exclude=set(head), base=lookup, importance=importance,
+                               bits=bits)
     tied = False
     if head:
         tied = quantize_head_int8(m, head[0], accuracy_level)
@@ -386,9 +399,11 @@ def quantize_decoder_int4(path: Path, block_size: int, accuracy_level: int, base
     grid = "" if importance else "min-max "
     weighted = (f", each block's scale and minimum by an importance-weighted search on {counts['calibrated']} of "
                 "them" if importance else "")
+    int8 = (f"; {counts['int8']} weights 8-bit (Q8_0 blocks of 32) where llama.cpp stores more than 4-bit levels"
+            if bits is not None else "")
     return (f"4-bit {grid}blocks of {block_size} with a float minimum (MatMulNBits + block-sum correction) on "
             f"{counts['quantized']} weights{weighted}{skipped}; "
-            f"LM head{' and the embedding tied to it' if tied else ''} 8-bit (blocks of 32){lora}")
+            f"LM head{' and the embedding tied to it' if tied else ''} 8-bit (blocks of 32){int8}{lora}")
 
 
 def quantize_embed_int8(path: Path) -> str:
