@@ -363,3 +363,25 @@ def test_weights_are_seeded_by_name_and_initialised_like_transformers(one_layer)
     assert gemma["multi_modal_projector.mm_soft_emb_norm.weight"].init == "zeros"
     assert gemma["vision_tower.post_layernorm.weight"].init == "ones"
     assert gemma["multi_modal_projector.mm_input_projection_weight"].init == "normal"
+
+
+@pytest.mark.slow
+def test_medgemma_image_prompt_with_the_real_vocabulary(one_layer):
+    """Gemma 3's processor writes "\\n\\n" before <start_of_image>, which the real vocabulary joins with the chat
+    template's "\\n": the processor's tokens then differ from tokenize()'s, and edgemed splices the image expansion
+    in (once an error that stopped every PyTorch and ONNX image question on MedGemma)."""
+    import numpy as np
+
+    from edgemed.backends import open_model
+
+    b = open_model(one_layer("medgemma-4b-it"))
+    try:
+        tokens = b.tokenize(b.render("Is there a lesion?", image=True))
+        k = tokens.index(b.image_token_id)
+        text = b.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        whole = b.processor(text=[text], images=[_image((64, 64))], add_special_tokens=False)["input_ids"][0]
+        assert list(whole[:k]) != tokens[:k]  # the merge really happens with this vocabulary
+        logits = b.logits(tokens, _image((64, 64)))
+        assert logits.shape[0] == len(tokens) and np.isfinite(logits).all()
+    finally:
+        b.close()

@@ -146,11 +146,50 @@ class HFBackend(ABC):
         full = [int(t) for t in enc["input_ids"][0]]
         tail = len(tokens) - k - 1
         if full[:k] != list(tokens[:k]) or full[len(full) - tail:] != list(tokens[k + 1:]) or len(full) < len(tokens):
-            raise DataError("the processor tokenized the prompt differently from tokenize(); "
-                            "give tokens made by this backend's tokenize(render(...))")
+            # the text the processor adds around the image merged with the prompt's own (Gemma 3 writes "\n\n"
+            # before <start_of_image>, and its real vocabulary joins that with the template's "\n"): expand the
+            # placeholder alone and splice it in, so the prompt keeps the tokens tokenize() gave it
+            enc, full = self._splice_expansion(tokens, k, image, return_tensors)
         n_img = len(full) - len(tokens) + 1
         rows = list(range(k)) + [k + n_img - 1] + [k + n_img + j for j in range(tail)]
         return enc, full, rows
+
+    def _splice_expansion(self, tokens: list[int], k: int, image: Image.Image, return_tensors: str
+                          ) -> tuple[Any, list[int]]:
+        """(encoding, ids) of ``tokens`` with the processor's expansion of the placeholder alone put at ``k``.
+        Per-token fields are spliced: input ids from ``tokens``, attention 1, every other per-token field 0 (as
+        for text); a field with more than one value per token (Mllama's cross-attention mask) cannot be spliced
+        without knowing its meaning, so such a model keeps the error."""
+        import numpy as np
+
+        mismatch = DataError("the processor tokenized the prompt differently from tokenize(); "
+                             "give tokens made by this backend's tokenize(render(...))")
+        alone = self.tokenizer.decode([tokens[k]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        enc = self.processor(text=[alone], images=[image.convert("RGB")], add_special_tokens=False,
+                             return_tensors=return_tensors)
+        mid = [int(t) for t in enc["input_ids"][0]]
+        before, after = list(tokens[:k]), list(tokens[k + 1:])
+        for key in list(enc.keys()):
+            value = enc[key]
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) < 2 or shape[0] != 1 or shape[1] != len(mid):
+                continue  # pixel values, grids: not per token
+            if len(shape) > 2:
+                raise mismatch
+            arr = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            if key == "input_ids":
+                row = np.asarray(before + mid + after, dtype=arr.dtype)
+            else:
+                fill = 1 if key == "attention_mask" else 0
+                row = np.concatenate([np.full(len(before), fill, arr.dtype), arr[0],
+                                      np.full(len(after), fill, arr.dtype)])
+            if return_tensors == "pt":
+                import torch
+
+                enc[key] = torch.from_numpy(row[None].copy())
+            else:
+                enc[key] = row[None]
+        return enc, before + mid + after
 
     # ------------------------------------------------------------------ numbers
     def logits(self, tokens: list[int], image: Image.Image | None = None) -> np.ndarray:
