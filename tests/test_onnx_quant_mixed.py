@@ -72,11 +72,11 @@ def test_plain_int4_has_no_8_bit_weights_beyond_the_head(tiny_model, tmp_path):
 
 
 def test_packed_weight_parts_and_unmatched_weights():
-    from edgemed.export.imatrix import _fingerprint
+    from edgemed.export.imatrix import weight_fingerprint
 
     rng = np.random.default_rng(0)
     q, k = rng.normal(size=(8, 32)).astype(np.float32), rng.normal(size=(4, 32)).astype(np.float32)
-    prints = {np.ascontiguousarray(w[0]).tobytes(): [(n, w.shape[0], _fingerprint(w))] for n, w in
+    prints = {np.ascontiguousarray(w[0]).tobytes(): [(n, w.shape[0], weight_fingerprint(w))] for n, w in
               (("blk.0.attn_q.weight", q), ("blk.0.attn_k.weight", k))}
     mix = LlamaMix("q4_k_m", {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q6_K"}, prints)
     assert mix.parts(np.concatenate([q, k]).T) == ["blk.0.attn_q.weight", "blk.0.attn_k.weight"]

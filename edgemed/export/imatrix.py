@@ -148,7 +148,7 @@ def calibration_plan(model_dir: Path, calibration: Path | str | None, calibrate:
 
 
 # ---------------------------------------------------------------- which layer is which tensor
-def _fingerprint(w: Any) -> tuple[Any, ...]:
+def weight_fingerprint(w: Any) -> tuple[Any, ...]:
     """Shape and a strided sample of a weight's values: enough to tell a checkpoint's matrices apart."""
     import numpy as np
 
@@ -171,7 +171,7 @@ def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[s
             by_key.setdefault(e.key, []).append(e.name)
     prints: dict[tuple[Any, ...], list[str]] = {}
     for key in by_key:
-        prints.setdefault(_fingerprint(ckpt.get(key)), []).append(key)
+        prints.setdefault(weight_fingerprint(ckpt.get(key)), []).append(key)
     embed = model.get_input_embeddings().weight
     embed_names = [n for e in entries if e.name == "token_embd.weight" for n in [e.name]]
     out: dict[str, list[str]] = {}
@@ -181,7 +181,7 @@ def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[s
         if mod.weight is embed and embed_names and not any(e.name == "output.weight" for e in entries):
             out[name] = embed_names  # tied head: llama.cpp multiplies by token_embd, so its matrix is that one
             continue
-        keys = prints.get(_fingerprint(mod.weight.detach().float().cpu().numpy()), [])
+        keys = prints.get(weight_fingerprint(mod.weight.detach().float().cpu().numpy()), [])
         names = [n for k in keys for n in by_key[k]]
         if names:
             out[name] = names
@@ -243,7 +243,7 @@ class WeightImportance:
         if w.ndim != 2:
             return None
         for module, rows, fp in self._prints.get(np.ascontiguousarray(w[:, 0], np.float32).tobytes(), []):
-            if module in self._means and rows <= w.shape[1] and _fingerprint(w[:, :rows].T) == fp:
+            if module in self._means and rows <= w.shape[1] and weight_fingerprint(w[:, :rows].T) == fp:
                 self.cal.matrices[name], self.cal.counts[name] = self._means[module], self._counts[module]
                 return self._means[module]
         return None
@@ -264,7 +264,7 @@ def compute_weight_importance(model_dir: Path, records: list[Any], data_path: Pa
             if isinstance(mod, torch.nn.Linear):
                 w = mod.weight.detach().float().cpu().numpy()
                 prints.setdefault(np.ascontiguousarray(w[0]).tobytes(), []).append((name, w.shape[0],
-                                                                                    _fingerprint(w)))
+                                                                                    weight_fingerprint(w)))
         return {m for entries in prints.values() for m, _, _ in entries}
 
     cal, means, counts = _collect(model_dir, records, data_path, data_sha256, pick, max_tokens, system, n_threads)

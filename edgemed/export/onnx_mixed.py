@@ -24,6 +24,7 @@ import numpy as np
 from edgemed.archs import arch_for_dir
 from edgemed.artifacts import source_manifest
 from edgemed.errors import ExportError
+from edgemed.export.imatrix import weight_fingerprint
 
 MIXES = ("q4_k_m", "q5_k_m", "q3_k_m", "q4_0")  # llama.cpp policies that need no importance matrix to choose types
 MAX_INT4_BPW = 5.0  # bits per weight of q4_1, the largest 4-bit-level type; q5_0 is 5.5
@@ -58,13 +59,11 @@ class LlamaMix:
 
     def parts(self, w: np.ndarray) -> list[str] | None:
         """GGUF names of the matrices ``w`` holds side by side along N (one, or a pack), or None if not all match."""
-        from edgemed.export.imatrix import _fingerprint
-
         names, c = [], 0
         while c < w.shape[1]:
             col = np.ascontiguousarray(w[:, c], np.float32).tobytes()
             hit = next(((name, rows) for name, rows, fp in self._prints.get(col, [])
-                        if c + rows <= w.shape[1] and _fingerprint(w[:, c:c + rows].T) == fp), None)
+                        if c + rows <= w.shape[1] and weight_fingerprint(w[:, c:c + rows].T) == fp), None)
             if hit is None:
                 return None
             names.append(hit[0])
@@ -91,9 +90,10 @@ class LlamaMix:
 def llama_mix(model_dir: Path, policy: str, work: Path | None = None) -> LlamaMix:
     """Write ``model_dir``'s text model as f16 GGUF, quantize it with llama.cpp's quantizer at ``policy`` and read
     back each tensor's type (the two files are removed). Fails for an architecture llama.cpp cannot load."""
+    from gguf import GGMLQuantizationType
+
     from edgemed.export.gguf_tensors import Checkpoint, plan_tensors
     from edgemed.export.gguf_text import llama_quantize, load_config, source_provenance, write_text_gguf
-    from edgemed.export.imatrix import _fingerprint
     from edgemed.gguf_header import read_header
 
     spec = arch_for_dir(model_dir)
@@ -109,12 +109,11 @@ def llama_mix(model_dir: Path, policy: str, work: Path | None = None) -> LlamaMi
         write_text_gguf(spec, config, model_dir, ckpt, plan, "f16", f16,
                         source_provenance(model_dir, source_manifest(model_dir)))
         llama_quantize(f16, quantized, policy)
-        from gguf import GGMLQuantizationType
-
         types = {t.name: GGMLQuantizationType(t.ggml_type).name for t in read_header(quantized).tensors}
     prints: dict[bytes, list[tuple[str, int, Any]]] = {}
     for e in plan:
         if e.key and len(e.shape) == 2 and e.name in types and e.make is None:
             w = np.asarray(ckpt.get(e.key), np.float32)  # [out, in]: HF's values (before the GGUF transforms)
-            prints.setdefault(np.ascontiguousarray(w[0]).tobytes(), []).append((e.name, w.shape[0], _fingerprint(w)))
+            first_row = np.ascontiguousarray(w[0]).tobytes()
+            prints.setdefault(first_row, []).append((e.name, w.shape[0], weight_fingerprint(w)))
     return LlamaMix(policy, types, prints)
