@@ -214,6 +214,9 @@ def export() -> None:
 @click.option("--mmproj-quant", default="f16", show_default=True, help="Projector file type: f32, f16, q8_0, q5_0.")
 @click.option("--adapter-quant", default="f16", show_default=True,
               help="For a run folder: LoRA adapter file type (f16, q8_0, f32); the base gets --quant.")
+@click.option("--compensate", type=int, default=0, metavar="RANK",
+              help="For a run folder: also write, per 4/3-bit base, an adapter that adds a rank-RANK correction of "
+                   "that base's rounding error (weighted by the run's own activations); used with that base.")
 @click.option("--out", type=OUT, required=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--auto-quant", is_flag=True,
@@ -222,8 +225,8 @@ def export() -> None:
               help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
 @calibration_options
 @handled
-def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str, out: Path,
-                    overwrite: bool, auto_quant: bool, chat_template: Path | None, calibration: Path | None,
+def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str,
+                    compensate: int, out: Path, overwrite: bool, auto_quant: bool, chat_template: Path | None, calibration: Path | None,
                     no_calibration: bool, calibration_samples: int | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
 
@@ -238,6 +241,9 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
     if auto_quant:
         from click.core import ParameterSource
 
+        if compensate:
+            raise click.UsageError("--auto-quant does not try --compensate; export the run with --compensate and "
+                                   "check it with `edgemed parity`")
         from edgemed.export.auto_quant import auto_quant as pick
 
         # the quants given on the command line are the candidates (even `--quant f16`); none given: the default list
@@ -245,7 +251,7 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         kw = {"candidates": tuple(quants)} if given else {}
         click.echo(pick(model_dir, out, overwrite=overwrite, **options, **kw))
         return
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, **options))
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, compensate=compensate, **options))
 
 
 @export.command("onnx")

@@ -139,10 +139,10 @@ class LlamaCppBackend(HFBackend):
     def _load_adapters(self, manifest: dict[str, Any], adapter: str | None) -> None:
         """LoRA adapter files of an adapter export (``export gguf RUN_DIR``); ``adapter`` picks the one used
         (None: the bare base). Adapters switch per request without reloading the base."""
-        from edgemed.backends.llamacpp_adapters import Adapters
+        from edgemed.backends.llamacpp_adapters import Adapters, adapter_files
 
         self.adapters = Adapters(self._model.model, self._ctx.ctx, self.path)
-        for name, file in (manifest.get("adapters") or {}).items():
+        for name, file in adapter_files(manifest, self.quant).items():
             self.adapters.add(name, self.folder / file)
         if adapter == "default" and "default" not in self.adapters.loaded:
             adapter = None  # a merged export: the base is the model

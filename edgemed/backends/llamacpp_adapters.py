@@ -23,6 +23,19 @@ def _meta(fn, obj, key: str) -> str | None:
     return buf.value.decode() if n >= 0 else None
 
 
+def adapter_files(manifest: dict[str, Any], quant: str, base_sha256: str | None = None) -> dict[str, str]:
+    """Adapter name -> file of an export for a base at ``quant``: where the export holds a correction of that
+    quant's rounding (``export gguf RUN --compensate``), "default" is that file, which was made for exactly that
+    base file. ``base_sha256``: the served base file's hash where it is another export's; the correction is used
+    only if the export's own base at ``quant`` had the same bytes (otherwise the plain LoRA file is)."""
+    files = dict(manifest.get("adapters") or {})
+    own = (manifest.get("compensated") or {}).get(quant)
+    made_for = ((manifest.get("binding") or {}).get("base") or {}).get(quant)
+    if own and "default" in files and (base_sha256 is None or base_sha256 == made_for):
+        files["default"] = own
+    return files
+
+
 class Adapters:
     """The adapters loaded on one llama.cpp model, and which one is set on its context."""
 
@@ -76,7 +89,9 @@ def add_export(backend: Any, name: str, export_dir: Path) -> None:
     from edgemed.artifacts import read_manifest
 
     m = read_manifest(export_dir, ("gguf",))
-    files = m.get("adapters") or {}
+    served = read_manifest(backend.folder)
+    base_sha = ((served.get("binding") or {}).get("base") or {}).get(backend.quant) or "not an adapter export"
+    files = adapter_files(m, backend.quant, base_sha)
     if "default" not in files:
         raise ArtifactError(f"{export_dir}: holds no LoRA adapter file; export the run folder with "
                             "`edgemed export gguf RUN_DIR` to get one")

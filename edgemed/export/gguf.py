@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
                 mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None,
                 calibration: Path | str | None = None, calibrate: bool = True,
-                calibration_samples: int | None = None, calibration_tokens: int | None = None) -> Path:
+                calibration_samples: int | None = None, calibration_tokens: int | None = None,
+                compensate: int = 0) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -77,6 +78,9 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
             default: the training data of the run a merged model came from (see :mod:`edgemed.export.imatrix`).
         calibrate: False exports uncalibrated even when the run's data is at hand.
         calibration_samples, calibration_tokens: caps on the records read and the tokens per record.
+        compensate: for a run folder, the rank of the low-rank correction of each llama.cpp quant's rounding error
+            written beside the plain adapter (:func:`edgemed.export.gguf_adapter.export_gguf_run`); refused for a
+            merged model, whose rounding no adapter file carries.
 
     Returns:
         The output folder.
@@ -86,7 +90,12 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         from edgemed.export.gguf_adapter import export_gguf_run
 
         return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant,
-                               adapter_quant=adapter_quant)
+                               adapter_quant=adapter_quant, compensate=compensate, calibration=calibration,
+                               calibrate=calibrate, calibration_samples=calibration_samples,
+                               calibration_tokens=calibration_tokens)
+    if compensate:
+        raise ExportError(f"{model_dir}: --compensate writes a correction into a run's LoRA adapter file; give the "
+                          "run folder (`edgemed export gguf RUN_DIR --quant q4_0 --compensate 32`), not a merged model")
     quants = check_quants(quants, mmproj_quant)
     source = _source_manifest(model_dir)  # a run, an export or a folder missing listed files: refused first
     spec = arch_for_dir(model_dir)

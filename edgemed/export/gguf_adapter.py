@@ -106,7 +106,9 @@ class OverlayCheckpoint(Checkpoint):
 
 
 def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, overwrite: bool = False,
-                    mmproj_quant: str = "f16", adapter_quant: str = "f16") -> Path:
+                    mmproj_quant: str = "f16", adapter_quant: str = "f16", compensate: int = 0,
+                    calibration: Path | str | None = None, calibrate: bool = True,
+                    calibration_samples: int | None = None, calibration_tokens: int | None = None) -> Path:
     """Write the run's base at ``quants``, its decoder LoRA as ``adapter-<quant>.gguf`` and (image models) the
     mmproj with the run's projector and vision LoRA merged in; the manifest binds them by sha256.
 
@@ -117,12 +119,23 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
         overwrite: replace an existing ``out``.
         mmproj_quant: tensor type of the projector file.
         adapter_quant: tensor type of the adapter file: f16 (default), q8_0 or f32.
+        compensate: rank k > 0 also writes, per llama.cpp quant of the base, ``adapter-<aq>-<quant>.gguf``: the
+            run's LoRA plus a rank-k correction of that base's rounding error on every quantized decoder matrix
+            (:mod:`edgemed.export.lowrank`), weighted by importance matrices of the run on its training data
+            (or ``calibration``); the runtime uses it with that quant's base.
+        calibration, calibrate, calibration_samples, calibration_tokens: the data for those matrices, as for a
+            merged model's calibrated export (only read when ``compensate`` is set).
 
     Returns:
         The output folder.
     """
     run_dir = Path(run_dir).absolute()
     quants = g.check_quants(quants, mmproj_quant)
+    if compensate < 0:
+        raise ExportError(f"--compensate must be a rank of at least 1 (or 0 for none), got {compensate}")
+    if compensate and not [q for q in quants if q in g.LLAMA_QUANTS]:
+        raise ExportError(f"--compensate corrects llama.cpp's rounding, but none of {', '.join(quants)} is rounded "
+                          "by llama.cpp; add a quant such as q4_0 or drop --compensate")
     if adapter_quant not in ADAPTER_QUANTS:
         raise ExportError(f"unknown adapter quant {adapter_quant!r}; choose one of {', '.join(ADAPTER_QUANTS)}")
     manifest = read_manifest(run_dir, ("run",))
@@ -154,13 +167,28 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
     run_prov = {**base_prov, "name": str(manifest.get("name") or run_dir.name), "tree_sha256": tree_sha256(run_dir),
                 "manifest": {"sha256": sha256_file(run_dir / MANIFEST), "kind": "run"}}
 
+    calib = None
+    if compensate:  # read and checked before anything is written (a bad file leaves no output)
+        from edgemed.export import imatrix
+
+        calib = imatrix.calibration_plan(run_dir, calibration, calibrate, calibration_samples, used=True)
     if spec.is_vision:  # before anything is written (a CLIP LLaVA)
         warn_known_defects(spec, plan_tensors(spec, config, ckpt, "vision"), run_dir)
     files: dict[str, str] = {}
+    compensated: dict[str, str] = {}
+    cal = None
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        _write_base(spec, config, base, ckpt, text_plan, quants, tmp, base_prov, files)
+        src = _write_base(spec, config, base, ckpt, text_plan, quants, tmp, base_prov, files)
         adapter_file = f"adapter-{adapter_quant}.gguf"
         write_adapter_gguf(spec, adapter_tensors, alpha, adapter_quant, tmp / adapter_file, run_prov)
+        if compensate:
+            cal = _run_imatrix(run_dir, calib, ckpt, text_plan, calibration_tokens) if calib is not None else None
+            for q in [q for q in quants if q in g.LLAMA_QUANTS]:
+                compensated[q] = f"adapter-{adapter_quant}-{q}.gguf"
+                _write_compensated(spec, adapter_tensors, alpha, src, tmp / files[q], cal, compensate,
+                                   adapter_quant, tmp / compensated[q], run_prov)
+        if src is not None and src.name.startswith("."):
+            src.unlink()
         mmproj = None
         if spec.is_vision:
             vis_trained = {k: v for k, v in trained.items() if spec.part_of(k) in ("vision", "projector")}
@@ -177,12 +205,19 @@ def export_gguf_run(run_dir: Path | str, quants: list[str], out: Path | str, *, 
                 shutil.copy2(base / name, tmp / name)
         binding = {"base": {q: sha256_file(tmp / f) for q, f in files.items()},
                    "adapter": sha256_file(tmp / adapter_file),
+                   **({"compensated": {q: sha256_file(tmp / f) for q, f in compensated.items()}}
+                      if compensated else {}),
                    "mmproj": sha256_file(tmp / mmproj) if mmproj else None,
                    "base_tree_sha256": base_prov["tree_sha256"]}
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        adapters={"default": adapter_file},
                        adapter={"quant": adapter_quant, "alpha": alpha, "r": lora_cfg.get("r"),
                                 "tensors": len(adapter_tensors) // 2, "vision_lora_merged": len(vis_lora)},
+                       compensated=compensated or None,
+                       compensation={"rank": compensate, "method": "LQER: activation-weighted rank-k SVD of each "
+                                     "quantized decoder matrix's rounding error, stacked onto the LoRA pairs",
+                                     "calibration": cal.provenance(None) if cal is not None else None}
+                       if compensated else None,
                        binding=binding, mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=g.image_placeholder_id(base, spec),
                        name=run_prov["name"], base_model=base_prov["name"],
@@ -265,8 +300,11 @@ def plan_adapter(spec: ArchSpec, config: Any, text_plan: list[Entry], names: dic
 
 
 def _write_base(spec: ArchSpec, config: Any, base: Path, ckpt: Checkpoint, plan: list[Entry], quants: list[str],
-                tmp: Path, prov: dict[str, Any], files: dict[str, str]) -> None:
-    """The base text model at each quant, as export_gguf writes them (llama.cpp quants from one f16 file)."""
+                tmp: Path, prov: dict[str, Any], files: dict[str, str]) -> Path | None:
+    """The base text model at each quant, as export_gguf writes them (llama.cpp quants from one f16 file).
+
+    Returns the f16 file llama.cpp's quants were made from (a hidden intermediate, removed by the caller, where
+    f16 was not asked for), or None when there are no llama.cpp quants."""
     for q in quants:
         if q in g.DIRECT:
             g.write_text_gguf(spec, config, base, ckpt, plan, q, tmp / f"model-{q}.gguf", prov)
@@ -279,8 +317,37 @@ def _write_base(spec: ArchSpec, config: Any, base: Path, ckpt: Checkpoint, plan:
         for q in llama:
             g.llama_quantize(src, tmp / f"model-{q}.gguf", q)
             files[q] = f"model-{q}.gguf"
-        if "f16" not in files:
-            src.unlink()
+        return src
+    return None
+
+
+def _run_imatrix(run_dir: Path, calib: Any, ckpt: Checkpoint, plan: list[Entry], max_tokens: int | None) -> Any:
+    """Importance matrices of the run itself (base + LoRA, unmerged) over its calibration records."""
+    from edgemed.export import imatrix
+
+    records, data_path, data_sha = calib
+    return imatrix.compute_imatrix(run_dir, records, data_path, data_sha, ckpt, plan,
+                                   max_tokens=max_tokens or imatrix.MAX_TOKENS,
+                                   system=imatrix.run_system_prompt(run_dir))
+
+
+def _write_compensated(spec: ArchSpec, adapter_tensors: list[tuple[str, Any]], alpha: float, src: Path,
+                       quantized: Path, cal: Any, rank: int, adapter_quant: str, path: Path,
+                       prov: dict[str, Any]) -> None:
+    """The run's LoRA pairs with each quantized matrix's rank-``rank`` correction stacked in (edgemed.export.lowrank)."""
+    from edgemed.export import lowrank
+
+    pairs = {name[: -len(".lora_a")]: [arr, None] for name, arr in adapter_tensors if name.endswith(".lora_a")}
+    for name, arr in adapter_tensors:
+        if name.endswith(".lora_b"):
+            pairs[name[: -len(".lora_b")]][1] = arr
+    corr = lowrank.corrections(src, quantized, cal.matrices if cal is not None else None, rank)
+    tensors: list[tuple[str, Any]] = []
+    for name in sorted(set(pairs) | set(corr)):
+        lora = (pairs[name][0], pairs[name][1], alpha / pairs[name][0].shape[0]) if name in pairs else None
+        a, b = lowrank.stack(lora, corr.get(name))
+        tensors += [(f"{name}.lora_a", a), (f"{name}.lora_b", b)]
+    write_adapter_gguf(spec, tensors, lowrank.FILE_ALPHA, adapter_quant, path, prov)
 
 
 def write_adapter_gguf(spec: ArchSpec, tensors: list[tuple[str, Any]], alpha: float, quant: str, path: Path,

@@ -84,12 +84,13 @@ def run_system_prompt(model_dir: Path) -> str | None:
 
 
 def _run_behind_model(model_dir: Path) -> Any:
-    """The run a merged model folder was made from (edgemed.manifest's lineage walk), or None."""
+    """The run a merged model folder was made from (edgemed.manifest's lineage walk), the run itself for a run
+    folder (an adapter export's corrections), or None."""
     from edgemed.manifest import find, run_of
 
     try:
         m = find(model_dir)
-        return run_of(m) if m is not None and m.kind == "model" else None
+        return run_of(m) if m is not None and m.kind in ("model", "run") else None
     except EdgemedError:
         return None
 
