@@ -677,3 +677,16 @@ def test_probes_must_be_disjoint_from_the_calibration_data(tiny_model, tmp_path)
     assert report["calibration"]["disjoint"] is True and report["calibration"]["samples"] == 4
     assert report["rows"][0]["quant"] == "q4_k_m" and "kl_mean" in report["rows"][0]["metrics"]
     assert "disjoint from it: yes" in ok.table()
+
+
+def test_a_float_text_model_beside_a_rounded_mmproj_is_judged_as_a_lossy_export():
+    """A q5_0 mmproj beside an f16 text model failed as 'conversion: the float export already differs' (measured:
+    KL 0.0039, image cosine 0.9992 on the demo model): the rounding is asked for, so the lossy budget judges it."""
+    from edgemed.parity import LOSSY_BUDGET, judged_as, thresholds_for
+
+    rounded = {"mmproj": "mmproj-q5_0.gguf", "mmproj_quant": "q5_0"}
+    assert thresholds_for(judged_as("f16", rounded)) == LOSSY_BUDGET
+    assert thresholds_for(judged_as("f16", {**rounded, "mmproj_quant": "q8_0"})) == LOSSY_BUDGET
+    assert judged_as("f16", {"mmproj": "mmproj-f16.gguf", "mmproj_quant": "f16"}) == "f16"  # float gates stay
+    assert judged_as("f16", {"mmproj": None, "mmproj_quant": None}) == "f16"
+    assert judged_as("q4_k_m", rounded) == "q4_k_m"

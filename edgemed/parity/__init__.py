@@ -64,9 +64,21 @@ from edgemed.parity.thresholds import (
 )
 
 __all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_PROBES", "GREEDY_TOKENS", "KEYS",
-           "LOSSY_BUDGET", "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics", "ParityResult",
-           "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits", "default_probes", "judge",
-           "judged_row", "mean_cosine", "read_probes", "run_parity", "thresholds_for", "warnings_for"]
+           "LOSSY_BUDGET", "LOSSY_MMPROJ", "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics",
+           "ParityResult", "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits", "default_probes", "judge",
+           "judged_as", "judged_row", "mean_cosine", "read_probes", "run_parity", "thresholds_for", "warnings_for"]
+
+
+LOSSY_MMPROJ = ("q8_0", "q5_0")  # mmproj types that round the vision tower (edgemed.export.gguf_mmproj)
+
+
+def judged_as(quant: str, manifest: dict[str, Any]) -> str:
+    """The type whose thresholds judge a file: a float text model beside a rounded mmproj is a lossy export as a
+    whole (its image positions carry the mmproj's rounding), so it gets the lossy budget, not the float gates that
+    exist to catch a mis-written tensor."""
+    if quant in FLOAT_TYPES and manifest.get("mmproj") and manifest.get("mmproj_quant") in LOSSY_MMPROJ:
+        return str(manifest["mmproj_quant"]) if manifest["mmproj_quant"] in THRESHOLDS else "q8_0"
+    return quant
 
 
 def run_parity(export_dir: Path | str, reference: Path | str | None = None, adapter: Path | str | None = None,
@@ -122,7 +134,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                  for label, q, _ in cands if floats and q not in FLOAT_TYPES} if localise else {}
         with opened({label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}) as cand_backends:
             accs, positions = ref.compare(cand_backends, pairs)
-        rows = [ref.row(label, q, runtime_of(manifest), accs[label]) for label, q, _ in cands]
+        rows = [ref.row(label, q, runtime_of(manifest), accs[label], judge_as=judged_as(q, manifest))
+                for label, q, _ in cands]
         if manifest.get("kind") == "gguf":
             _add_gguf_file_checks(ref, export_dir, manifest, rows)
         result = ParityResult(str(export_dir), str(ref_dir), rows, len(plist), positions, 0.0,

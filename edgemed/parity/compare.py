@@ -206,9 +206,11 @@ class Reference:
         return self.row(label, quant, runtime, acc)
 
     # ------------------------------------------------------------ judging
-    def row(self, label: str, quant: str, runtime: str, a: Accumulator, pair: bool = False) -> Row:
-        """Figures of one accumulator, judged against ``quant``'s thresholds; each failure starts with its cause."""
-        return judged_row(label, quant, runtime, a, thresholds_for(quant, self.overrides), pair)
+    def row(self, label: str, quant: str, runtime: str, a: Accumulator, pair: bool = False,
+            judge_as: str | None = None) -> Row:
+        """Figures of one accumulator, judged against the thresholds of ``judge_as`` (default ``quant``); each
+        failure starts with its cause."""
+        return judged_row(label, quant, runtime, a, thresholds_for(judge_as or quant, self.overrides), pair)
 
 
 def judged_row(label: str, quant: str, runtime: str, a: Accumulator, th: Thresholds, pair: bool = False) -> Row:
