@@ -226,8 +226,8 @@ def export() -> None:
 @calibration_options
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str,
-                    compensate: int, out: Path, overwrite: bool, auto_quant: bool, chat_template: Path | None, calibration: Path | None,
-                    no_calibration: bool, calibration_samples: int | None) -> None:
+                    compensate: int, out: Path, overwrite: bool, auto_quant: bool, chat_template: Path | None,
+                    calibration: Path | None, no_calibration: bool, calibration_samples: int | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
 
     Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""

@@ -334,7 +334,8 @@ def _run_imatrix(run_dir: Path, calib: Any, ckpt: Checkpoint, plan: list[Entry],
 def _write_compensated(spec: ArchSpec, adapter_tensors: list[tuple[str, Any]], alpha: float, src: Path,
                        quantized: Path, cal: Any, rank: int, adapter_quant: str, path: Path,
                        prov: dict[str, Any]) -> None:
-    """The run's LoRA pairs with each quantized matrix's rank-``rank`` correction stacked in (edgemed.export.lowrank)."""
+    """The run's LoRA pairs with each quantized matrix's rank-``rank`` correction stacked in
+    (edgemed.export.lowrank)."""
     from edgemed.export import lowrank
 
     pairs = {name[: -len(".lora_a")]: [arr, None] for name, arr in adapter_tensors if name.endswith(".lora_a")}

@@ -65,8 +65,9 @@ from edgemed.parity.thresholds import (
 
 __all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_PROBES", "GREEDY_TOKENS", "KEYS",
            "LOSSY_BUDGET", "LOSSY_MMPROJ", "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics",
-           "ParityResult", "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits", "default_probes",
-           "judge", "judged_as", "judged_row", "mean_cosine", "read_probes", "run_parity", "thresholds_for", "warnings_for"]
+           "ParityResult", "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits",
+           "default_probes", "judge", "judged_as", "judged_row", "mean_cosine", "read_probes", "run_parity",
+           "thresholds_for", "warnings_for"]
 
 
 LOSSY_MMPROJ = ("q8_0", "q5_0")  # mmproj types that round the vision tower (edgemed.export.gguf_mmproj)
