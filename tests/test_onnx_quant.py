@@ -429,3 +429,63 @@ def test_cli_export_onnx_takes_the_calibration_options(tiny_model, tmp_path):
     r = CliRunner().invoke(main, ["export", "onnx", str(tiny_model("llama")), "--no-calibration", "--calibration",
                                   str(bad), "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "contradict" in r.output, r.output
+
+
+def test_q8_blocks_by_chunks_equal_the_whole_matrix_formula():
+    rng = np.random.default_rng(21)
+    w = rng.normal(size=(64, 20)).astype(np.float32)
+    w[:32, 3] = 0.0  # an all-zero block keeps scale 1
+    blocks = w.T.reshape(20, 2, 32)
+    d = np.abs(blocks).max(-1) / 127
+    d = np.where(d > 0, d, 1.0).astype(np.float32)
+    want = (np.clip(np.rint(blocks / d[..., None]), -127, 127) + 128).astype(np.uint8)
+    for chunk in (7, 20, 8192):  # a chunk that does not divide N, exactly N, more than N
+        q, scale = q8_blocks(w, 32, chunk=chunk)
+        assert q.dtype == np.uint8 and np.array_equal(q, want) and np.array_equal(scale, d)
+    q, scale = q8_blocks(np.ascontiguousarray(w.T).T, 32, chunk=7)  # a transposed view, as the embedding passes
+    assert np.array_equal(q, want)
+
+
+def _available_gb() -> float:
+    from edgemed import memory
+
+    return (memory.available_bytes() or 0) / 1e9
+
+
+@pytest.mark.skipif(_available_gb() < 10, reason="needs about 7 GB of memory for a tensor over 2 GB")
+def test_a_tied_head_over_2_gb_is_quantised_and_runs(tmp_path):
+    """Gemma 3's 262k-row vocabulary at width 2304 and up (MedGemma 4B's) is an fp32 tensor over protobuf's 2 GB;
+    re-adding it with extend() serializes it and failed ('Failed to serialize proto', measured on the one-layer
+    MedGemma). The weight is set in place here for the same reason."""
+    from edgemed.export.onnx_graph import save_graph
+    from edgemed.export.onnx_quant import quantize_decoder_int4
+
+    vocab, k = 262144, 2080  # 2.18 GB in fp32
+    table = np.random.default_rng(22).standard_normal((vocab, k), dtype=np.float32)
+    table *= 0.02
+    nodes = [helper.make_node("Transpose", ["head_w"], ["table"], perm=[1, 0], name="t"),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "w1"], ["h"], name="mm1"),  # 4-bit first, while the head is kept
+             helper.make_node("MatMul", ["h", "head_w"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+                              [numpy_helper.from_array(np.eye(k, dtype=np.float32), "w1")])  # exact in 4 bits
+    big = graph.initializer.add()
+    big.name, big.data_type = "head_w", TensorProto.FLOAT
+    big.dims.extend([k, vocab])
+    big.raw_data = np.ascontiguousarray(table.T).tobytes()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path = tmp_path / "decoder.onnx"
+    save_graph(model, path)
+    del model, graph, big
+    ids = np.array([[0, 7, vocab - 1]], np.int64)
+    rows = table[ids[0]]
+    want = rows @ table[:4096].T  # the first 4096 logits are enough to see the head's bytes
+    del table
+    desc = quantize_decoder_int4(path, 32, 4)
+    assert "on 1 weights" in desc and "LM head and the embedding tied to it 8-bit" in desc
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} >= {"MatMulNBits",
+                                                                                              "GatherBlockQuantized"}
+    logits = sess.run(None, {"ids": ids})[0][0, :, :4096]
+    assert np.abs(logits - want).max() < 0.02 * np.abs(want).max()

@@ -136,9 +136,13 @@ def _rewrite(model: Any, nodes: list, added: list, replaced: set[str]) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + added)
+    # initializers are removed in place, never re-added: protobuf's extend() copies a message by serializing it,
+    # which fails for a tensor over 2 GB (Gemma 3's 262k-row fp32 embedding at width 2304 and up, MedGemma 4B's)
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        if inits[i].name in replaced and inits[i].name not in used:
+            del inits[i]
+    inits.extend(added)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
@@ -165,14 +169,23 @@ def _q8_matmul(x: str, w: np.ndarray, out: str, name: str, inits: list, accuracy
                             K=k, N=w.shape[1], bits=8, block_size=blk, accuracy_level=accuracy_level)
 
 
-def q8_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def q8_blocks(w: np.ndarray, block_size: int, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """W [K, N] in llama.cpp's Q8_0 layout for MatMulNBits: B [N, K/bs, bs] uint8 (q + 128, q in -127..127, the
-    operator's default zero point for 8 bits) and scales [N, K/bs] = max|w| / 127 per block."""
+    operator's default zero point for 8 bits) and scales [N, K/bs] = max|w| / 127 per block.
+
+    ``chunk`` output columns at a time, into arrays allocated once: every step is per column, and whole-matrix
+    temporaries (the transpose, |w|, the quotient, the rounding) cost five copies of the fp32 weight, 12 GB for a
+    262k-row Gemma 3 head."""
     k, n = w.shape
-    blocks = w.astype(np.float32).T.reshape(n, k // block_size, block_size)
-    scale = np.abs(blocks).max(-1) / 127
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+    nb = k // block_size
+    q = np.empty((n, nb, block_size), np.uint8)
+    scale = np.empty((n, nb), np.float32)
+    for start in range(0, n, chunk):
+        blocks = np.asarray(w[:, start:start + chunk], np.float32).T.reshape(-1, nb, block_size)
+        d = np.abs(blocks).max(-1) / 127
+        d = np.where(d > 0, d, 1.0).astype(np.float32)
+        q[start:start + chunk] = np.clip(np.rint(blocks / d[..., None]), -127, 127) + 128
+        scale[start:start + chunk] = d
     return q, scale
 
 
@@ -352,7 +365,7 @@ def quantize_embedding_int8(model: Any, min_rows: int = 1024, block_size: int = 
             nodes.append(node)
             continue
         t = numpy_helper.to_array(table, base_dir="")
-        q, scale = q8_blocks(np.ascontiguousarray(t.T), block_size)  # blocks along each row of the table
+        q, scale = q8_blocks(t.T, block_size)  # blocks along each row of the table (q8_blocks reads it by rows)
         name = f"{node.name or node.output[0]}.q8"
         added += [numpy_helper.from_array(q.reshape(t.shape), f"{name}.data"),
                   numpy_helper.from_array(scale, f"{name}.scales"),
