@@ -16,6 +16,9 @@ are in docs/scale.md, "Memory before work"):
 * parity: the reference in fp32, every export file it opens (llama.cpp and onnxruntime map them), a quarter of
   the reference for activations and logits, plus 300 MB (SmolLM2-135M against its q4_k_m: 0.99 GB measured,
   1.08 GB predicted).
+* answering from a PyTorch folder (`ask`, `serve`, `eval` on a model or run folder, on the CPU): the weights at
+  the load dtype (fp32 by default) plus a quarter for activations and logits and 300 MB; the parity rule's
+  reference term, which is the same load.
 * finetune: `edgemed plan`'s own sum (weights, LoRA with AdamW, activations, logits) for the device it runs on,
   plus 300 MB (``edgemed.train`` asks; this module imports nothing of edgemed's but its errors).
 
@@ -127,8 +130,12 @@ def onnx_bytes(total: int) -> float:
     return 2.3 * 4 * total + 200 * MB
 
 
+def pytorch_bytes(total: int, dtype_bytes: int = 4) -> float:
+    return 1.25 * dtype_bytes * total + 300 * MB
+
+
 def parity_bytes(total: int, export_bytes: float) -> float:
-    return 1.25 * 4 * total + export_bytes + 300 * MB
+    return pytorch_bytes(total) + export_bytes
 
 
 def merge_need(base: Path) -> float:
@@ -141,6 +148,11 @@ def gguf_need(model: Path, calibrating: bool = False) -> float:
 
 def onnx_need(model: Path) -> float:
     return onnx_bytes(tensor_sizes(model)[0])
+
+
+def pytorch_need(weights: Path, dtype: str = "float32") -> float:
+    """Opening the checkpoint in ``weights`` in PyTorch at ``dtype`` (float32, bfloat16 or float16)."""
+    return pytorch_bytes(tensor_sizes(weights)[0], 4 if dtype == "float32" else 2)
 
 
 def parity_need(reference: Path, export_files: list[Path]) -> float:

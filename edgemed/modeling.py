@@ -105,6 +105,14 @@ def load_base(model_dir: Path, *, dtype: str = "float32", quant: Any | None = No
     return Loaded(model=model, processor=proc, tokenizer=tok, arch=arch, base_dir=model_dir)
 
 
+def weights_dir(folder: Path) -> Path:
+    """The folder holding a model's weights: a run's base model, else the folder itself."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file() and read_manifest(folder).get("kind") == "run":
+        return run_base(folder, check_hash=False)
+    return folder
+
+
 def run_base(run_dir: Path, manifest: Manifest | dict[str, Any] | None = None, check_hash: bool = True) -> Path:
     """The base model folder of a run (or of a merge, which records the same base), checked against the sha256
     the artifact recorded."""

@@ -108,3 +108,28 @@ def test_parity_refuses_before_loading_when_memory_is_short(tiny_model, tmp_path
     r = CliRunner().invoke(main, ["parity", str(out), "--reference", str(model), "--report", str(tmp_path / "r.json")])
     assert r.exit_code != 0 and f"parity of {out} against {model} needs about" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "r.json").exists()
+
+
+def test_answering_from_a_pytorch_folder_refuses_before_loading_when_memory_is_short(tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """ask/serve/eval on a model or run folder load it in PyTorch (fp32 by default: 17 GB at MedGemma 4B); a run's
+    need is its base's weights, and the refusal comes before any weight is read."""
+    from edgemed.backends import open_model
+    from edgemed.backends.pytorch import TorchBackend
+
+    model = tiny_model("llama")
+    run = finetune(_recipe(model, write_vqa(tmp_path / "data", n=4, image=False)), tmp_path / "run")
+    total = memory.tensor_sizes(model)[0]
+    assert memory.pytorch_need(model) == pytest.approx(1.25 * 4 * total + 300e6)
+    assert memory.pytorch_need(model, "bfloat16") == pytest.approx(1.25 * 2 * total + 300e6)
+    assert memory.parity_need(model, []) == memory.pytorch_need(model)  # parity's reference is the same load
+    loads = []
+    monkeypatch.setattr("edgemed.backends.pytorch.load_any", lambda *a, **k: loads.append(a) or 1 / 0)
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(memory.pytorch_need(model)) - 1)
+    for folder in (model, run):
+        with pytest.raises(memory.MemoryShortError, match=rf"opening {folder} in PyTorch \(float32.* needs about"):
+            open_model(folder, device="cpu")
+    r = CliRunner().invoke(main, ["ask", str(run), "Say left."])
+    assert r.exit_code != 0 and f"opening {run} in PyTorch" in r.output and "Traceback" not in r.output, r.output
+    assert not loads  # refused before the loader was called
+    TorchBackend(model, device="cpu", lazy=True)  # parity's lazy reference: parity's own check covers it

@@ -78,6 +78,16 @@ class _QueueStreamer:
         self.q.put(("end", None))
 
 
+def _require_memory(folder: Path, dtype: str) -> None:
+    """Refuse, before any weight loads, a model this machine cannot hold at ``dtype`` (edgemed.memory's rule).
+    Parity's lazy reference is left to parity's own check, which counts the reference with the exports."""
+    from edgemed import memory
+    from edgemed.modeling import weights_dir
+
+    memory.require(memory.pytorch_need(weights_dir(folder), dtype),
+                   f"opening {folder} in PyTorch ({dtype}; a GGUF or ONNX export of it needs a fraction of that)")
+
+
 class TorchBackend(HFBackend):
     """A transformers model answering through the edgemed Backend protocol (the reference for every export).
 
@@ -111,6 +121,8 @@ class TorchBackend(HFBackend):
         if lazy:
             arch, processor, tokenizer, base_dir = _text_side(folder)
         else:
+            if self.device == "cpu":
+                _require_memory(folder, dtype)
             loaded = load_any(folder, dtype=dtype, device=self.device)  # a run folder: base + adapter + trained
             self._model = loaded.model.eval()
             arch, processor, tokenizer, base_dir = loaded.arch, loaded.processor, loaded.tokenizer, loaded.base_dir

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from edgemed import prompting
-from edgemed.artifacts import MANIFEST, read_manifest
+from edgemed.artifacts import read_manifest
 from edgemed.backends import open_model, runtime_of
 from edgemed.errors import ParityError
 from edgemed.machine import machine_summary, runtime_versions
+from edgemed.modeling import weights_dir
 from edgemed.parity.compare import (
     GREEDY_PROBES,
     GREEDY_TOKENS,
@@ -173,16 +174,7 @@ def _check_memory(export_dir: Path, ref_dir: Path) -> None:
     from edgemed import memory
 
     files = [f for f in export_dir.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".safetensors")]
-    memory.require(memory.parity_need(_weights_dir(ref_dir), files), f"parity of {export_dir} against {ref_dir}")
-
-
-def _weights_dir(reference: Path) -> Path:
-    """The folder holding the reference's base weights: a run's base model, else the reference itself."""
-    if (reference / MANIFEST).is_file() and read_manifest(reference).get("kind") == "run":
-        from edgemed.modeling import run_base
-
-        return run_base(reference, check_hash=False)
-    return reference
+    memory.require(memory.parity_need(weights_dir(ref_dir), files), f"parity of {export_dir} against {ref_dir}")
 
 
 def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Path | None) -> Path:
@@ -200,7 +192,7 @@ def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Pa
 def _check_same_arch(export_dir: Path, manifest: dict[str, Any], reference: Path) -> str:
     from edgemed.archs import arch_for_dir
 
-    ref_arch = arch_for_dir(_weights_dir(reference)).name
+    ref_arch = arch_for_dir(weights_dir(reference)).name
     if manifest.get("kind") in ("model", "run"):
         exp_arch = arch_for_dir(export_dir).name if (export_dir / "config.json").is_file() else manifest.get("arch")
     else:
