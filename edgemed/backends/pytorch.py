@@ -8,6 +8,7 @@ ONNX runtime makes too), so the same seed gives the same answer in any thread an
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 from collections.abc import Generator
@@ -315,6 +316,10 @@ class TorchBackend(HFBackend):
     def close(self) -> None:
         with self._lock:
             self._closed, self._model = True, None
+        # garbage cycles that still point at the model (left from loading it) go now, not whenever the collector
+        # next runs, which tensor bytes never trigger: what comes next (an export converting its tensors after an
+        # importance-matrix pass) does not run beside a dead fp32 model
+        gc.collect()
         try:
             import torch
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,13 @@ def weight_fingerprint(w: Any) -> tuple[Any, ...]:
     return (tuple(w.shape), flat[::step][:97].round(6).tobytes())
 
 
+def checkpoint_fingerprint(ckpt: Any, key: str) -> tuple[Any, ...]:
+    """:func:`weight_fingerprint` of a checkpoint tensor, read without loading it (``Checkpoint.strided``)."""
+    shape = tuple(int(d) for d in ckpt.shapes[key])
+    step = max(1, math.prod(shape) // 97)
+    return (shape, ckpt.strided(key, step, 97).round(6).tobytes())
+
+
 def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[str]]:
     """``nn.Linear`` module name -> GGUF names of the tensors holding its weight.
 
@@ -172,7 +180,7 @@ def _module_names(model: Any, ckpt: Any, entries: list[Any]) -> dict[str, list[s
             by_key.setdefault(e.key, []).append(e.name)
     prints: dict[tuple[Any, ...], list[str]] = {}
     for key in by_key:
-        prints.setdefault(weight_fingerprint(ckpt.get(key)), []).append(key)
+        prints.setdefault(checkpoint_fingerprint(ckpt, key), []).append(key)
     embed = model.get_input_embeddings().weight
     embed_names = [n for e in entries if e.name == "token_embd.weight" for n in [e.name]]
     out: dict[str, list[str]] = {}
