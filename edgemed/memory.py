@@ -13,6 +13,8 @@ are in docs/scale.md, "Memory before work"):
   in fp32). Computing importance matrices loads the whole model in fp32 for its forward passes: that instead.
 * export onnx: torch.onnx holds the fp32 model and the graph it builds with its initializers: 2.3x the fp32
   weights plus 200 MB (SmolLM2-135M: 1.04 GB fp32 and 1.23 GB int4 above the baseline, for 0.54 GB of weights).
+  An image model's token table is exported twice (embed.onnx, and the decoder's head when tied), so its largest
+  tensor counts twice (one-layer MedGemma 4B: 11.87 GB measured, 13.63 GB predicted; 7.46 GB without it).
 * parity: the reference in fp32, every export file it opens (llama.cpp and onnxruntime map them), a quarter of
   the reference for activations and logits, plus 300 MB (SmolLM2-135M against its q4_k_m: 0.99 GB measured,
   1.08 GB predicted).
@@ -126,8 +128,8 @@ def gguf_bytes(total: int, largest: int, calibrating: bool = False) -> float:
     return max(need, 4 * total + 300 * MB) if calibrating else need
 
 
-def onnx_bytes(total: int) -> float:
-    return 2.3 * 4 * total + 200 * MB
+def onnx_bytes(total: int, largest: int = 0, image_model: bool = False) -> float:
+    return 2.3 * 4 * (total + (largest if image_model else 0)) + 200 * MB
 
 
 def pytorch_bytes(total: int, dtype_bytes: int = 4) -> float:
@@ -147,7 +149,15 @@ def gguf_need(model: Path, calibrating: bool = False) -> float:
 
 
 def onnx_need(model: Path) -> float:
-    return onnx_bytes(tensor_sizes(model)[0])
+    return onnx_bytes(*tensor_sizes(model), image_model=is_image_model(model))
+
+
+def is_image_model(folder: Path) -> bool:
+    """A checkpoint with a vision tower, from its config.json (``vision_config``); False when unreadable."""
+    try:
+        return "vision_config" in json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def pytorch_need(weights: Path, dtype: str = "float32") -> float:

@@ -220,6 +220,6 @@ def ram_needs(model_dir: Path, c: Counts, cpu_finetune: float) -> dict[str, floa
             "merge (its logit check included)": memory.merge_bytes(shard) / GB,
             "export gguf": memory.gguf_bytes(total, largest) / GB,
             "export gguf, calibrated": memory.gguf_bytes(total, largest, calibrating=True) / GB,
-            "export onnx": memory.onnx_bytes(total) / GB,
+            "export onnx": memory.onnx_bytes(total, largest, memory.is_image_model(model_dir)) / GB,
             "parity of a q4_k_m export": memory.parity_bytes(total, total * Q4_K_M_BITS / 8) / GB}
 

@@ -133,3 +133,17 @@ def test_answering_from_a_pytorch_folder_refuses_before_loading_when_memory_is_s
     assert r.exit_code != 0 and f"opening {run} in PyTorch" in r.output and "Traceback" not in r.output, r.output
     assert not loads  # refused before the loader was called
     TorchBackend(model, device="cpu", lazy=True)  # parity's lazy reference: parity's own check covers it
+
+
+def test_an_image_model_s_onnx_need_counts_its_token_table_twice(tiny_model):
+    """embed.onnx holds the token table and the decoder holds the head (tied for Gemma 3): the one-layer MedGemma
+    4B export peaked at 11.87 GB above the interpreter where the whole-model rule said 7.46 GB."""
+    from conftest import VISION_ARCHS
+
+    text, image = tiny_model("llama"), tiny_model(VISION_ARCHS[0])
+    assert not memory.is_image_model(text) and memory.is_image_model(image)
+    t_total, _ = memory.tensor_sizes(text)
+    i_total, i_largest = memory.tensor_sizes(image)
+    assert memory.onnx_need(text) == pytest.approx(2.3 * 4 * t_total + 200e6)
+    assert memory.onnx_need(image) == pytest.approx(2.3 * 4 * (i_total + i_largest) + 200e6)
+    assert memory.onnx_bytes(789_000_000, 671_000_000, image_model=True) / 1e9 == pytest.approx(13.63, abs=0.01)
