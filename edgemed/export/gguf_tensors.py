@@ -72,37 +72,41 @@ class Checkpoint:
         """One tensor as float32 numpy."""
         import numpy as np
 
-        f, offset, nbytes = self.where[key]
-        dtype = self.dtypes[key]
-        if dtype not in _ST_DTYPES:
-            raise ExportError(f"tensor {key!r} has dtype {dtype}, which GGUF export cannot read")
-        raw = np.empty(self.shapes[key], dtype=_ST_DTYPES[dtype])
-        with open(self.folder / f, "rb") as fh:
+        path, offset, dtype = self._locate(key)
+        raw = np.empty(self.shapes[key], dtype=dtype)
+        with open(path, "rb") as fh:
             fh.seek(offset)
-            if fh.readinto(memoryview(raw.reshape(-1)).cast("B")) != nbytes:
-                raise ExportError(f"{self.folder / f}: truncated at tensor {key!r}; the checkpoint is damaged")
-        return _float32(raw, dtype)
+            if fh.readinto(memoryview(raw.reshape(-1)).cast("B")) != raw.nbytes:
+                raise self._truncated(key)
+        return _float32(raw, self.dtypes[key])
 
     def strided(self, key: str, step: int, count: int):
         """``get(key).reshape(-1)[::step][:count]``, reading only those values (a fingerprint of MedGemma's 2.7 GB
         fp32 embedding reads 97 values instead of converting the tensor beside the loaded model)."""
         import numpy as np
 
-        f, offset, _ = self.where[key]
-        dtype = self.dtypes[key]
-        if dtype not in _ST_DTYPES:
-            raise ExportError(f"tensor {key!r} has dtype {dtype}, which GGUF export cannot read")
-        item = np.dtype(_ST_DTYPES[dtype])
+        path, offset, dtype = self._locate(key)
         picks = range(0, math.prod(self.shapes[key]), step)[:count]
-        raw = np.empty(len(picks), dtype=item)
-        with open(self.folder / f, "rb") as fh:
+        raw = np.empty(len(picks), dtype=dtype)
+        with open(path, "rb") as fh:
             for j, i in enumerate(picks):
-                fh.seek(offset + i * item.itemsize)
-                chunk = fh.read(item.itemsize)
-                if len(chunk) != item.itemsize:
-                    raise ExportError(f"{self.folder / f}: truncated at tensor {key!r}; the checkpoint is damaged")
-                raw[j] = np.frombuffer(chunk, dtype=item)[0]
-        return _float32(raw, dtype)
+                fh.seek(offset + i * dtype.itemsize)
+                if fh.readinto(memoryview(raw[j:j + 1]).cast("B")) != dtype.itemsize:
+                    raise self._truncated(key)
+        return _float32(raw, self.dtypes[key])
+
+    def _locate(self, key: str) -> tuple[Path, int, Any]:
+        """(file, byte offset, numpy dtype of the stored values) of a tensor GGUF export can read."""
+        import numpy as np
+
+        f, offset, _ = self.where[key]
+        if self.dtypes[key] not in _ST_DTYPES:
+            raise ExportError(f"tensor {key!r} has dtype {self.dtypes[key]}, which GGUF export cannot read")
+        return self.folder / f, offset, np.dtype(_ST_DTYPES[self.dtypes[key]])
+
+    def _truncated(self, key: str) -> ExportError:
+        return ExportError(f"{self.folder / self.where[key][0]}: truncated at tensor {key!r}; the checkpoint is "
+                           "damaged")
 
 
 def _float32(raw: Any, dtype: str) -> Any:
