@@ -5,8 +5,11 @@ For each quant: KL mean / p99, top-1 over all positions, flip rate on decided po
 probes must not overlap (checked: the same question text in both is refused).
 
     python tools/bench_quant.py MODEL_DIR --probes held_out.jsonl [--calibration FILE] [--quants q4_k_m,q3_k_m]
+        [--onnx int4,int4:q4_k_m]
 
-Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does).
+Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does). ``--onnx``
+adds ONNX exports to each mode, measured by the same parity run on the same probes: ``int4`` is plain int4,
+``int4:q4_k_m`` is int4 with llama.cpp's q4_k_m bits (`export onnx --quant int4 --mixed q4_k_m`).
 """
 
 from __future__ import annotations
@@ -35,15 +38,19 @@ def main() -> None:
     ap.add_argument("--max-probes", type=int, default=16)
     ap.add_argument("--samples", type=int, default=64, help="calibration records")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--onnx", default="", help="ONNX exports too: comma-separated int4, int8, int4:q4_k_m (mixed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from edgemed.export.gguf import export_gguf
     from edgemed.export.imatrix import default_calibration
+    from edgemed.export.onnx import export_onnx
     from edgemed.parity import read_probes, run_parity
 
-    quants = args.quants.split(",")
+    quants = [q for q in args.quants.split(",") if q]
+    onnx = [q for q in args.onnx.split(",") if q]
+    names = quants + [f"onnx {q}" for q in onnx]
     cal = args.calibration or default_calibration(args.model)
     if cal is None:
         raise SystemExit("no calibration data: pass --calibration FILE (the model has no run with training data)")
@@ -56,32 +63,39 @@ def main() -> None:
     rows = []
     try:
         for mode in ("uncalibrated", "calibrated"):
+            kw = {"calibrate": mode == "calibrated", "calibration": cal if mode == "calibrated" else None,
+                  "calibration_samples": args.samples}
             t0 = time.time()
-            folder = export_gguf(args.model, quants, work / mode, calibrate=mode == "calibrated",
-                                 calibration=cal if mode == "calibrated" else None, calibration_samples=args.samples)
-            export_s = time.time() - t0
-            res = run_parity(folder, reference=args.model, probes=args.probes, max_probes=args.max_probes,
-                             localise=False, n_threads=args.threads)
-            for r in res.rows:
-                m = r.metrics
-                rows.append({"quant": r.quant, "mode": mode, "kl_mean": m.kl_mean, "kl_p99": m.kl_p99,
-                             "top1": m.top1, "flip_rate": m.flip_rate, "decided": m.decided_positions,
-                             "positions": m.positions, "answer_flips": 1 - m.greedy_match,
-                             "image_cos": m.image_cos, "passed": r.passed,
-                             "size_mb": (folder / f"model-{r.quant}.gguf").stat().st_size / 1e6,
-                             "export_s": export_s})
+            folder = export_gguf(args.model, quants, work / mode, **kw) if quants else None
+            runs = [] if folder is None else [(folder, time.time() - t0, None)]
+            for spec in onnx:
+                onnx_quant, _, mix = spec.partition(":")
+                t0 = time.time()
+                runs.append((export_onnx(args.model, onnx_quant, work / f"{mode}-onnx-{spec.replace(':', '-')}",
+                                         mixed=mix or None, **kw), time.time() - t0, spec))
+            for folder, export_s, spec in runs:
+                res = run_parity(folder, reference=args.model, probes=args.probes, max_probes=args.max_probes,
+                                 localise=False, n_threads=args.threads)
+                for r in res.rows:
+                    m = r.metrics
+                    files = [folder / f"model-{r.quant}.gguf"] if spec is None else list(folder.glob("decoder.onnx*"))
+                    rows.append({"quant": r.quant if spec is None else f"onnx {spec}", "mode": mode,
+                                 "kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "top1": m.top1, "flip_rate": m.flip_rate,
+                                 "decided": m.decided_positions, "positions": m.positions,
+                                 "answer_flips": 1 - m.greedy_match, "image_cos": m.image_cos, "passed": r.passed,
+                                 "size_mb": sum(f.stat().st_size for f in files) / 1e6, "export_s": export_s})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"model {args.model}; calibration {cal}; {len(probes)} held-out probes from {args.probes}")
     print("| quant | calibration | KL mean | KL p99 | top-1 (all) | flip rate (decided) | answer flips | img cos "
-          "| size MB | export s (all quants) | parity |")
+          "| size MB | export s (GGUF: all quants) | parity |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (quants.index(r["quant"]), r["mode"] != "uncalibrated")):
+    for r in sorted(rows, key=lambda r: (names.index(r["quant"]), r["mode"] != "uncalibrated")):
         cos = "-" if r["image_cos"] is None else f"{r['image_cos']:.4f}"
         print(f"| {r['quant']} | {r['mode']} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.1%} | "
               f"{r['flip_rate']:.1%} ({r['decided']}/{r['positions']}) | {r['answer_flips']:.0%} | {cos} | "
               f"{r['size_mb']:.1f} | {r['export_s']:.0f} | {'pass' if r['passed'] else 'FAIL'} |")
-    for q in quants:
+    for q in names:
         u = next(r for r in rows if r["quant"] == q and r["mode"] == "uncalibrated")
         c = next(r for r in rows if r["quant"] == q and r["mode"] == "calibrated")
         print(f"{q}: calibrated KL mean {100 * (1 - c['kl_mean'] / u['kl_mean']):+.0f}% lower than uncalibrated")
