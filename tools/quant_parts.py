@@ -9,6 +9,9 @@ tensors carry. The variants are measured by `edgemed parity` on the held-out pro
 folder with its QUANT file replaced. A type that ggml quantizes without looking at an importance matrix (q8_0)
 cannot gain from calibration; the table says which do (``ggml_quantize_requires_imatrix`` aside, ggml's q8_0
 kernel has no weighted path).
+
+``--source-gguf FILE``: for a model that was itself dequantized from a GGUF (the PyPI Gemma 3 270M), also print how
+much of the uncalibrated QUANT file reproduces that file: per type, the share of blocks that are byte-identical.
 """
 
 from __future__ import annotations
@@ -57,6 +60,30 @@ def variant(quantized: Path, f16: Path, keep: set[str], dst: Path) -> int:
     return sum(1 for t, s in zip(q.tensors, chosen, strict=True) if t is s and T(t.tensor_type).name in keep)
 
 
+def same_blocks(ours: Path, source: Path) -> dict[str, tuple[int, float]]:
+    """Per GGML type of ``ours``: (tensors, share of quant blocks byte-identical to ``source``'s same tensor);
+    a tensor whose type differs in ``source`` counts under "TYPE (source SRC)" with share 0."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    src = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    shares: dict[str, list[float]] = {}
+    for t in gguf.GGUFReader(ours).tensors:
+        s, qt = src.get(t.name), T(t.tensor_type)
+        if qt in (T.F32, T.F16, T.BF16):
+            continue
+        if s is None or s.tensor_type != t.tensor_type:
+            key = f"{qt.name} (source {T(s.tensor_type).name if s is not None else 'missing'})"
+            shares.setdefault(key, []).append(0.0)
+            continue
+        size = gguf.GGML_QUANT_SIZES[qt][1]
+        a = np.asarray(s.data).reshape(-1, size)
+        b = np.asarray(t.data).reshape(-1, size)
+        shares.setdefault(qt.name, []).append(float((a == b).all(1).mean()))
+    return {k: (len(v), float(np.mean(v))) for k, v in sorted(shares.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
@@ -66,6 +93,7 @@ def main() -> None:
     ap.add_argument("--max-probes", type=int, default=16)
     ap.add_argument("--samples", type=int, default=64, help="calibration records")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--source-gguf", type=Path, default=None, help="the GGUF the model was dequantized from")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,6 +116,8 @@ def main() -> None:
             folder = export_gguf(args.model, ["f16", q], work / mode, calibrate=mode == "calibrated",
                                  calibration=cal if mode == "calibrated" else None, calibration_samples=args.samples)
             qfile, f16 = folder / f"model-{q}.gguf", folder / "model-f16.gguf"
+            if args.source_gguf and mode == "uncalibrated":
+                identity = same_blocks(qfile, args.source_gguf)
             counts: dict[str, int] = {}
             for t in gguf.GGUFReader(qfile).tensors:
                 name = gguf.GGMLQuantizationType(t.tensor_type).name
@@ -119,6 +149,10 @@ def main() -> None:
     for label, mode, n, kl, p99, top1 in sorted(rows, key=lambda r: (r[0] != "all", r[0], r[1] != "uncalibrated")):
         acts = "-" if label == "all" else ("no" if label.split()[-1] in UNWEIGHTED else "yes")
         print(f"| {label} | {mode} | {n} | {kl:.4f} | {p99:.3f} | {top1:.1%} | {acts} |")
+    if args.source_gguf:
+        print(f"uncalibrated {q} against {args.source_gguf.name}:")
+        for k, (n, share) in identity.items():
+            print(f"  {k}: {n} tensors, {share:.1%} of blocks byte-identical")
     by = {(r[0], r[1]): r[3] for r in rows}
     for label in dict.fromkeys(r[0] for r in rows):
         u, c = by.get((label, "uncalibrated")), by.get((label, "calibrated"))
