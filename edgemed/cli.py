@@ -312,10 +312,13 @@ def export_onnx_adapters_cmd(adapters: tuple[str, ...], block_size: int, out: Pa
 @click.option("--threads", type=int, help="CPU threads per runtime (1 is fastest on a busy machine).")
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to render prompts with (a base model has none).")
+@click.option("--reference-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="The PyTorch reference's dtype; auto: float32 where it fits in memory, else the "
+              "checkpoint's 16-bit type.")
 @handled
 def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probes: Path | None,
            report: Path | None, thresholds: tuple[str, ...], max_probes: int, threads: int | None,
-           chat_template: Path | None) -> None:
+           chat_template: Path | None, reference_dtype: str) -> None:
     """Compare an export with the PyTorch model it came from; exit 1 when it fails the thresholds."""
     from edgemed.export.auto_quant import fresh_float_export
     from edgemed.parity import run_parity
@@ -324,7 +327,8 @@ def parity(export_dir: Path, reference: Path | None, adapter: Path | None, probe
     result = run_parity(export_dir, reference=reference, adapter=adapter, probes=probes, report=report,
                         thresholds=thresholds, max_probes=max_probes, n_threads=threads,
                         chat_template=read_template(chat_template) if chat_template else None,
-                        float_export=fresh_float_export)  # the conversion stage of a quantised-only folder
+                        float_export=fresh_float_export,  # the conversion stage of a quantised-only folder
+                        reference_dtype=reference_dtype)
     click.echo(result.table())
     sys.exit(0 if result.passed else 1)
 

@@ -136,8 +136,8 @@ def pytorch_bytes(total: int, dtype_bytes: int = 4) -> float:
     return 1.25 * dtype_bytes * total + 300 * MB
 
 
-def parity_bytes(total: int, export_bytes: float) -> float:
-    return pytorch_bytes(total) + export_bytes
+def parity_bytes(total: int, export_bytes: float, dtype_bytes: int = 4) -> float:
+    return pytorch_bytes(total, dtype_bytes) + export_bytes
 
 
 def merge_need(base: Path) -> float:
@@ -165,5 +165,18 @@ def pytorch_need(weights: Path, dtype: str = "float32") -> float:
     return pytorch_bytes(tensor_sizes(weights)[0], 4 if dtype == "float32" else 2)
 
 
-def parity_need(reference: Path, export_files: list[Path]) -> float:
-    return parity_bytes(tensor_sizes(reference)[0], sum(f.stat().st_size for f in export_files if f.is_file()))
+def parity_need(reference: Path, export_files: list[Path], dtype: str = "float32") -> float:
+    """Parity against ``reference`` loaded at ``dtype`` (float32, bfloat16 or float16), with the export files."""
+    return parity_bytes(tensor_sizes(reference)[0], sum(f.stat().st_size for f in export_files if f.is_file()),
+                        4 if dtype == "float32" else 2)
+
+
+def sixteen_bit_dtype(folder: Path) -> str:
+    """The checkpoint's own 16-bit type from its config.json (``dtype`` / ``torch_dtype``: float16 for LLaVA-1.5),
+    bfloat16 when it names none or a 32-bit one."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "bfloat16"
+    named = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return "float16" if named == "float16" else "bfloat16"

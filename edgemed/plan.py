@@ -221,5 +221,6 @@ def ram_needs(model_dir: Path, c: Counts, cpu_finetune: float) -> dict[str, floa
             "export gguf": memory.gguf_bytes(total, largest) / GB,
             "export gguf, calibrated": memory.gguf_bytes(total, largest, calibrating=True) / GB,
             "export onnx": memory.onnx_bytes(total, largest, memory.is_image_model(model_dir)) / GB,
-            "parity of a q4_k_m export": memory.parity_bytes(total, total * Q4_K_M_BITS / 8) / GB}
+            "parity of a q4_k_m export": memory.parity_bytes(total, total * Q4_K_M_BITS / 8) / GB,
+            "parity of q4_k_m, 16-bit reference": memory.parity_bytes(total, total * Q4_K_M_BITS / 8, 2) / GB}
 

@@ -106,8 +106,35 @@ def test_parity_refuses_before_loading_when_memory_is_short(tiny_model, tmp_path
     out = export_gguf(model, ["f16"], tmp_path / "g")
     monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
     r = CliRunner().invoke(main, ["parity", str(out), "--reference", str(model), "--report", str(tmp_path / "r.json")])
-    assert r.exit_code != 0 and f"parity of {out} against {model} needs about" in r.output, r.output
+    assert r.exit_code != 0 and f"parity of {out} against {model}, its reference in bfloat16, needs about" \
+        in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "r.json").exists()
+    r = CliRunner().invoke(main, ["parity", str(out), "--reference", str(model), "--reference-dtype", "float32"])
+    assert r.exit_code != 0 and "its reference in float32, needs about" in r.output, r.output
+
+
+def test_parity_takes_a_16_bit_reference_where_float32_does_not_fit(tiny_model, tmp_path, monkeypatch):
+    """A 4B model's fp32 reference alone is 17 GB: where it does not fit, parity loads the checkpoint's 16-bit type,
+    says so in its report, and judges float files by the bf16 bounds; where float32 fits it stays float32."""
+    from edgemed.export.gguf import export_gguf
+    from edgemed.parity import run_parity
+    from edgemed.parity.thresholds import THRESHOLDS
+
+    monkeypatch.setenv("EDGEMED_PARITY_CACHE", "off")
+    model = tiny_model("llama")
+    out = export_gguf(model, ["f16"], tmp_path / "g")
+    files = list(out.glob("*.gguf"))
+    bf16, fp32 = memory.parity_need(model, files, "bfloat16"), memory.parity_need(model, files)
+    assert bf16 < fp32
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(bf16) + 1)
+    res = run_parity(out, reference=model, max_probes=3, localise=False, report=tmp_path / "r.json")
+    assert res.reference_dtype == "bfloat16" and res.rows[0].thresholds == THRESHOLDS["bf16"]
+    assert res.passed, res.table()
+    assert '"reference_dtype": "bfloat16"' in (tmp_path / "r.json").read_text()
+    assert "reference: PyTorch in bfloat16" in res.table()
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(fp32) + 1)
+    res = run_parity(out, reference=model, max_probes=3, localise=False)
+    assert res.reference_dtype == "float32" and res.rows[0].thresholds == THRESHOLDS["f16"]
 
 
 def test_answering_from_a_pytorch_folder_refuses_before_loading_when_memory_is_short(tiny_model, tmp_path,

@@ -27,6 +27,8 @@ Parity opens folders with :func:`edgemed.backends.open_model` and imports no exp
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ from edgemed.parity.thresholds import (
     warnings_for,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREEDY_PROBES", "GREEDY_TOKENS", "KEYS",
            "LOSSY_BUDGET", "LOSSY_MMPROJ", "SIZE_ORDER", "THRESHOLDS", "Accumulator", "FloatExport", "Metrics",
            "ParityResult", "PositionFigures", "Probe", "RefLogits", "Row", "Thresholds", "compare_logits",
@@ -74,12 +78,15 @@ __all__ = ["DECIDED_MARGIN", "EXPECTED", "FLOAT_TYPES", "GENERAL_PROMPTS", "GREE
 LOSSY_MMPROJ = ("q8_0", "q5_0")  # mmproj types that round the vision tower (edgemed.export.gguf_mmproj)
 
 
-def judged_as(quant: str, manifest: dict[str, Any]) -> str:
+def judged_as(quant: str, manifest: dict[str, Any], reference_dtype: str = "float32") -> str:
     """The type whose thresholds judge a file: a float text model beside a rounded mmproj is a lossy export as a
     whole (its image positions carry the mmproj's rounding), so it gets the lossy budget, not the float gates that
-    exist to catch a mis-written tensor."""
+    exist to catch a mis-written tensor. Against a 16-bit reference a float file is judged by the bf16 bounds: the
+    reference's own rounding is then part of every difference."""
     if quant in FLOAT_TYPES and manifest.get("mmproj") and manifest.get("mmproj_quant") in LOSSY_MMPROJ:
         return str(manifest["mmproj_quant"]) if manifest["mmproj_quant"] in THRESHOLDS else "q8_0"
+    if quant in FLOAT_TYPES and reference_dtype != "float32":
+        return "bf16"
     return quant
 
 
@@ -87,7 +94,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                probes: Path | str | None = None, report: Path | str | None = None,
                thresholds: tuple[str, ...] | list[str] = (), max_probes: int = 32, localise: bool = True,
                n_threads: int | None = None, chat_template: str | None = None,
-               float_export: FloatExport | None = None) -> ParityResult:
+               float_export: FloatExport | None = None, reference_dtype: str = "auto") -> ParityResult:
     """Compare every file of an export with the PyTorch model it came from.
 
     Args:
@@ -105,6 +112,10 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
         float_export: makes a float export of the reference (``(model_dir, "gguf" | "onnx", out) -> folder``) for
             localisation when the export folder holds no float file; parity itself never exports
             (:func:`edgemed.export.auto_quant.fresh_float_export` is the one ``edgemed parity`` passes).
+        reference_dtype: float32, bfloat16 or float16 for the PyTorch reference; "auto" (default) takes float32
+            where it fits in memory, else the checkpoint's own 16-bit type (a 4B model's fp32 reference alone is
+            17 GB). A 16-bit reference carries its own rounding, so float exports are then judged by the bf16
+            bounds (measured bf16-vs-fp32 noise); the report says which dtype was used.
 
     Returns:
         The result; ``passed`` is False when any row fails its thresholds.
@@ -121,11 +132,12 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
     for q in dict.fromkeys([*(q for _, q, _ in cands), "f32"]):  # bad overrides fail before any model loads
         thresholds_for(q, thresholds)
     given = read_probes(probes)[:max_probes] if probes else None  # a bad file fails before any model loads
-    _check_memory(export_dir, ref_dir)
+    ref_dtype = _check_memory(export_dir, ref_dir, reference_dtype)
     kw: dict[str, Any] = {"n_threads": n_threads} if n_threads else {}
     if chat_template is not None:
         kw["chat_template"] = chat_template
-    backend = open_model(ref_dir, lazy=True, **kw)  # its weights load only when the reference cache misses
+    # its weights load only when the reference cache misses
+    backend = open_model(ref_dir, lazy=True, **kw, **({"dtype": ref_dtype} if ref_dtype != "float32" else {}))
     try:
         plist = given or default_probes(ref_dir, Path(adapter) if adapter else None, backend.is_vision, max_probes)
         plist, calibration = disjoint_from_calibration(manifest, plist, given is not None)
@@ -136,7 +148,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                  for label, q, _ in cands if floats and q not in FLOAT_TYPES} if localise else {}
         with opened({label: (export_dir, {**ckw, **kw}) for label, _, ckw in cands}) as cand_backends:
             accs, positions = ref.compare(cand_backends, pairs)
-        rows = [ref.row(label, q, runtime_of(manifest), accs[label], judge_as=judged_as(q, manifest))
+        rows = [ref.row(label, q, runtime_of(manifest), accs[label], judge_as=judged_as(q, manifest, ref_dtype))
                 for label, q, _ in cands]
         if manifest.get("kind") == "gguf":
             _add_gguf_file_checks(ref, export_dir, manifest, rows)
@@ -144,7 +156,8 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                               prompt_format=prompting.prompt_format(backend.processor), calibration=calibration,
                               runtimes=runtime_versions(), machine=machine_summary(),
                               reference_cache=ref.cache.to_dict() if ref.cache else None,
-                              greedy={"probes": len(ref.greedy), "of": len(plist), "max_tokens": GREEDY_TOKENS})
+                              greedy={"probes": len(ref.greedy), "of": len(plist), "max_tokens": GREEDY_TOKENS},
+                              reference_dtype=ref_dtype)
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
             result.merge = merge_row(ref, Path(adapter))
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
@@ -168,13 +181,29 @@ def _add_gguf_file_checks(ref: Reference, export_dir: Path, manifest: dict[str, 
         row.failures += fails
 
 
-def _check_memory(export_dir: Path, ref_dir: Path) -> None:
-    """Refuse, before any model loads, a comparison this machine cannot hold (edgemed.memory's parity rule: the
-    fp32 reference and every export file; conservative when the reference cache would spare the reference)."""
+REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_memory(export_dir: Path, ref_dir: Path, reference_dtype: str = "auto") -> str:
+    """The reference's dtype, after refusing, before any model loads, a comparison this machine cannot hold
+    (edgemed.memory's parity rule: the reference at that dtype and every export file; conservative when the
+    reference cache would spare the reference). "auto": float32 where it fits, else the checkpoint's 16-bit type."""
     from edgemed import memory
 
+    if reference_dtype not in REFERENCE_DTYPES:
+        raise ParityError(f"unknown reference dtype {reference_dtype!r}; choose one of {', '.join(REFERENCE_DTYPES)}")
     files = [f for f in export_dir.iterdir() if f.suffix in (".gguf", ".onnx", ".data", ".safetensors")]
-    memory.require(memory.parity_need(weights_dir(ref_dir), files), f"parity of {export_dir} against {ref_dir}")
+    weights = weights_dir(ref_dir)
+    what = f"parity of {export_dir} against {ref_dir}"
+    if reference_dtype == "auto":
+        have = memory.available_bytes()
+        if have is None or memory.parity_need(weights, files) <= have or os.environ.get(memory.SKIP_ENV) == "1":
+            return "float32"
+        reference_dtype = memory.sixteen_bit_dtype(weights)
+        log.warning("%s: the float32 reference does not fit in %.1f GB; using the checkpoint's %s (float exports are "
+                    "then judged by the bf16 bounds)", what, have / memory.GB, reference_dtype)
+    memory.require(memory.parity_need(weights, files, reference_dtype), f"{what}, its reference in {reference_dtype},")
+    return reference_dtype
 
 
 def _resolve_reference(export_dir: Path, manifest: dict[str, Any], reference: Path | None) -> Path:

@@ -65,6 +65,7 @@ class ParityResult:
     machine: str = ""  # edgemed doctor's one line for the machine that measured them
     reference_cache: dict[str, Any] | None = None  # key, hit, path, model calls (edgemed.parity.reference)
     greedy: dict[str, int] = field(default_factory=dict)  # probes answered free-running, of how many, max tokens
+    reference_dtype: str = "float32"  # the PyTorch reference's dtype (16-bit where float32 did not fit)
 
     @property
     def passed(self) -> bool:
@@ -79,7 +80,8 @@ class ParityResult:
                 "merge": self.merge.to_dict() if self.merge else None,
                 "localisation": [r.to_dict() for r in self.localisation],
                 "calibration": self.calibration, "runtimes": self.runtimes, "machine": self.machine,
-                "reference_cache": self.reference_cache, "greedy": self.greedy}
+                "reference_cache": self.reference_cache, "greedy": self.greedy,
+                "reference_dtype": self.reference_dtype}
 
     def write(self, report: Path | str) -> None:
         """Write the JSON report; a report is refreshed on every run, so replacing it is expected (written whole,
@@ -95,6 +97,9 @@ class ParityResult:
                  f"{self.seconds:.0f} s)",
                  f"flips: top-1 changes on positions the reference decides by >= {DECIDED_MARGIN:g} nats; top1: over "
                  "all positions (near-ties included, not a gate)"]
+        if self.reference_dtype != "float32":
+            lines.append(f"reference: PyTorch in {self.reference_dtype} (float32 did not fit in memory); float files "
+                         "are judged by the bf16 bounds")
         if self.greedy:
             g = self.greedy
             lines.append(f"greedy: free-running answers on {g['probes']} of {g['of']} probes, at most "
