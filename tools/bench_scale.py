@@ -212,8 +212,13 @@ def chain(args: argparse.Namespace) -> list[Stage]:
             st.timing = json.loads(m.group(1))
         stages.append(st)
     par = cli("parity", str(g), "--max-probes", str(args.probes), "--threads", str(th))
-    stages.append(resume_or_run(done, Stage("parity (q4_k_m vs merged)", shown(par),
-                                            predicted_gb=needs.get("parity of a q4_k_m export")),
+    from edgemed import memory  # parity's own choice: the fp32 reference where it fits, else the 16-bit one
+
+    have = (memory.available_bytes() or 0) / GB
+    need = needs.get("parity of a q4_k_m export")
+    if need is not None and need > have:
+        need = needs.get("parity of q4_k_m, 16-bit reference", need)
+    stages.append(resume_or_run(done, Stage("parity (q4_k_m vs merged)", shown(par), predicted_gb=need),
                                 par, th, logs, args, base_mb))
     ox = cli("export", "onnx", str(merged), "--quant", "int4", "--out", str(onnx), "--overwrite")
     stages.append(resume_or_run(done, Stage("export onnx int4", shown(ox), predicted_gb=needs.get("export onnx")),
