@@ -749,3 +749,33 @@ def test_gemma3_270m_base_tokenizes_like_transformers(gemma3_270m_base, tmp_path
     assert tokenizer_kind(gemma3_270m_base) == "bpe-byte-fallback"
     out = export_gguf(gemma3_270m_base, ["q8_0"], tmp_path / "out")
     assert_llama_cpp_tokenizes_like_transformers(gemma3_270m_base, out / "model-q8_0.gguf")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_mmproj_reads_the_image_processor_from_the_hub_layout(arch, tiny_model, tmp_path):
+    """The hub ships Qwen2.5-VL and LLaVA-1.5 with a processor_config.json that holds no image field and the image
+    processor in preprocessor_config.json; transformers 5 nests it in processor_config.json. The mmproj's
+    normalisation and pixel budget must be the same from either (the first file alone gave mean 0.5 and, for
+    Qwen2.5-VL, no pixel budget: a crash)."""
+    from gguf import Keys
+    from transformers import AutoConfig
+
+    from edgemed.export.gguf_mmproj import mmproj_kv
+
+    src = tiny_model(arch)
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    proc = json.loads((src / "processor_config.json").read_text())
+    image = proc.pop("image_processor")
+    if arch == "qwen2_5_vl":  # as the hub's Qwen2.5-VL-3B-Instruct has them: pixels, no "size"
+        size = image.pop("size")
+        image.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (hub / "processor_config.json").write_text(json.dumps(proc))
+    (hub / "preprocessor_config.json").write_text(json.dumps(image))
+    spec, config = REGISTRY[arch], AutoConfig.from_pretrained(src)
+    nested, flat = mmproj_kv(spec, config, src), mmproj_kv(spec, config, hub)
+    assert flat[Keys.ClipVision.IMAGE_MEAN] == nested[Keys.ClipVision.IMAGE_MEAN] == pytest.approx(
+        image["image_mean"])
+    assert flat[Keys.ClipVision.IMAGE_STD] == nested[Keys.ClipVision.IMAGE_STD]
+    if arch == "qwen2_5_vl":
+        assert flat["clip.vision.image_max_pixels"] == nested["clip.vision.image_max_pixels"] == 4096

@@ -84,12 +84,21 @@ def mmproj_kv(spec: ArchSpec, config: Any, model_dir: Path) -> dict[str, Any]:
 
 
 def _processor_config(model_dir: Path) -> dict[str, Any]:
-    for name in ("processor_config.json", "preprocessor_config.json"):
+    """The image processor's settings, merged from every file that may hold them, the most specific last: the
+    processor's own fields (processor_config.json), the image processor as the hub ships it
+    (preprocessor_config.json), and the image processor nested in processor_config.json (transformers 5's layout).
+    The hub's Qwen2.5-VL and LLaVA folders have a processor_config.json without any image field, so taking the
+    first file found lost their normalisation and pixel budget."""
+    def read(name: str) -> dict[str, Any]:
         p = model_dir / name
-        if p.is_file():
-            data = json.loads(p.read_text())
-            return data.get("image_processor", data)
-    return {}
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    proc, pre = read("processor_config.json"), read("preprocessor_config.json")
+    merged = {k: v for k, v in proc.items() if k != "image_processor"}
+    merged.update(pre)
+    if isinstance(proc.get("image_processor"), dict):
+        merged.update(proc["image_processor"])
+    return merged
 
 
 def write_mmproj_gguf(spec: ArchSpec, config: Any, model_dir: Path, ckpt: Checkpoint, plan: list[Entry],
