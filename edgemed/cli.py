@@ -55,6 +55,8 @@ def handled(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; no partial output was kept", file=user_err())
             sys.exit(130)
+        except click.ClickException:
+            raise  # a usage error a command found itself: click prints it with the usage line, exit 2
         except Exception as e:  # noqa: BLE001 - the last resort described above
             if isinstance(e, OSError) and e.filename is not None:
                 # the machine refused a file operation (disk full, permissions, read-only): not a bug; name the file

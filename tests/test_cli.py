@@ -197,3 +197,17 @@ def test_auto_quant_passes_every_export_option_to_every_candidate(tiny_model, tm
     for _, kw in calls:
         assert kw["calibration_samples"] == 7 and kw["chat_template"] == template.read_text(), kw
     assert calls[1][1]["adapter_quant"] == "q8_0" and calls[1][1]["calibrate"] is False, calls
+
+
+def test_a_usage_error_raised_by_a_command_is_a_usage_error_not_a_bug(tiny_model, tmp_path):
+    """Options that contradict each other are found inside some commands; click's usage error must reach the user
+    as such (exit 2, the usage line), not as edgemed's "internal error ... this is a bug" with a crash log."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+
+    r = CliRunner().invoke(main, ["export", "gguf", str(tiny_model("llama")), "--auto-quant", "--compensate", "8",
+                                  "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2, r.output
+    assert "--auto-quant does not try --compensate" in r.output and "internal error" not in r.output, r.output
+    assert not (tmp_path / "g").exists()
