@@ -28,7 +28,6 @@ Parity opens folders with :func:`edgemed.backends.open_model` and imports no exp
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -196,12 +195,12 @@ def _check_memory(export_dir: Path, ref_dir: Path, reference_dtype: str = "auto"
     weights = weights_dir(ref_dir)
     what = f"parity of {export_dir} against {ref_dir}"
     if reference_dtype == "auto":
-        have = memory.available_bytes()
-        if have is None or memory.parity_need(weights, files) <= have or os.environ.get(memory.SKIP_ENV) == "1":
+        if memory.fits(memory.parity_need(weights, files)):
             return "float32"
         reference_dtype = memory.sixteen_bit_dtype(weights)
         log.warning("%s: the float32 reference does not fit in %.1f GB; using the checkpoint's %s (float exports are "
-                    "then judged by the bf16 bounds)", what, have / memory.GB, reference_dtype)
+                    "then judged by the bf16 bounds)", what, (memory.available_bytes() or 0) / memory.GB,
+                    reference_dtype)
     memory.require(memory.parity_need(weights, files, reference_dtype), f"{what}, its reference in {reference_dtype},")
     return reference_dtype
 
