@@ -64,8 +64,9 @@ def embedded_image() -> Path:
     return embedded.materialize(embedded.IMAGE, quiet=True)
 
 
-def write_vqa(folder: Path, n: int = 6, image: bool = True, size: int = 40) -> Path:
-    """A small VQA JSONL with PNG images whose answers depend on the picture (bright left or right half)."""
+def write_vqa(folder: Path, n: int = 6, image: bool = True, size: int = 40, width: int | None = None) -> Path:
+    """A small VQA JSONL with PNG images (``size`` high, ``width`` wide, default square) whose answers depend on
+    the picture (bright left or right half)."""
     import json
 
     import numpy as np
@@ -77,9 +78,10 @@ def write_vqa(folder: Path, n: int = 6, image: bool = True, size: int = 40) -> P
         side = "left" if i % 2 == 0 else "right"
         rec = {"question": "Which side is bright?", "answer": side, "answer_type": "open", "image": None}
         if image:
-            arr = np.zeros((size, size, 3), dtype=np.uint8)
-            arr[:, : size // 2] = 220 if side == "left" else 20
-            arr[:, size // 2:] = 20 if side == "left" else 220
+            w = width or size
+            arr = np.zeros((size, w, 3), dtype=np.uint8)
+            arr[:, : w // 2] = 220 if side == "left" else 20
+            arr[:, w // 2:] = 20 if side == "left" else 220
             Image.fromarray(arr).save(folder / f"img{i}.png")
             rec["image"] = f"img{i}.png"
         else:

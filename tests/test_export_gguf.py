@@ -37,13 +37,15 @@ TINY_LLAMA_KL = {"q8_0": 1e-5, "q6_k": 1e-5, "q4_k_m": 1e-4}
 CONTROL_NOISE = {"q8_0": 0.05, "q6_k": 0.05, "q4_k_m": 0.2}
 
 
-def picture(seed: int, size: int) -> object:
+def picture(seed: int, size: int, width: int | None = None) -> object:
+    """A smooth picture with some noise, ``size`` high and ``width`` (default ``size``) wide."""
     from PIL import Image
 
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    width = width or size
+    yy, xx = np.mgrid[0:size, 0:width] / size
     rng = np.random.RandomState(seed)
     smooth = np.stack([np.sin((3 + seed) * xx), np.cos(2 * yy + seed), xx * yy], -1) * 100 + 128
-    return Image.fromarray(np.clip(smooth + rng.randn(size, size, 3) * 20, 0, 255).astype("uint8"))
+    return Image.fromarray(np.clip(smooth + rng.randn(size, width, 3) * 20, 0, 255).astype("uint8"))
 
 
 def image_size(torch_backend) -> int:
@@ -267,6 +269,26 @@ def test_image_embeddings_match_pytorch(arch, exported, torch_backend):
         got, want = _aligned(arch, got, want, ref, img)
         cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
         assert cos.min() >= 0.999, f"{arch}: image embedding cosine {cos.min():.5f} at row {cos.argmin()}"
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("arch", _params(GGUF_VISION))
+def test_images_of_any_shape_reach_llamacpp_as_the_processor_sized_them(arch, exported, torch_backend):
+    """A wide and a small tall picture: llama.cpp's own resize pads them (and makes other Qwen token counts), the
+    processors stretch or crop; the backend gives mtmd the processor's pixels, so the embeddings still match."""
+    ref = torch_backend(arch)
+    b = llama_backend(exported(arch), "f16")
+    try:
+        s = image_size(ref)
+        for k, (h, w) in enumerate([(s, s * 3 // 2), (s // 3, s // 2)]):
+            img = picture(5 + k, h, w)
+            got, want = b.image_embeddings(img), ref.image_embeddings(img)
+            assert got.shape == want.shape, f"{arch} {w}x{h}: llama.cpp made {got.shape[0]} image tokens, " \
+                                            f"PyTorch {want.shape[0]}"
+            got, want = _aligned(arch, got, want, ref, img)
+            cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert cos.min() >= 0.999, f"{arch} {w}x{h}: image embedding cosine {cos.min():.5f} at row {cos.argmin()}"
     finally:
         b.close()
 

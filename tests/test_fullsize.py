@@ -385,3 +385,29 @@ def test_medgemma_image_prompt_with_the_real_vocabulary(one_layer):
         assert logits.shape[0] == len(tokens) and np.isfinite(logits).all()
     finally:
         b.close()
+
+
+def test_one_layer_qwen_gguf_sees_images_as_the_hub_processor_sizes_them(one_layer, tmp_path):
+    """The hub's Qwen2.5-VL pixel budget (min 56 x 56, 16384 tokens at most) on llama.cpp: a 64 x 64 picture is 4
+    image tokens as in PyTorch (mtmd's own floor made 9, and the 3B parity run compared nothing), a wide one is
+    stretched as the processor stretches it (mtmd pads), and one vision block, all full attention, encodes (mtmd
+    aborted the process when told a window pattern of 1)."""
+    import numpy as np
+
+    from edgemed.backends.llamacpp import LlamaCppBackend
+    from edgemed.backends.pytorch import TorchBackend
+    from edgemed.export.gguf import export_gguf
+
+    folder = one_layer("qwen2.5-vl-3b-instruct")
+    out = export_gguf(folder, ["f16"], tmp_path / "gguf")
+    ref, b = TorchBackend(folder, device="cpu"), LlamaCppBackend(out, quant="f16", n_threads=2, n_ctx=512)
+    try:
+        for size in [(64, 64), (100, 60)]:
+            img = _image(size)
+            got, want = b.image_embeddings(img), ref.image_embeddings(img)
+            assert got.shape == want.shape, f"{size}: llama.cpp made {got.shape[0]} tokens, PyTorch {want.shape[0]}"
+            cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert cos.min() >= 0.999, f"{size}: image embedding cosine {cos.min():.5f}"
+    finally:
+        b.close()
+        ref.close()

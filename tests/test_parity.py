@@ -504,6 +504,27 @@ def test_gguf_projector_from_another_model_fails(tiny_model, tmp_path):
 
 
 @needs_gguf
+def test_gguf_images_of_another_shape_keep_their_token_count(tiny_model, tmp_path, monkeypatch):
+    """Wide probe images on a Qwen2.5-VL export: llama.cpp gets the processor's pixels and parity passes; given the
+    raw image (as mtmd would resize it), the export makes another number of image tokens, and parity says so
+    instead of reporting a cosine of 0 alone."""
+    from edgemed.backends import mtmd_images
+
+    ref = tiny_model("qwen2_5_vl")
+    probes = write_vqa(tmp_path / "probes", n=2, image=True, size=40, width=60)
+    export = _export(ref, tmp_path / "clean")
+    ok = run_parity(export, reference=ref, probes=probes)
+    assert ok.passed and ok.rows[0].metrics.image_cos > 0.999, ok.table()
+    assert ok.rows[0].checks["image_tokens_identical"]
+
+    monkeypatch.setattr(mtmd_images, "processor_pixels", lambda processor, arch, image: image.convert("RGB"))
+    bad = run_parity(export, reference=ref, probes=probes)
+    assert not bad.passed and "image" in bad.rows[0].causes(), bad.table()
+    assert not bad.rows[0].checks["image_tokens_identical"]
+    assert any("a 60x40 image: reference 20 image tokens, export" in f for f in bad.rows[0].failures), bad.table()
+
+
+@needs_gguf
 def test_gguf_clean_siglip_llava_export_passes(tmp_path):
     """A LLaVA whose tower has no class token (SigLIP, as the embedded image model) exports exactly: parity passes."""
     from transformers import LlavaForConditionalGeneration

@@ -58,6 +58,13 @@ class GGUFSpec:
     splits: tuple[tuple[str, Callable[[str, Any], list[tuple[str, Any]]]], ...] = ()
     text_kv: Callable[[Any], dict[str, Any]] | None = None  # extra text-model keys ("{arch}" is filled in)
     mmproj_kv: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None  # (config, processor cfg) -> keys
+    # (processor output without rescale and normalisation, image processor) -> the resized image [C, H, W], for a
+    # processor whose pixel_values are not images (Qwen's flat patches); None: pixel_values[0]. The llama.cpp
+    # backend gives mtmd these pixels, so mtmd's own resize cannot differ from the processor's
+    # (edgemed.backends.mtmd_images)
+    processor_pixels: Callable[[Any, Any], Any] | None = None
+    # image processor -> (min, max) image tokens mtmd may make of one image; None: mtmd's own bounds
+    mtmd_tokens: Callable[[Any], tuple[int, int]] | None = None
     image_wrap: tuple[str, str] = ("", "")  # text llama.cpp's mtmd puts around an image (HF renders it too)
     vision_block_key: str = "num_hidden_layers"  # vision config attribute: number of tower blocks
     vision_head_key: str = "num_attention_heads"  # vision config attribute: attention heads per block

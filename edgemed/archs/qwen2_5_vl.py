@@ -127,6 +127,35 @@ def gguf_split_conv3d(name: str, w):
     return [("visual.patch_embed.proj.weight", w[:, :, 0]), ("visual.patch_embed.frame1", w[:, :, 1])]
 
 
+def gguf_processor_pixels(out: dict, ip: Any):
+    """The processor's flat patches (``patchify``: rows (h/m, w/m, m, m), columns (C, T, P, P)) back into the
+    resized image [C, H, W], its first frame (the two frames of a still image are the same pixels)."""
+    import numpy as np
+
+    (t, gh, gw), = np.asarray(out["image_grid_thw"]).tolist()
+    m, p, tp = int(ip.merge_size), int(ip.patch_size), int(ip.temporal_patch_size)
+    x = np.asarray(out["pixel_values"]).reshape(t, gh // m, gw // m, m, m, 3, tp, p, p)[0, ..., 0, :, :]
+    # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw)
+    return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)
+
+
+def gguf_mtmd_tokens(ip: Any) -> tuple[int, int]:
+    """mtmd's image-token bounds for images the processor has already sized: from one token (mtmd's floor of 8
+    would enlarge what the processor keeps small) up to the most the processor can give (not mtmd's 4096).
+
+    smart_resize keeps the area under ``max_pixels`` when it shrinks, but when it enlarges a small image to
+    ``min_pixels`` it rounds each side up to the factor f, so the area can pass both bounds: at most
+    (sqrt(lo r) + f)(sqrt(lo / r) + f) = lo + f sqrt(lo) (sqrt(r) + 1 / sqrt(r)) + f^2, largest at the aspect
+    ratio r = 200 it refuses beyond.
+    """
+    size = dict(getattr(ip, "size", None) or {})
+    lo = int(size.get("shortest_edge") or getattr(ip, "min_pixels", None) or 0)
+    hi = int(size.get("longest_edge") or getattr(ip, "max_pixels", None) or 0)
+    f = int(ip.patch_size) * int(ip.merge_size)
+    most = max(hi, lo + f * lo ** 0.5 * (200 ** 0.5 + 200 ** -0.5) + f * f)
+    return 1, max(1, int(-(-most // (f * f))))
+
+
 def gguf_text_kv(c) -> dict:
     """llama.cpp's qwen2vl reads the M-RoPE sections as four numbers (the fourth unused)."""
     sections = list(c.rope_parameters["mrope_section"])
@@ -144,6 +173,9 @@ def gguf_mmproj_kv(config, processor_config: dict) -> dict:
     if full != list(range(n_wa - 1, v.depth, n_wa)):
         raise ExportError(f"fullatt_block_indexes {full} are not every {n_wa}th block, the only pattern llama.cpp's "
                           "qwen2.5vl_merger runs; use `edgemed export onnx`")
+    # Every block full (a cut model): no windows at all. clip.cpp then must not be told a pattern of 1, since it
+    # builds a window mask no block reads and aborts the process on encode ("Failed to get tensor window_mask").
+    n_wa = 0 if n_wa == 1 else n_wa
     size = processor_config.get("size", {})
     lo = size.get("shortest_edge", processor_config.get("min_pixels"))
     hi = size.get("longest_edge", processor_config.get("max_pixels"))
@@ -294,6 +326,8 @@ GGUF = GGUFSpec(
             (r"visual\.patch_embed\.proj\.weight", gguf_split_conv3d)),
     text_kv=gguf_text_kv,
     mmproj_kv=gguf_mmproj_kv,
+    processor_pixels=gguf_processor_pixels,
+    mtmd_tokens=gguf_mtmd_tokens,
     vision_block_key="depth",
     vision_head_key="num_heads",
 )

@@ -179,6 +179,9 @@ class LlamaCppBackend(HFBackend):
         p.n_threads = n_threads
         p.print_timings = False
         p.warmup = False
+        ip = getattr(self.processor, "image_processor", None)
+        if self.arch.gguf is not None and self.arch.gguf.mtmd_tokens is not None and ip is not None:
+            p.image_min_tokens, p.image_max_tokens = self.arch.gguf.mtmd_tokens(ip)
         ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self._model.model, p)
         if not ctx:
             raise ArtifactError(f"llama.cpp's mtmd could not load {mmproj} with {self.path.name}; "
@@ -229,10 +232,13 @@ class LlamaCppBackend(HFBackend):
         return np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
 
     def _image_chunk(self, image: Image.Image):
-        """mtmd's image chunk for ``image`` (its preprocessing is the mmproj's), kept in a chunks list."""
+        """mtmd's image chunk for ``image``, kept in a chunks list. mtmd is given the image as the model's processor
+        resized it, so that its own resize changes nothing (``edgemed.backends.mtmd_images``)."""
         from llama_cpp import mtmd_cpp
 
-        rgb = image.convert("RGB")
+        from edgemed.backends.mtmd_images import processor_pixels
+
+        rgb = processor_pixels(self.processor, self.arch, image)
         data = rgb.tobytes()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)

@@ -168,7 +168,12 @@ class Reference:
         if greedy:
             self._greedy(a, c, cprompt, t)
         if t.embeddings is not None:
-            a.cos.append(mean_cosine(np.asarray(t.embeddings), c.image_embeddings(t.image)) if c.is_vision else 0.0)
+            ref_e = np.asarray(t.embeddings)
+            emb = c.image_embeddings(t.image) if c.is_vision else np.zeros((0, ref_e.shape[-1]), np.float32)
+            if emb.shape[0] != ref_e.shape[0] and not a.image_token_diff:
+                a.image_token_diff.append(f"probe {t.index} ({p.source}), a {t.image.width}x{t.image.height} image: "
+                                          f"reference {ref_e.shape[0]} image tokens, export {emb.shape[0]}")
+            a.cos.append(mean_cosine(ref_e, emb))
         return lc
 
     def _greedy(self, a: Accumulator, c: Backend, cprompt: str, t: Turn) -> None:
@@ -230,7 +235,8 @@ def _identity(a: Accumulator) -> tuple[dict[str, Any], list[str]]:
     bos_r = max((b[0] for b in a.bos), default=0)
     bos_e = max((b[1] for b in a.bos), default=0)
     checks = {"template_identical": all(a.template_same), "tokens_identical": all(a.tokens_same),
-              "bos_reference": bos_r, "bos_export": bos_e, "vocab": sorted(a.widths)}
+              "bos_reference": bos_r, "bos_export": bos_e, "vocab": sorted(a.widths),
+              "image_tokens_identical": not a.image_token_diff}
     fails: list[str] = []
     if not all(a.template_same):
         fails.append(f"template: the chat template renders {a.template_same.count(False)}/{len(a.template_same)}"
@@ -243,6 +249,9 @@ def _identity(a: Accumulator) -> tuple[dict[str, Any], list[str]]:
         fails.append(f"bos: the export starts prompts with {bos_e} BOS token(s), the reference with {bos_r}"
                      + ("; a template that writes BOS plus a tokenizer that adds one doubles it"
                         if bos_e > bos_r else ""))
+    if a.image_token_diff:
+        fails.append(f"image: the export makes another number of image tokens than the reference "
+                     f"({a.image_token_diff[0]}); its runtime sizes images otherwise than the model's processor")
     if any(r != c for r, c in a.widths):
         fails.append(f"vocab: logits widths differ (reference, export) {sorted(a.widths)}")
     return checks, fails

@@ -128,6 +128,7 @@ class Accumulator:
     template_same: list[bool] = field(default_factory=list)
     tokens_same: list[bool] = field(default_factory=list)
     token_diff: list[str] = field(default_factory=list)
+    image_token_diff: list[str] = field(default_factory=list)  # the first probe whose image token count differs
     bos: list[tuple[int, int]] = field(default_factory=list)
     widths: set[tuple[int, int]] = field(default_factory=set)
     worst: dict[str, Any] = field(default_factory=dict)
