@@ -251,6 +251,31 @@ def test_bad_merge_is_localised_with_adapter(tiny_model, tmp_path):
     assert any(v.startswith("merge") for v in bad.verdict), bad.table()
 
 
+def test_merge_stage_beside_a_16_bit_reference_runs_and_is_judged_in_16_bits(tiny_model, tmp_path, monkeypatch):
+    """Where the reference is bf16 (a 3B+ model on 24 GB), the adapter model loads in bf16 too and the merge stage
+    is judged by the bf16 bounds: fp32 LoRA against the bf16 reference differed by the reference's own rounding, and
+    parity blamed a sound merge. A merge that lost the adapter is still caught."""
+    from edgemed.merge import merge
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    monkeypatch.setenv("EDGEMED_PARITY_CACHE", "off")
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    recipe = Recipe.model_validate({
+        "model": {"path": str(tiny_model("llama"))}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2},
+        "stages": [{"name": "s", "data": {"train": str(data), "validation": str(data)}, "max_steps": 1}]})
+    run = finetune(recipe, tmp_path / "run")
+    merged = merge(run, tmp_path / "merged", check=False)
+    export = copy_model(merged, tmp_path / "export")
+    good = run_parity(export, reference=merged, adapter=run, reference_dtype="bfloat16", max_probes=8)
+    assert good.merge is not None and good.merge.passed, good.table()
+    assert good.merge.thresholds == THRESHOLDS["bf16"] and good.merge.metrics.kl_mean > 0  # it ran in bf16
+    shutil.copy(tiny_model("llama") / "model.safetensors", merged / "model.safetensors")
+    bad = run_parity(export, reference=merged, adapter=run, reference_dtype="bfloat16", max_probes=8)
+    assert not bad.merge.passed, bad.table()
+
+
 def test_default_probes_use_the_validation_split(tiny_model, tmp_path):
     from edgemed.parity import GENERAL_PROMPTS, default_probes
     from edgemed.recipe import Recipe

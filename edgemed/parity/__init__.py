@@ -158,7 +158,7 @@ def run_parity(export_dir: Path | str, reference: Path | str | None = None, adap
                               greedy={"probes": len(ref.greedy), "of": len(plist), "max_tokens": GREEDY_TOKENS},
                               reference_dtype=ref_dtype)
         if adapter:  # asked for: a merge that lost the fine-tune would otherwise pass (the export copies it)
-            result.merge = merge_row(ref, Path(adapter))
+            result.merge = merge_row(ref, Path(adapter), ref_dtype)
         passing = [r.quant for r in rows if r.passed and r.quant in SIZE_ORDER]
         result.smallest_passing = min(passing, key=SIZE_ORDER.index) if passing else None
         if localise and not result.passed:

@@ -30,11 +30,16 @@ IDENTITY = ("template", "tokenizer", "bos", "vocab")  # causes the tokenizer/tem
 BEHAVIOUR = ("weights", "greedy", "image")  # causes a weight-changing stage explains
 
 
-def merge_row(ref: Reference, run: Path) -> Row:
-    """The adapter model (run folder: base + LoRA, unmerged) against the merged reference, at f32 thresholds."""
+def merge_row(ref: Reference, run: Path, reference_dtype: str = "float32") -> Row:
+    """The adapter model (run folder: base + LoRA, unmerged) against the merged reference, loaded in the
+    reference's dtype: at f32 thresholds, or the bf16 bounds beside a 16-bit reference (LoRA applied at run time
+    and LoRA folded into 16-bit weights round differently: 2026-12-03, Qwen2.5-VL-3B, an fp32 adapter model against
+    the bf16 reference measured KL 1.1e-3 and was blamed for the merge)."""
     if not (run / MANIFEST).is_file() or read_manifest(run).get("kind") != "run":
         raise ParityError(f"{run}: --adapter must be a run folder (`edgemed finetune` output)")
-    return ref.compare_folder(f"merge: adapter {run.name}", "f32", "pytorch", run, {})
+    sixteen = reference_dtype != "float32"
+    return ref.compare_folder(f"merge: adapter {run.name}", "bf16" if sixteen else "f32", "pytorch", run,
+                              {"dtype": reference_dtype} if sixteen else {})
 
 
 @dataclass
@@ -89,7 +94,7 @@ class Localiser:
         if row is None:
             parent = (read_manifest(ref_dir).get("parent") or {}) if (ref_dir / MANIFEST).is_file() else {}
             if parent.get("kind") == "run" and Path(parent.get("path", "")).is_dir():
-                row = merge_row(self.ref, Path(parent["path"]))
+                row = merge_row(self.ref, Path(parent["path"]), self.result.reference_dtype)
                 self.result.localisation.append(row)
         if row is None or row.passed:
             return True
