@@ -276,6 +276,44 @@ def test_merge_stage_beside_a_16_bit_reference_runs_and_is_judged_in_16_bits(tin
     assert not bad.merge.passed, bad.table()
 
 
+def test_reference_weights_go_once_its_turns_are_had_and_a_stage_short_of_memory_is_skipped(tiny_model, tmp_path,
+                                                                                              monkeypatch):
+    """At 3B the fp32 reference (15 GB) stayed loaded through localisation, whose adapter model then could not be
+    opened: the refusal ended the whole parity run after ten minutes, with no table. Now the reference's weights go
+    once its logits are had, and a localisation stage that still does not fit is said in the verdict."""
+    from edgemed.backends.pytorch import TorchBackend
+    from edgemed.memory import MemoryShortError
+    from edgemed.merge import merge
+    from edgemed.parity import localise
+    from edgemed.parity.compare import Reference
+    from edgemed.parity.probes import read_probes
+    from edgemed.recipe import Recipe
+    from edgemed.train import finetune
+
+    monkeypatch.setenv("EDGEMED_PARITY_CACHE", "off")
+    model = tiny_model("llama")
+    ref = Reference(TorchBackend(model, lazy=True), model, read_probes(probe_file(tmp_path, image=False))[:3])
+    assert ref.turns and ref.backend.weights_loaded is False
+
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    recipe = Recipe.model_validate({
+        "model": {"path": str(model)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init": "nonzero"},
+        "optim": {"lr": 1e-2, "batch_size": 2},
+        "stages": [{"name": "s", "data": {"train": str(data), "validation": str(data)}, "max_steps": 1}]})
+    merged = merge(finetune(recipe, tmp_path / "run"), tmp_path / "merged", check=False)
+    export = copy_model(merged, tmp_path / "export")
+    perturb_one(export)
+
+    def short(*_a, **_k):
+        raise MemoryShortError("opening RUN in PyTorch needs about 19.1 GB of memory and this machine has 8.8 GB")
+
+    monkeypatch.setattr(localise, "merge_row", short)
+    res = run_parity(export, reference=merged, max_probes=4)
+    assert not res.passed and res.rows, res.table()
+    assert any(v.startswith("merge: not checked (opening RUN") for v in res.verdict), res.verdict
+    assert any(v.startswith("conversion") for v in res.verdict), res.verdict
+
+
 def test_default_probes_use_the_validation_split(tiny_model, tmp_path):
     from edgemed.parity import GENERAL_PROMPTS, default_probes
     from edgemed.recipe import Recipe

@@ -313,6 +313,15 @@ class TorchBackend(HFBackend):
             cancel.set()
             thread.join()
 
+    def release_weights(self) -> None:
+        """Drop the loaded weights of a ``lazy`` backend (they load again if asked for); tokenizer and processor
+        stay. Parity calls it once the reference's turns are had."""
+        if self._model is None:
+            return
+        with self._lock:
+            self._model = None
+        gc.collect()
+
     def close(self) -> None:
         with self._lock:
             self._closed, self._model = True, None

@@ -107,6 +107,11 @@ class Reference:
     def turns(self) -> list[Turn]:
         if self._turns is None:
             self._turns, self.cache = reference_turns(self.backend, self.folder, self.probes)
+            # every comparison from here on reads these turns: the reference's weights (a 3B model's fp32 copy is
+            # 15 GB) would only keep localisation's adapter model or fresh float export from fitting beside them
+            release = getattr(self.backend, "release_weights", None)
+            if release is not None:
+                release()
         return self._turns
 
     @property
