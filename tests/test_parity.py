@@ -271,6 +271,13 @@ def test_merge_stage_beside_a_16_bit_reference_runs_and_is_judged_in_16_bits(tin
     good = run_parity(export, reference=merged, adapter=run, reference_dtype="bfloat16", max_probes=8)
     assert good.merge is not None and good.merge.passed, good.table()
     assert good.merge.thresholds == THRESHOLDS["bf16"] and good.merge.metrics.kl_mean > 0  # it ran in bf16
+    fp32 = run_parity(export, reference=merged, adapter=run, reference_dtype="float32", max_probes=8)
+    assert fp32.merge.thresholds == THRESHOLDS["f32"]  # fp32 weights, fp32 reference: a merge must be exact
+    # merged weights stored in 16 bits (Qwen2.5-VL-3B: KL 4.4e-4 with both sides in fp32): the bf16 bounds
+    cfg = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    stored = run_parity(export, reference=merged, adapter=run, reference_dtype="float32", max_probes=8)
+    assert stored.merge.thresholds == THRESHOLDS["bf16"]
     shutil.copy(tiny_model("llama") / "model.safetensors", merged / "model.safetensors")
     bad = run_parity(export, reference=merged, adapter=run, reference_dtype="bfloat16", max_probes=8)
     assert not bad.merge.passed, bad.table()

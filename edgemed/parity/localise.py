@@ -8,6 +8,7 @@ made by the ``float_export`` callable its caller passes (``edgemed parity`` pass
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,16 +32,29 @@ IDENTITY = ("template", "tokenizer", "bos", "vocab")  # causes the tokenizer/tem
 BEHAVIOUR = ("weights", "greedy", "image")  # causes a weight-changing stage explains
 
 
+def stored_16_bit(folder: Path) -> bool:
+    """Whether the checkpoint's config names a 16-bit dtype (a merge into it rounds W + BA to 16 bits)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    named = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return named in ("bfloat16", "float16")
+
+
 def merge_row(ref: Reference, run: Path, reference_dtype: str = "float32") -> Row:
     """The adapter model (run folder: base + LoRA, unmerged) against the merged reference, loaded in the
-    reference's dtype: at f32 thresholds, or the bf16 bounds beside a 16-bit reference (LoRA applied at run time
-    and LoRA folded into 16-bit weights round differently: 2026-12-03, Qwen2.5-VL-3B, an fp32 adapter model against
-    the bf16 reference measured KL 1.1e-3 and was blamed for the merge)."""
+    reference's dtype. Judged by the f32 bounds where the merged weights are fp32 and loaded so; by the bf16
+    bounds where they are 16-bit or the reference is: LoRA applied at run time and LoRA folded into 16-bit
+    weights round differently. Measured 2026-12-03 on Qwen2.5-VL-3B (bf16 checkpoint, a sound merge): KL mean
+    4.4e-4 with both sides in fp32, 1.1e-3 with the fp32 adapter model against a bf16 reference, and the f32 bounds
+    (1e-5) blamed the merge both times."""
     if not (run / MANIFEST).is_file() or read_manifest(run).get("kind") != "run":
         raise ParityError(f"{run}: --adapter must be a run folder (`edgemed finetune` output)")
-    sixteen = reference_dtype != "float32"
-    return ref.compare_folder(f"merge: adapter {run.name}", "bf16" if sixteen else "f32", "pytorch", run,
-                              {"dtype": reference_dtype} if sixteen else {})
+    load_16 = reference_dtype != "float32"
+    judge = "bf16" if load_16 or stored_16_bit(ref.folder) else "f32"
+    return ref.compare_folder(f"merge: adapter {run.name}", judge, "pytorch", run,
+                              {"dtype": reference_dtype} if load_16 else {})
 
 
 @dataclass
