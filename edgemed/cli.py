@@ -201,7 +201,8 @@ def calibration_options(fn):
     fn = click.option("--no-calibration", is_flag=True, help="Quantize without importance matrices.")(fn)
     return click.option("--calibration", type=EXISTING, default=None,
                         help="Data (text or VQA JSONL, VQA-RAD, SLAKE) for the importance matrices of the 4/3-bit "
-                             "quants; default: a merged fine-tune's own training data.")(fn)
+                             "quants; default: a merged fine-tune's own training data. export gguf also takes an "
+                             "imatrix.gguf (an earlier export's or llama-imatrix's) and uses its matrices.")(fn)
 
 
 @main.group()
@@ -225,11 +226,15 @@ def export() -> None:
               help="Export q4_k_m..q8_0 (or the --quant list) and keep the smallest that passes parity and eval.")
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
+@click.option("--imatrix-types", type=click.Choice(["all", "k-quants"]), default=None,
+              help="Calibrated tensors: all (llama.cpp's way, the default) or k-quants (the q4_0/q5_0 fallback "
+                   "blocks of narrow matrices rounded unweighted). --auto-quant tries both unless one is given.")
 @calibration_options
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str,
                     compensate: int, out: Path, overwrite: bool, auto_quant: bool, chat_template: Path | None,
-                    calibration: Path | None, no_calibration: bool, calibration_samples: int | None) -> None:
+                    imatrix_types: str | None, calibration: Path | None, no_calibration: bool,
+                    calibration_samples: int | None) -> None:
     """Write MODEL_DIR as GGUF for llama.cpp: the text model and, for image models, the mmproj file.
 
     Given a fine-tune run folder, writes the base once plus the run's LoRA as a llama.cpp adapter file."""
@@ -251,9 +256,10 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         # the quants given on the command line are the candidates (even `--quant f16`); none given: the default list
         given = click.get_current_context().get_parameter_source("quants") is not ParameterSource.DEFAULT
         kw = {"candidates": tuple(quants)} if given else {}
-        click.echo(pick(model_dir, out, overwrite=overwrite, **options, **kw))
+        click.echo(pick(model_dir, out, overwrite=overwrite, imatrix_types=imatrix_types, **options, **kw))
         return
-    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, compensate=compensate, **options))
+    click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, compensate=compensate,
+                           imatrix_types=imatrix_types or "all", **options))
 
 
 @export.command("onnx")

@@ -49,6 +49,23 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mixed_width_llama(tmp_path_factory):
+    """A tiny Llama whose q4_k_m mixes k-quants (256-wide rows) and llama.cpp's legacy fallback (ffn_down, 320-wide
+    rows: q5_0/q8_0), as SmolLM2 (576) and the demo model do."""
+    from transformers import LlamaForCausalLM
+
+    from edgemed.archs._tiny import save_folder, seeded
+    from edgemed.archs.llama import chatml_tokenizer, tiny_text_config
+
+    torch = seeded(3)
+    tok = chatml_tokenizer()
+    cfg = tiny_text_config(len(tok), hidden_size=256, intermediate_size=320, num_attention_heads=4,
+                           num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    return save_folder(tmp_path_factory.mktemp("mixed") / "llama", LlamaForCausalLM(cfg).to(torch.float32), tok)
+
+
+@pytest.fixture(scope="session")
 def embedded_text() -> Path:
     """The embedded SmolLM2-135M-Instruct folder (real weights), materialised once into the user cache."""
     from edgemed import embedded

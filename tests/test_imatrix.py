@@ -177,3 +177,64 @@ def test_checkpoint_fingerprints_read_a_few_values_and_equal_the_loaded_ones(tmp
         np.testing.assert_array_equal(ckpt.strided(key, 3, 10), full.reshape(-1)[::3][:10])
         prints.add(checkpoint_fingerprint(ckpt, key))
     assert len(prints) == 3
+
+
+def _blocks(path: Path) -> dict[str, tuple[int, bytes]]:
+    return {t.name: (int(t.tensor_type), np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_k_quant_scope_weighs_k_quants_only_and_reuses_an_earlier_exports_matrices(mixed_width_llama, tmp_path):
+    """--imatrix-types k-quants: the k-quant tensors are the calibrated file's, the legacy fallback tensors the
+    uncalibrated file's, byte for byte; --calibration imatrix.gguf reuses the matrices (no model run) and keeps
+    the data's provenance."""
+    from edgemed.artifacts import read_manifest
+    from edgemed.export.gguf import export_gguf
+
+    T = gguf.GGMLQuantizationType
+    model, data = mixed_width_llama, write_vqa(tmp_path / "d", n=4, image=False)
+    plain = _blocks(export_gguf(model, ["q4_k_m"], tmp_path / "plain", calibrate=False) / "model-q4_k_m.gguf")
+    cal_dir = export_gguf(model, ["q4_k_m"], tmp_path / "cal", calibration=data)
+    computed = _blocks(cal_dir / "model-q4_k_m.gguf")
+    # the file keeps float32 sums and counts (llama.cpp's layout); the matrices it reads back are those used
+    full = _blocks(export_gguf(model, ["q4_k_m"], tmp_path / "re", calibration=cal_dir / "imatrix.gguf")
+                   / "model-q4_k_m.gguf")
+    assert full == computed
+    k_dir = export_gguf(model, ["q4_k_m"], tmp_path / "k", calibration=cal_dir / "imatrix.gguf",
+                        imatrix_types="k-quants")
+    kq = _blocks(k_dir / "model-q4_k_m.gguf")
+    kinds = {T(t).name for t, _ in plain.values()}
+    assert {"Q4_K", "Q5_0"} <= kinds, kinds  # the fixture mixes both
+    for name, (t, b) in kq.items():
+        legacy = T(t).name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+        assert b == (plain[name][1] if legacy else full[name][1]), (name, T(t).name)
+    assert kq != plain and kq != full
+    c, c0 = read_manifest(k_dir)["calibration"], read_manifest(cal_dir)["calibration"]
+    assert c["imatrix_types"] == "k-quants" and c0["imatrix_types"] == "all"
+    assert c["data"] == c0["data"] == str(data.absolute()) and c["data_sha256"] == c0["data_sha256"]
+    assert c["read_from"] == str((cal_dir / "imatrix.gguf").absolute()) and c["samples"] == 4
+    n_k = sum(T(t).name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F32", "F16") for t, _ in kq.values())
+    assert 0 < c["weighted_tensors"]["q4_k_m"] == n_k < c0["weighted_tensors"]["q4_k_m"]
+
+
+def test_an_imatrix_file_of_another_model_or_a_broken_one_is_refused_with_no_output(tiny_model, mixed_width_llama,
+                                                                                       tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import main
+    from edgemed.export.gguf import export_gguf
+
+    data = write_vqa(tmp_path / "d", n=2, image=False)
+    other = export_gguf(tiny_model("llama"), ["q4_k_m"], tmp_path / "other", calibration=data) / "imatrix.gguf"
+    model_file = export_gguf(tiny_model("llama"), ["f16"], tmp_path / "f16") / "model-f16.gguf"
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(other.read_bytes()[:200])
+    for bad, words in ((other, "another model"), (model_file, "not an importance matrix"),
+                       (broken, "not a readable GGUF")):
+        out = tmp_path / "out"
+        r = CliRunner().invoke(main, ["export", "gguf", str(mixed_width_llama), "--quant", "q4_k_m",
+                                      "--calibration", str(bad), "--out", str(out)])
+        assert r.exit_code != 0 and words in r.output and "Traceback" not in r.output, (bad.name, r.output)
+        assert not out.exists()
+    r = CliRunner().invoke(main, ["export", "onnx", str(mixed_width_llama), "--quant", "int4",
+                                  "--calibration", str(other), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "JSONL" in r.output and not (tmp_path / "o").exists(), r.output

@@ -781,3 +781,62 @@ def test_a_float_text_model_beside_a_rounded_mmproj_is_judged_as_a_lossy_export(
     assert judged_as("f16", {"mmproj": "mmproj-f16.gguf", "mmproj_quant": "f16"}) == "f16"  # float gates stay
     assert judged_as("f16", {"mmproj": None, "mmproj_quant": None}) == "f16"
     assert judged_as("q4_k_m", rounded) == "q4_k_m"
+
+
+def _fake_results(kls: dict[str, float], failing: tuple[str, ...] = ()):
+    from types import SimpleNamespace as NS
+
+    return {mode: NS(rows=[NS(quant="q4_k_m", failures=[f"kl_mean {kl} above the bound"] if mode in failing else [],
+                             metrics=NS(kl_mean=kl, top1=0.9, flip_rate=0.01))])
+            for mode, kl in kls.items()}
+
+
+def test_auto_quant_takes_the_closest_file_of_one_size_first_and_the_adapter_last(tmp_path):
+    """At one quant the merged files (calibrated both ways, uncalibrated) are tried nearest the reference first,
+    so an export closer on KL is never passed over for a farther one; base + adapter, larger, comes last."""
+    from edgemed.export.auto_quant import _choose
+
+    trials = {m: tmp_path / m for m in ("calibrated", "calibrated-k", "uncalibrated", "adapter")}
+    kls = {"calibrated": 0.05, "calibrated-k": 0.03, "uncalibrated": 0.04, "adapter": 0.01}
+    q, mode, tried = _choose(["q4_k_m"], trials, _fake_results(kls), tmp_path, None, 1.0, None, 1)
+    assert (q, mode) == ("q4_k_m", "calibrated-k") and len(tried) == 1 and tried[0]["imatrix_types"] == "k-quants"
+    q, mode, tried = _choose(["q4_k_m"], trials, _fake_results(kls, ("calibrated-k", "uncalibrated")), tmp_path,
+                             None, 1.0, None, 1)
+    assert mode == "calibrated" and [t["kl_mean"] for t in tried] == [0.03, 0.04, 0.05]
+    q, mode, tried = _choose(["q4_k_m"], trials, _fake_results(kls, ("calibrated-k", "uncalibrated", "calibrated")),
+                             tmp_path, None, 1.0, None, 1)
+    assert mode == "adapter" and tried[-1]["form"] == "base + f16 LoRA adapter"
+
+
+@needs_gguf
+def test_auto_quant_tries_k_quant_only_calibration_from_the_same_matrices(mixed_width_llama, tmp_path, monkeypatch):
+    """Where llama.cpp's q4_k_m falls back to q5_0 for some matrices, auto-quant also tries the calibrated file
+    with those blocks unweighted, from the first trial's imatrix.gguf, and records which form it kept."""
+    from edgemed.artifacts import read_manifest
+    from edgemed.export import auto_quant as aq
+    from edgemed.export import gguf as g
+
+    data = write_vqa(tmp_path / "d", n=4, image=False)
+    exports: list[tuple[str, dict]] = []
+    real = g.export_gguf
+
+    def spy(model_dir, quants, out, **kw):
+        exports.append((Path(out).name, kw))
+        return real(model_dir, quants, out, **kw)
+
+    monkeypatch.setattr(g, "export_gguf", spy)
+    out = aq.auto_quant(mixed_width_llama, tmp_path / "auto", candidates=("q4_k_m",), calibration=data,
+                        thresholds=("q4_k_m.kl_mean=100", "q4_k_m.kl_p99=1000"), max_probes=4, n_threads=1,
+                        adapters=False)
+    names = [n for n, _ in exports]
+    assert names == ["calibrated", "calibrated-k", "uncalibrated"], names
+    k_kw = exports[1][1]
+    assert k_kw["imatrix_types"] == "k-quants" and Path(k_kw["calibration"]).name == "imatrix.gguf"
+    rec = read_manifest(out, ("gguf",))["auto_quant"]
+    assert rec["tried"][0]["accepted"] and rec["calibrated"]
+    assert rec.get("imatrix_types", "all") == read_manifest(out, ("gguf",))["calibration"]["imatrix_types"]
+    with_legacy = [n for n, _ in exports]
+    exports.clear()  # a model with no fallback blocks: the k-quant form would be the calibrated file again
+    aq.auto_quant(mixed_width_llama, tmp_path / "auto8", candidates=("q8_0",), calibration=data, max_probes=4,
+                  n_threads=1, adapters=False)
+    assert "calibrated-k" not in [n for n, _ in exports] and "calibrated-k" in with_legacy

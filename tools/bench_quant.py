@@ -7,7 +7,10 @@ probes must not overlap (checked: the same question text in both is refused).
     python tools/bench_quant.py MODEL_DIR --probes held_out.jsonl [--calibration FILE] [--quants q4_k_m,q3_k_m]
         [--onnx int4,int4:q4_k_m]
 
-Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does). ``--onnx``
+Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does). Each GGUF
+quant is measured three ways: uncalibrated, calibrated, and calibrated with llama.cpp's legacy fallback blocks
+(q4_0/q5_0 of matrices whose width is not a multiple of 256) left unweighted (``--imatrix-types k-quants``, from the
+calibrated export's own imatrix.gguf). ``--onnx``
 adds ONNX exports to each mode, measured by the same parity run on the same probes: ``int4`` is plain int4,
 ``int4:q4_k_m`` is int4 with llama.cpp's q4_k_m bits (`export onnx --quant int4 --mixed q4_k_m`).
 """
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+K_ONLY = "calibrated, k-quants only"
 
 def _questions(path: Path) -> set[str]:
     from edgemed.data import TextRecord, read_dataset
@@ -62,13 +66,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     rows = []
     try:
-        for mode in ("uncalibrated", "calibrated"):
-            kw = {"calibrate": mode == "calibrated", "calibration": cal if mode == "calibrated" else None,
+        for mode in ("uncalibrated", "calibrated", K_ONLY):
+            kw = {"calibrate": mode != "uncalibrated", "calibration": cal if mode == "calibrated" else None,
                   "calibration_samples": args.samples}
+            if mode == K_ONLY:
+                kw.update(calibration=work / "calibrated" / "imatrix.gguf", imatrix_types="k-quants")
             t0 = time.time()
-            folder = export_gguf(args.model, quants, work / mode, **kw) if quants else None
+            folder = export_gguf(args.model, quants, work / mode.replace(" ", "-"), **kw) if quants else None
             runs = [] if folder is None else [(folder, time.time() - t0, None)]
-            for spec in onnx:
+            for spec in onnx if mode != K_ONLY else ():
                 onnx_quant, _, mix = spec.partition(":")
                 t0 = time.time()
                 runs.append((export_onnx(args.model, onnx_quant, work / f"{mode}-onnx-{spec.replace(':', '-')}",
@@ -90,15 +96,17 @@ def main() -> None:
     print("| quant | calibration | KL mean | KL p99 | top-1 (all) | flip rate (decided) | answer flips | img cos "
           "| size MB | export s (GGUF: all quants) | parity |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (names.index(r["quant"]), r["mode"] != "uncalibrated")):
+    modes = ("uncalibrated", "calibrated", K_ONLY)
+    for r in sorted(rows, key=lambda r: (names.index(r["quant"]), modes.index(r["mode"]))):
         cos = "-" if r["image_cos"] is None else f"{r['image_cos']:.4f}"
         print(f"| {r['quant']} | {r['mode']} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.1%} | "
               f"{r['flip_rate']:.1%} ({r['decided']}/{r['positions']}) | {r['answer_flips']:.0%} | {cos} | "
               f"{r['size_mb']:.1f} | {r['export_s']:.0f} | {'pass' if r['passed'] else 'FAIL'} |")
     for q in names:
         u = next(r for r in rows if r["quant"] == q and r["mode"] == "uncalibrated")
-        c = next(r for r in rows if r["quant"] == q and r["mode"] == "calibrated")
-        print(f"{q}: calibrated KL mean {100 * (1 - c['kl_mean'] / u['kl_mean']):+.0f}% lower than uncalibrated")
+        for c in (r for r in rows if r["quant"] == q and r["mode"] != "uncalibrated"):
+            print(f"{q}: {c['mode']} KL mean {100 * (1 - c['kl_mean'] / u['kl_mean']):+.0f}% lower than "
+                  f"uncalibrated, flip rate {c['flip_rate']:.1%} vs {u['flip_rate']:.1%}")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "calibration": str(cal), "rows": rows}, indent=2))
 

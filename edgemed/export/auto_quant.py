@@ -12,6 +12,7 @@ from typing import Any
 
 from edgemed.artifacts import MANIFEST, atomic_dir, read_manifest, write_manifest
 from edgemed.errors import ArtifactError, ParityError
+from edgemed.export.imatrix import IMATRIX_FILE
 
 DEFAULT_CANDIDATES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0")
 
@@ -36,7 +37,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                max_drop: float = 1.0, limit: int | None = 64, max_probes: int = 32,
                n_threads: int | None = None, calibration: Path | str | None = None, mmproj_quant: str = "f16",
                adapters: bool = True, calibrate: bool = True, calibration_samples: int | None = None,
-               adapter_quant: str = "f16", chat_template: str | None = None) -> Path:
+               adapter_quant: str = "f16", chat_template: str | None = None, imatrix_types: str | None = None
+               ) -> Path:
     """Export the candidate quants, keep the smallest whose parity (and, with ``data``, eval retention) passes.
 
     Args:
@@ -54,6 +56,9 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
             calibrated and uncalibrated, by the same budget.
         mmproj_quant: file type of the image projector (image models), as ``export gguf --mmproj-quant``.
         calibrate: False tries uncalibrated candidates only (``--no-calibration``).
+        imatrix_types: None tries the calibrated files both ways, every quantized tensor weighted ("all") and
+            the legacy fallback blocks unweighted ("k-quants", from the same matrices), where the files hold such
+            blocks; "all" or "k-quants" tries that one only.
         calibration_samples, adapter_quant, chat_template: passed to every candidate's ``export_gguf``.
         adapters: for a merged LoRA fine-tune whose run is still there, also try each quant of the base with the
             run's LoRA as an f16 llama.cpp adapter (``export gguf RUN_DIR``): at 4 bits the merged weights can round
@@ -86,8 +91,16 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
         common = {"mmproj_quant": mmproj_quant, "chat_template": chat_template,
                   "calibration_samples": calibration_samples}
         calibrated = calibrate and (calibration is not None or default_calibration(model_dir) is not None)
-        trials = {"calibrated": export_gguf(model_dir, order, work / "calibrated", calibration=calibration, **common)
-                  } if calibrated else {}
+        trials: dict[str, Path] = {}
+        if calibrated:
+            first = "k-quants" if imatrix_types == "k-quants" else "all"
+            trials[_MODES[first]] = export_gguf(model_dir, order, work / _MODES[first], calibration=calibration,
+                                                imatrix_types=first, **common)
+            if imatrix_types is None and _has_legacy_blocks(trials["calibrated"]):
+                # the same matrices (the first trial's imatrix.gguf), the fallback blocks rounded unweighted
+                trials["calibrated-k"] = export_gguf(model_dir, order, work / "calibrated-k",
+                                                     calibration=trials["calibrated"] / IMATRIX_FILE,
+                                                     imatrix_types="k-quants", **common)
         trials["uncalibrated"] = export_gguf(model_dir, order, work / "uncalibrated", calibrate=False, **common)
         run = lora_run(model_dir) if adapters else None
         if run is not None:
@@ -97,7 +110,8 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
                                     localise=False, n_threads=n_threads) for mode, t in trials.items()}
         chosen, mode, decisions = _choose(order, trials, results, model_dir, data, max_drop, limit, n_threads)
         _keep(trials[mode], out, overwrite, chosen,
-              {"chosen": chosen, "form": _FORMS[mode], "calibrated": mode != "uncalibrated", "tried": decisions,
+              {"chosen": chosen, "form": _FORMS[mode], "calibrated": mode != "uncalibrated",
+               **({"imatrix_types": "k-quants"} if mode == "calibrated-k" else {}), "tried": decisions,
                "eval_data": str(data) if data else None, "max_drop_points": max_drop,
                "parity": results[mode].to_dict()})
     finally:
@@ -105,7 +119,23 @@ def auto_quant(model_dir: Path | str, out: Path | str, overwrite: bool = False,
     return out.absolute()
 
 
-_FORMS = {"calibrated": "merged", "uncalibrated": "merged", "adapter": "base + f16 LoRA adapter"}
+_FORMS = {"calibrated": "merged", "calibrated-k": "merged", "uncalibrated": "merged",
+          "adapter": "base + f16 LoRA adapter"}
+_MODES = {"all": "calibrated", "k-quants": "calibrated-k"}  # --imatrix-types -> trial name
+
+
+def _has_legacy_blocks(folder: Path) -> bool:
+    """Whether a calibrated trial's files weighted any legacy q4_0/q5_0/... tensor beside k-quant ones (only then
+    does the "k-quants" form differ from both the calibrated and the uncalibrated files)."""
+    import gguf
+
+    from edgemed.export.ggml_quant import LEGACY_TYPES
+
+    for name in read_manifest(folder)["models"].values():
+        kinds = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(folder / name).tensors}
+        if kinds & (LEGACY_TYPES - {"Q8_0"}) and kinds - LEGACY_TYPES - {"F32", "F16", "BF16"}:
+            return True
+    return False
 
 
 def lora_run(model_dir: Path) -> Path | None:
@@ -124,13 +154,17 @@ def lora_run(model_dir: Path) -> Path | None:
 def _choose(order: list[str], trials: dict[str, Path], results: dict[str, Any], model_dir: Path,
             data: Path | str | None, max_drop: float, limit: int | None, n_threads: int | None
             ) -> tuple[str, str, list[dict[str, Any]]]:
-    """Smallest quant first, calibrated before uncalibrated: the first trial that passes parity and the eval budget.
-    Returns (quant, mode, every decision made up to it)."""
+    """Smallest quant first; at one quant the merged files (one size) closest to the reference first, by KL mean,
+    so a file nearer on that figure is never passed over for a farther one, then the larger base + adapter form.
+    The first trial that passes parity and the eval budget wins. Returns (quant, mode, every decision made up
+    to it)."""
     decisions: list[dict[str, Any]] = []
     ref_score = None
     for q in order:
-        for mode, trial in trials.items():
-            row = next(r for r in results[mode].rows if r.quant == q)
+        rows = {mode: next(r for r in results[mode].rows if r.quant == q) for mode in trials}
+        ranked = sorted(trials, key=lambda m: (_FORMS[m] != "merged", rows[m].metrics.kl_mean))
+        for mode in ranked:
+            trial, row = trials[mode], rows[mode]
             why = list(row.failures)
             if not why and data is not None:
                 from edgemed.evaluate import evaluate_many
@@ -144,6 +178,7 @@ def _choose(order: list[str], trials: dict[str, Path], results: dict[str, Any], 
                     why.append(f"eval: score {100 * score:.1f} is {drop:.1f} points below PyTorch "
                                f"{100 * ref_score:.1f} (budget {max_drop})")
             decisions.append({"quant": q, "calibrated": mode != "uncalibrated", "form": _FORMS[mode],
+                              **({"imatrix_types": "k-quants"} if mode == "calibrated-k" else {}),
                               "accepted": not why,
                               "reasons": why, "kl_mean": row.metrics.kl_mean, "top1": row.metrics.top1,
                               "flip_rate": row.metrics.flip_rate})
@@ -184,11 +219,13 @@ def _eval_quant(folder: Path, quant: str, data: Path | str, limit: int | None, n
 def _explain(chosen: str, decisions: list[dict[str, Any]]) -> str:
     last = decisions[-1]
     how = ("calibrated" if last.get("calibrated") else "uncalibrated") + (
+        ", k-quants only" if last.get("imatrix_types") == "k-quants" else "") + (
         f", {last['form']}" if last.get("form", "merged") != "merged" else "")
     lines = [f"auto-quant chose {chosen} ({how}): the smallest candidate that passed parity and eval budgets."]
     for d in decisions:
         if not d["accepted"]:
-            cal = " (calibrated)" if d.get("calibrated") else ""
+            cal = (" (calibrated, k-quants only)" if d.get("imatrix_types") == "k-quants" else
+                   " (calibrated)" if d.get("calibrated") else "")
             form = f" ({d['form']})" if d.get("form", "merged") != "merged" else ""
             lines.append(f"{d['quant']}{cal}{form} rejected: {'; '.join(d['reasons'])}")
     return "\n".join(lines)

@@ -7,6 +7,11 @@ tensor's type (its q4_k_m/q3_k_m/... policy, fallbacks for widths that are not a
 :func:`requantize` quantizes every tensor again at that same type with ``ggml_quantize_chunk`` and the matrix, and
 writes the file with gguf-py, copying llama.cpp's metadata. Without a matrix the second step reproduces the
 first file's bytes exactly (a test holds it to that).
+
+Which tensors get the matrix is a choice (``weighted_types``): llama.cpp gives it to every quantized tensor. Where a
+matrix's width is not a multiple of 256, llama.cpp's k-quant policy falls back to the legacy q4_0/q5_0 blocks, and
+on the demo image model weighting those made the whole file worse while every k-quant gained (docs/parity.md), so
+``export gguf --imatrix-types k-quants`` weighs the k- and i-quants only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from edgemed.errors import ExportError
 
 _LIB: Any = None
 _ROWS_PER_JOB = 64  # rows per ggml_quantize_chunk call; ctypes releases the GIL, so chunks run on threads
+# llama.cpp's round-to-nearest block types (no super-blocks): its fallback where a k-quant does not fit the width
+LEGACY_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
+IMATRIX_SCOPES = ("all", "k-quants")  # --imatrix-types: every quantized tensor, or all but LEGACY_TYPES
+
+
+def weighs(scope: str, type_name: str) -> bool:
+    """Whether a tensor of GGML type ``type_name`` gets the importance matrix under ``scope``."""
+    if scope not in IMATRIX_SCOPES:
+        raise ExportError(f"unknown --imatrix-types {scope!r}; choose from {', '.join(IMATRIX_SCOPES)}")
+    return scope == "all" or type_name not in LEGACY_TYPES
 
 
 def _ggml() -> Any:
@@ -107,7 +122,7 @@ def _copy_fields(reader: Any, writer: Any, skip: tuple[str, ...]) -> None:
 
 
 def requantize(quantized: Path, source_f16: Path, dst: Path, imatrix: dict[str, Any] | None,
-               extra_kv: dict[str, Any] | None = None, n_threads: int = 2) -> dict[str, str]:
+               extra_kv: dict[str, Any] | None = None, n_threads: int = 2, scope: str = "all") -> dict[str, str]:
     """Write ``dst``: the tensors of llama.cpp's ``quantized`` file, each quantized again from ``source_f16`` at
     the type llama.cpp chose, weighted by ``imatrix[name]`` where it has one.
 
@@ -118,6 +133,8 @@ def requantize(quantized: Path, source_f16: Path, dst: Path, imatrix: dict[str, 
         imatrix: GGUF tensor name -> per-column mean square activation; None quantizes unweighted.
         extra_kv: string metadata to add (e.g. the calibration's provenance).
         n_threads: quantization threads.
+        scope: which tensors get their matrix (:data:`IMATRIX_SCOPES`); the others are rounded as llama.cpp
+            rounds without one.
 
     Returns:
         GGUF tensor name -> type name, for tensors quantized with a matrix.
@@ -153,7 +170,7 @@ def requantize(quantized: Path, source_f16: Path, dst: Path, imatrix: dict[str, 
                     raise ExportError(f"{source_f16.name}: tensor {t.name} is {T(src.tensor_type).name}, not f16/f32")
                 n_per_row = int(t.shape[0])
                 rows = math.prod(int(x) for x in t.shape[1:])
-                imat = (imatrix or {}).get(t.name)
+                imat = (imatrix or {}).get(t.name) if weighs(scope, qt.name) else None
                 out = quantize(np.asarray(src.data, dtype=np.float32).reshape(rows, n_per_row), qt, imat, n_threads)
                 if imat is not None:
                     weighted[t.name] = qt.name

@@ -58,7 +58,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                 mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None,
                 calibration: Path | str | None = None, calibrate: bool = True,
                 calibration_samples: int | None = None, calibration_tokens: int | None = None,
-                compensate: int = 0) -> Path:
+                compensate: int = 0, imatrix_types: str = "all") -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -74,19 +74,29 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         adapter_quant: tensor type of the LoRA adapter file of a run folder (f16, q8_0 or f32).
         chat_template: template text to embed instead of the folder's (``--chat-template``; a base model has
             none); it is also saved as chat_template.jinja beside the GGUF files, so every runtime renders with it.
-        calibration: data file (any training-data format) for the importance matrices of llama.cpp's quants;
-            default: the training data of the run a merged model came from (see :mod:`edgemed.export.imatrix`).
+        calibration: data file (any training-data format) for the importance matrices of llama.cpp's quants,
+            or a GGUF imatrix file whose matrices are used as they are; default: the training data of the run a
+            merged model came from (see :mod:`edgemed.export.imatrix`).
         calibrate: False exports uncalibrated even when the run's data is at hand.
         calibration_samples, calibration_tokens: caps on the records read and the tokens per record.
         compensate: for a run folder, the rank of the low-rank correction of each llama.cpp quant's rounding error
             written beside the plain adapter (:func:`edgemed.export.gguf_adapter.export_gguf_run`); refused for a
             merged model, whose rounding no adapter file carries.
+        imatrix_types: which quantized tensors of the text model get their matrix: "all" (llama.cpp's way) or
+            "k-quants" (the legacy q4_0/q5_0 blocks llama.cpp falls back to at widths that are not a multiple of
+            256 are rounded unweighted; :mod:`edgemed.export.ggml_quant`).
 
     Returns:
         The output folder.
     """
     model_dir = Path(model_dir)
+    from edgemed.export.ggml_quant import weighs
+
+    weighs(imatrix_types, "F16")  # an unknown scope is refused first
     if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
+        if imatrix_types != "all":
+            raise ExportError(f"{model_dir}: --imatrix-types applies to a calibrated export of a merged model; "
+                              "merge the run (`edgemed merge RUN_DIR --out MODEL_DIR`) and export MODEL_DIR")
         from edgemed.export.gguf_adapter import export_gguf_run
 
         return export_gguf_run(model_dir, quants, out, overwrite=overwrite, mmproj_quant=mmproj_quant,
@@ -111,8 +121,14 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
     provenance = source_provenance(model_dir, source)
     wants = quants + (["mmproj-q5_0"] if spec.is_vision and mmproj_quant == "q5_0" else [])
     calib = _calibration_plan(model_dir, wants, calibration, calibrate, calibration_samples)
-    memory.require(memory.gguf_need(model_dir, calibrating=calib is not None),
-                   f"exporting {model_dir} to GGUF" + (" with importance matrices" if calib is not None else ""))
+    from edgemed.export.imatrix import Calibration, check_matrices
+
+    ready = calib if isinstance(calib, Calibration) else None  # read from an imatrix file: no model run
+    if ready is not None:
+        check_matrices(ready, text_plan + vision_plan, model_dir)
+    computing = calib is not None and ready is None
+    memory.require(memory.gguf_need(model_dir, calibrating=computing),
+                   f"exporting {model_dir} to GGUF" + (" with importance matrices" if computing else ""))
 
     files: dict[str, str] = {}
     cal = None
@@ -122,13 +138,17 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                 write_text_gguf(spec, config, model_dir, ckpt, text_plan, q, tmp / f"model-{q}.gguf", provenance,
                                 chat_template)
                 files[q] = f"model-{q}.gguf"
+        weighted: dict[str, int] = {}  # quant -> tensors quantized with their matrix
         if calib is not None:  # one set of matrices serves every quant and the mmproj
             from edgemed.export import imatrix
 
-            records, data_path, data_sha = calib
-            cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
-                                          max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
-                                          system=imatrix.run_system_prompt(model_dir))
+            if ready is not None:
+                cal = ready
+            else:
+                records, data_path, data_sha = calib
+                cal = imatrix.compute_imatrix(model_dir, records, data_path, data_sha, ckpt, text_plan + vision_plan,
+                                              max_tokens=calibration_tokens or imatrix.MAX_TOKENS,
+                                              system=imatrix.run_system_prompt(model_dir))
             imatrix.write_imatrix(cal, tmp / imatrix.IMATRIX_FILE)
         llama = [q for q in quants if q in LLAMA_QUANTS]
         if llama:  # llama.cpp quantizes from f16: the exported f16 file, or one written for this and removed
@@ -139,7 +159,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                 if cal is None:
                     llama_quantize(src, tmp / f"model-{q}.gguf", q)
                 else:
-                    _calibrated_quantize(src, tmp, q, cal)
+                    weighted[q] = _calibrated_quantize(src, tmp, q, cal, imatrix_types)
                 files[q] = f"model-{q}.gguf"
             if "f16" not in files:
                 src.unlink()
@@ -156,7 +176,8 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         write_manifest(tmp, "gguf", arch=spec.name, gguf_arch=spec.gguf_arch, quants=quants, models=files,
                        mmproj=mmproj, mmproj_quant=mmproj_quant if mmproj else None,
                        image_placeholder=spec.image_placeholder, image_token_id=image_placeholder_id(model_dir, spec),
-                       calibration=cal.provenance() if cal is not None else None,
+                       calibration={**cal.provenance(), "imatrix_types": imatrix_types, "weighted_tensors": weighted}
+                       if cal is not None else None,
                        name=provenance["name"], base_model=provenance["base_model"],
                        base_model_sha256=provenance["base_model_sha256"],
                        parent={"path": str(model_dir.absolute()), "tree_sha256": provenance["tree_sha256"],
@@ -166,30 +187,33 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
 
 # ---------------------------------------------------------------- inputs
 def _calibration_plan(model_dir: Path, quants: list[str], calibration: Path | str | None, calibrate: bool,
-                      max_samples: int | None) -> tuple[list[Any], Path, str] | None:
-    """The calibration data for the llama.cpp quants among ``quants`` (``imatrix.calibration_plan``)."""
+                      max_samples: int | None) -> tuple[list[Any], Path, str] | Any | None:
+    """The calibration data for the llama.cpp quants among ``quants`` (``imatrix.calibration_plan``), or the
+    ``Calibration`` read from a given imatrix file."""
     from edgemed.export import imatrix
 
     llama = [q for q in quants if q in LLAMA_QUANTS or q == "mmproj-q5_0"]
     return imatrix.calibration_plan(model_dir, calibration, calibrate, max_samples, used=bool(llama),
-                                    unused=f"no llama.cpp quant asked for ({', '.join(quants)})")
+                                    unused=f"no llama.cpp quant asked for ({', '.join(quants)})", matrices_ok=True)
 
 
-def _calibrated_quantize(src: Path, folder: Path, quant: str, cal: Any) -> Path:
-    """llama.cpp decides each tensor's type (uncalibrated pass); ggml's kernels quantize again with the matrices."""
+def _calibrated_quantize(src: Path, folder: Path, quant: str, cal: Any, scope: str = "all") -> int:
+    """llama.cpp decides each tensor's type (uncalibrated pass); ggml's kernels quantize again with the matrices
+    (those of ``scope``'s types). Returns how many tensors were weighted."""
     from edgemed.export.ggml_quant import requantize
 
     plain = folder / f".uncalibrated-{quant}.gguf"
     llama_quantize(src, plain, quant)
     dst = folder / f"model-{quant}.gguf"
     try:
-        requantize(plain, src, dst, cal.matrices, {
+        weighted = requantize(plain, src, dst, cal.matrices, {
             "quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": Path(cal.source).name,
             "quantize.imatrix.entries_count": len(cal.matrices), "quantize.imatrix.chunks_count": cal.samples,
-            "edgemed.calibration.imatrix_sha256": cal.sha256, "edgemed.calibration.data_sha256": cal.data_sha256})
+            "edgemed.calibration.imatrix_sha256": cal.sha256, "edgemed.calibration.data_sha256": cal.data_sha256,
+            "edgemed.calibration.imatrix_types": scope}, scope=scope)
     finally:
         plain.unlink(missing_ok=True)
-    return dst
+    return len(weighted)
 
 
 def _is_run(model_dir: Path) -> bool:

@@ -9,7 +9,9 @@ because llama-cpp-python ships no imatrix tool, and because this way the statist
 itself, the reference every export is judged against.
 
 The default calibration set of a fine-tuned model is its run's training data (the run manifest names it); a
-plain checkpoint is exported uncalibrated unless a file is given.
+plain checkpoint is exported uncalibrated unless a file is given. ``--calibration`` also takes an ``imatrix.gguf``
+(an earlier edgemed export's, or ``llama-imatrix``'s GGUF output): its matrices are used as they are, with no model
+run, after a check that they fit the model's tensors.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Calibration:
     images: int
     matrices: dict[str, Any] = field(default_factory=dict)  # GGUF tensor name -> float32 mean square per column
     counts: dict[str, int] = field(default_factory=dict)  # GGUF tensor name -> activation rows seen
+    matrices_file: str | None = None  # the imatrix file the matrices were read from (None: computed here)
 
     @property
     def sha256(self) -> str:
@@ -64,7 +67,8 @@ class Calibration:
         """The manifest's ``calibration`` entry; ``file`` names the matrices' file in the folder (None: none)."""
         return {"data": self.source, "data_sha256": self.data_sha256, "samples": self.samples, "tokens": self.tokens,
                 "images": self.images, "matrices": len(self.matrices), "imatrix_sha256": self.sha256,
-                **({"file": file} if file else {})}
+                **({"file": file} if file else {}),
+                **({"read_from": self.matrices_file} if self.matrices_file else {})}
 
 
 # ---------------------------------------------------------------- which data
@@ -123,10 +127,85 @@ def read_calibration(path: Path | str, max_samples: int = MAX_SAMPLES) -> tuple[
     return records, sha
 
 
+def is_imatrix_file(path: Path | str) -> bool:
+    """Whether ``path`` is a GGUF file (by its magic), i.e. meant as an importance-matrix file, not data."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def read_imatrix(path: Path | str) -> Calibration:
+    """Importance matrices from a GGUF imatrix file (``<name>.in_sum2`` / ``<name>.counts``, llama.cpp's layout,
+    which :func:`write_imatrix` writes too). An edgemed file keeps its calibration data's provenance; a
+    ``llama-imatrix`` file is described by its own hash and chunk count.
+
+    Raises:
+        CalibrationError: unreadable, not an imatrix, or a tensor pair missing or malformed.
+    """
+    import gguf
+    import numpy as np
+
+    from edgemed.artifacts import sha256_file
+
+    path = Path(path)
+    hint = "give a text or VQA JSONL data file, or the imatrix.gguf of an earlier `edgemed export gguf`"
+    try:
+        r = gguf.GGUFReader(path)
+        kind = r.get_field(gguf.Keys.General.TYPE)
+        kind = kind.contents() if kind is not None else None
+        tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in r.tensors}
+        extra = r.get_field("edgemed.calibration")
+        meta = json.loads(extra.contents()) if extra is not None else None
+        chunks = r.get_field("imatrix.chunk_count")
+        chunks = int(chunks.contents()) if chunks is not None else 0
+    except (ValueError, KeyError, IndexError, OSError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"calibration file {path} is not a readable GGUF file ({e}); {hint}") from None
+    if kind != "imatrix":
+        raise CalibrationError(f"calibration file {path} is a GGUF file of type {kind!r}, not an importance matrix; "
+                               f"{hint}")
+    matrices, counts = {}, {}
+    for name in sorted(n[: -len(".in_sum2")] for n in tensors if n.endswith(".in_sum2")):
+        n = tensors.get(f"{name}.counts")
+        if n is None or n.size != 1 or not n[0] > 0:
+            raise CalibrationError(f"calibration file {path}: {name} has "
+                                   + ("no counts" if n is None else f"counts {n.tolist()[:4]}")
+                                   + " (one positive count per matrix expected; per-expert matrices are not "
+                                   f"supported); {hint}")
+        m = tensors[f"{name}.in_sum2"] / n[0]
+        if not np.isfinite(m).all() or (m < 0).any():
+            raise CalibrationError(f"calibration file {path}: {name} holds negative or non-finite values; {hint}")
+        matrices[name], counts[name] = m.astype(np.float32), int(n[0])
+    if not matrices:
+        raise CalibrationError(f"calibration file {path} holds no importance matrices; {hint}")
+    m = meta or {}
+    return Calibration(source=str(m.get("data") or path), data_sha256=str(m.get("data_sha256") or sha256_file(path)),
+                       samples=int(m.get("samples") or chunks), tokens=int(m.get("tokens") or 0),
+                       images=int(m.get("images") or 0), matrices=matrices, counts=counts,
+                       matrices_file=str(path.absolute()))
+
+
+def check_matrices(cal: Calibration, entries: list[Any], where: Path) -> None:
+    """Refuse matrices read from a file that do not fit the model's GGUF tensors (``entries``): none of their
+    names is a tensor of it, or a length differs from the tensor's input width. Before anything is written."""
+    widths = {e.name: int(e.shape[-1]) for e in entries if len(e.shape) == 2}
+    known = [n for n in cal.matrices if n in widths]
+    if not known:
+        raise CalibrationError(f"{cal.matrices_file}: none of its {len(cal.matrices)} importance matrices names a "
+                               f"tensor of {where} (e.g. {next(iter(cal.matrices))}); it was made for another model")
+    bad = next((n for n in known if cal.matrices[n].shape != (widths[n],)), None)
+    if bad is not None:
+        raise CalibrationError(f"{cal.matrices_file}: the matrix of {bad} has {cal.matrices[bad].size} columns, the "
+                               f"tensor {widths[bad]} in {where}; it was made for another model")
+
+
 def calibration_plan(model_dir: Path, calibration: Path | str | None, calibrate: bool, max_samples: int | None,
-                     used: bool, unused: str = "") -> tuple[list[Any], Path, str] | None:
+                     used: bool, unused: str = "", matrices_ok: bool = False
+                     ) -> tuple[list[Any], Path, str] | Calibration | None:
     """(records, file, sha256) of the calibration data an export will use, read and checked before anything is
-    written (a bad file leaves no output); None for an uncalibrated export.
+    written (a bad file leaves no output); None for an uncalibrated export. With ``matrices_ok`` a given GGUF
+    imatrix file is read instead (:func:`read_imatrix`) and returned as its :class:`Calibration`.
 
     Args:
         model_dir: the model folder being exported (a merged fine-tune's default is its run's training data).
@@ -135,6 +214,8 @@ def calibration_plan(model_dir: Path, calibration: Path | str | None, calibrate:
         max_samples: cap on the records read (default :data:`MAX_SAMPLES`).
         used: whether any requested output uses the matrices; a given file is still checked when not.
         unused: why not, for the log line.
+        matrices_ok: whether the caller takes ready matrices (GGUF export of a merged model); elsewhere an imatrix
+            file is refused, since ONNX and adapter exports match matrices to layers, not to GGUF names.
     """
     if calibration is not None and not calibrate:
         raise ExportError("--calibration and --no-calibration contradict each other; give one")
@@ -142,6 +223,12 @@ def calibration_plan(model_dir: Path, calibration: Path | str | None, calibrate:
         default_calibration(model_dir) if calibrate and used else None)
     if path is None:
         return None
+    if calibration is not None and is_imatrix_file(path):
+        if not matrices_ok:
+            raise CalibrationError(f"{path} is a GGUF importance-matrix file; this export computes its own matrices "
+                                   "from data: give the text or VQA JSONL file they were made from")
+        cal = read_imatrix(path)
+        return cal if used else None
     records, sha = read_calibration(path, max_samples or MAX_SAMPLES)  # a bad file fails here
     if not used:
         log.info("%s: the calibration data is not needed", unused or "nothing to calibrate")
@@ -226,10 +313,20 @@ def compute_imatrix(model_dir: Path, records: list[Any], data_path: Path, data_s
     for module_name, gguf_names in names.items():
         if module_name not in means:
             continue  # never reached (e.g. the vision tower of a text-only calibration set)
+        stored = as_stored(means[module_name], counts[module_name])
         for g in gguf_names:
-            cal.matrices[g] = means[module_name]
+            cal.matrices[g] = stored
             cal.counts[g] = counts[module_name]
     return cal
+
+
+def as_stored(mean: Any, count: int) -> Any:
+    """``mean`` as it reads back from an imatrix file, which keeps float32 sums and a count (llama.cpp's layout):
+    the quantizer is given these values, so an export from the file is byte-identical to the one that wrote it
+    (one round trip changes some 15% of the float32 values in the last bit; a second changes none)."""
+    import numpy as np
+
+    return ((np.asarray(mean, np.float64) * count).astype(np.float32).astype(np.float64) / count).astype(np.float32)
 
 
 class WeightImportance:
