@@ -411,3 +411,26 @@ def test_one_layer_qwen_gguf_sees_images_as_the_hub_processor_sizes_them(one_lay
     finally:
         b.close()
         ref.close()
+
+
+def test_text_seed_is_the_hubs_qwen2_5_0_5b_instruct(tmp_path):
+    """The 0.5B instruct model the parity-speed target is stated for: the hub's parameter count and single file,
+    tied head, no processor files, Qwen's token ids and the instruct template's system default."""
+    from transformers import AutoTokenizer
+
+    from edgemed.archs import arch_for_dir
+
+    seed = fs.get_seed("qwen2.5-0.5b-instruct")
+    config = fs.folder_config(seed, None, 0)
+    tensors = fs.plan(seed, config)
+    assert sum(t.numel for t in tensors) == 494_032_768 and len(fs.shards(tensors, seed.shard_size, 2)) == 1
+    assert "lm_head.weight" not in {t.name for t in tensors}
+    fs.write_files(seed, tmp_path, config)
+    assert not (tmp_path / "preprocessor_config.json").exists() and arch_for_dir(tmp_path).name == "qwen2"
+    tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert len(tok) == 151665 and tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643, 151644, 151645]
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                    "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert fs.folder_config(seed, 2, 0)["max_window_layers"] == 2
