@@ -101,3 +101,36 @@ def test_refusals(text, folders):
         assert emb.shape[1] == b.n_embd and np.isfinite(emb).all()
     finally:
         b.close()
+
+
+def test_an_image_longer_than_the_batch_is_decoded_in_pieces_where_attention_is_causal(folders, tiny_model, tmp_path):
+    """LLaVA-1.5 gives 576 image tokens against the default n_batch of 512 (the full-size chain's image question
+    failed on it): causal image tokens are decoded in pieces, with the same logits as in one batch; Gemma 3's,
+    which attend both ways, need one batch and a context too small for them is refused with the size to ask for."""
+    from PIL import Image
+
+    from edgemed.export.gguf import export_gguf
+
+    img = Image.new("RGB", (32, 32), (120, 30, 200))
+    whole = open_model(folders["image"], n_threads=1, n_ctx=512)
+    try:
+        ids = whole.tokenize(whole.render(QUESTION, image=True))
+        n_img = whole.image_embeddings(img).shape[0]
+        ref = whole.logits(ids, img)
+    finally:
+        whole.close()
+    assert n_img > 3
+    pieces = open_model(folders["image"], n_threads=1, n_ctx=512, n_batch=3)
+    try:
+        got = pieces.logits(ids, img)
+    finally:
+        pieces.close()
+    assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-3), float(np.abs(got - ref).max())
+    gemma = export_gguf(tiny_model("gemma3"), ["f32"], tmp_path / "gemma")
+    small = open_model(gemma, n_threads=1, n_ctx=512, n_batch=2)
+    try:
+        g_ids = small.tokenize(small.render(QUESTION, image=True))
+        with pytest.raises(DataError, match="both ways.*n_batch of at least"):
+            small.logits(g_ids, img)
+    finally:
+        small.close()

@@ -270,37 +270,49 @@ class LlamaCppBackend(HFBackend):
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_embd)).copy()
 
     def _decode_image(self, chunk, emb: np.ndarray, pos0: int) -> tuple[np.ndarray, int]:
-        """Decode image embeddings at pos0...; return the logits after the last one and the positions used."""
-        import llama_cpp
+        """Decode image embeddings at pos0...; return the logits after the last one and the positions used.
+
+        Where the image tokens attend causally (LLaVA, Qwen2.5-VL) they are decoded in pieces of ``n_batch``, as
+        mtmd's own helper does: LLaVA-1.5's 576 tokens exceed the default batch of 512. Where they attend both ways
+        (Gemma 3) the whole image must be one batch; a context opened too small for it says so."""
         import numpy as np
         from llama_cpp import mtmd_cpp
 
         n = emb.shape[0]
         mrope = mtmd_cpp.mtmd_decode_use_mrope(self._mtmd)
         n_pos = mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)
-        if n > self.n_batch:
-            raise DataError(f"the image gives {n} embeddings, more than n_batch={self.n_batch}; open the backend "
-                            "with a larger n_batch")
+        non_causal = mtmd_cpp.mtmd_decode_use_non_causal(self._mtmd, chunk)
+        if non_causal and n > self.n_batch:
+            raise DataError(f"the image gives {n} embeddings that attend to each other both ways, more than "
+                            f"n_batch={self.n_batch}; open the backend with n_batch of at least {n}")
+        nx = mtmd_cpp.mtmd_image_tokens_get_nx(mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)) if mrope else 0
+        flat = np.ascontiguousarray(emb, dtype=np.float32)
+        for start in range(0, n, self.n_batch):
+            self._decode_embeddings(flat[start:start + self.n_batch], start, n, pos0, nx, mrope, non_causal)
+        return self._last_logits(), n_pos
+
+    def _decode_embeddings(self, part: np.ndarray, start: int, n: int, pos0: int, nx: int, mrope: bool,
+                           non_causal: bool) -> None:
+        """One llama_decode of image embeddings ``start..start+len(part)`` of ``n``; logits for the image's last."""
+        import llama_cpp
+
+        m = part.shape[0]
         # M-RoPE (Qwen2.5-VL) takes 4 positions per embedding: allocate room for them in the batch itself
-        batch = llama_cpp.llama_batch_init(4 * n if mrope else n, self.n_embd, 1)
+        batch = llama_cpp.llama_batch_init(4 * m if mrope else m, self.n_embd, 1)
         try:
-            batch.n_tokens = n
-            flat = np.ascontiguousarray(emb, dtype=np.float32)
-            ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
-            if mrope:  # temporal, row, column and an unused section, laid out as mtmd's helper does
-                nx = mtmd_cpp.mtmd_image_tokens_get_nx(mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk))
-                for i in range(n):
+            batch.n_tokens = m
+            ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
+            for j in range(m):
+                i = start + j
+                if mrope:  # temporal, row, column and an unused section, laid out as mtmd's helper does
                     y, x = divmod(i, nx)
-                    batch.pos[i], batch.pos[n + i], batch.pos[2 * n + i], batch.pos[3 * n + i] = (
+                    batch.pos[j], batch.pos[m + j], batch.pos[2 * m + j], batch.pos[3 * m + j] = (
                         pos0, pos0 + y, pos0 + x, 0)
-            else:
-                for i in range(n):
-                    batch.pos[i] = pos0 + i
-            for i in range(n):
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = i == n - 1
-            non_causal = mtmd_cpp.mtmd_decode_use_non_causal(self._mtmd, chunk)
+                else:
+                    batch.pos[j] = pos0 + i
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = i == n - 1
             if non_causal:  # image tokens attend to each other both ways (Gemma 3)
                 llama_cpp.llama_set_causal_attn(self._ctx.ctx, False)
             try:
@@ -310,7 +322,6 @@ class LlamaCppBackend(HFBackend):
                     llama_cpp.llama_set_causal_attn(self._ctx.ctx, True)
             if rc != 0:
                 raise DataError(f"llama_decode of the image embeddings returned {rc}")
-            return self._last_logits(), n_pos
         finally:
             llama_cpp.llama_batch_free(batch)
 
