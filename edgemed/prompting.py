@@ -76,8 +76,49 @@ def read_template(path: Path | str) -> str:
 
 
 def render(template_owner: Any, msgs: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """Render ``msgs`` with the chat template of a tokenizer or processor, as text (not token ids)."""
-    return template_owner.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+    """Render ``msgs`` with the chat template of a tokenizer or processor, as text (not token ids).
+
+    A template that refuses a system turn beside an image (Llama-3.2-11B-Vision-Instruct's raises "Prompting with
+    images is incompatible with system messages") gets the system text at the head of the first user turn instead,
+    which is how Meta's model card has such instructions given; every other refusal is the template's own."""
+    import jinja2
+
+    try:
+        return template_owner.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except jinja2.TemplateError:
+        folded = fold_system(msgs)
+        if folded is None:
+            raise
+        return template_owner.apply_chat_template(folded, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+
+def fold_system(msgs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``msgs`` with a leading system turn moved into the first user turn's text, when a message holds an image;
+    None when there is nothing to fold."""
+    def has_image(m: dict[str, Any]) -> bool:
+        return isinstance(m["content"], list) and any(part.get("type") == "image" for part in m["content"])
+
+    if not msgs or msgs[0]["role"] != "system" or not any(has_image(m) for m in msgs):
+        return None
+    sys_content = msgs[0]["content"]
+    system = sys_content if isinstance(sys_content, str) else "".join(
+        part.get("text", "") for part in sys_content if part.get("type") == "text")
+    rest = [dict(m) for m in msgs[1:]]
+    user = next((m for m in rest if m["role"] == "user"), None)
+    if user is None:
+        return None
+    if isinstance(user["content"], str):
+        user["content"] = f"{system}\n\n{user['content']}"
+    else:
+        parts = [dict(part) for part in user["content"]]
+        text = next((part for part in parts if part.get("type") == "text"), None)
+        if text is None:
+            parts.append({"type": "text", "text": system})
+        else:
+            text["text"] = f"{system}\n\n{text['text']}"
+        user["content"] = parts
+    return rest
 
 
 def prompt_and_answer(template_owner: Any, question: str, answer: str, *, image: bool, system: str | None,

@@ -434,3 +434,25 @@ def test_text_seed_is_the_hubs_qwen2_5_0_5b_instruct(tmp_path):
     assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
                     "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert fs.folder_config(seed, 2, 0)["max_window_layers"] == 2
+
+
+def test_llama_vision_hub_template_takes_a_system_prompt_with_an_image(files_only):
+    """The hub's Llama-3.2-11B-Vision-Instruct template raises on a system turn beside an image; a recipe's role
+    prompt (llama32_med.yaml) crashed the fine-tune's encoding with it. The system text now leads the user turn."""
+    import jinja2
+    import pytest
+
+    from edgemed import prompting
+
+    proc = _processor(files_only("llama-3.2-11b-vision-instruct"))
+    msgs = prompting.messages("Is there an effusion?", image=True, system="You are a radiologist.", typed=True)
+    with pytest.raises(jinja2.TemplateError, match="incompatible with system"):
+        proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    prompt, answer = prompting.prompt_and_answer(proc, "Is there an effusion?", "no", image=True,
+                                                 system="You are a radiologist.", typed=True)
+    assert prompt.count("You are a radiologist.") == 1 and prompt.count("<|image|>") == 1
+    assert "<|start_header_id|>system" not in prompt
+    assert prompt.index("<|image|>") < prompt.index("You are a radiologist.\n\nIs there an effusion?")
+    assert answer.startswith("no")
+    text_only = prompting.render(proc, prompting.messages("Hi", system="You are a radiologist.", typed=True))
+    assert "<|start_header_id|>system<|end_header_id|>" in text_only  # no image: the system turn stays
