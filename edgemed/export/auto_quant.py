@@ -130,9 +130,10 @@ def _has_legacy_blocks(folder: Path) -> bool:
     import gguf
 
     from edgemed.export.ggml_quant import LEGACY_TYPES
+    from edgemed.gguf_header import read_header  # the header alone (gguf-py's reader takes seconds a file)
 
     for name in read_manifest(folder)["models"].values():
-        kinds = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(folder / name).tensors}
+        kinds = {gguf.GGMLQuantizationType(t.ggml_type).name for t in read_header(folder / name).tensors}
         if kinds & (LEGACY_TYPES - {"Q8_0"}) and kinds - LEGACY_TYPES - {"F32", "F16", "BF16"}:
             return True
     return False
