@@ -32,11 +32,16 @@ LEGACY_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
 IMATRIX_SCOPES = ("all", "k-quants")  # --imatrix-types: every quantized tensor, or all but LEGACY_TYPES
 
 
-def weighs(scope: str, type_name: str) -> bool:
-    """Whether a tensor of GGML type ``type_name`` gets the importance matrix under ``scope``."""
+def check_scope(scope: str) -> str:
+    """``scope`` if it is one of :data:`IMATRIX_SCOPES`; ExportError naming them otherwise."""
     if scope not in IMATRIX_SCOPES:
         raise ExportError(f"unknown --imatrix-types {scope!r}; choose from {', '.join(IMATRIX_SCOPES)}")
-    return scope == "all" or type_name not in LEGACY_TYPES
+    return scope
+
+
+def weighs(scope: str, type_name: str) -> bool:
+    """Whether a tensor of GGML type ``type_name`` gets the importance matrix under ``scope``."""
+    return check_scope(scope) == "all" or type_name not in LEGACY_TYPES
 
 
 def _ggml() -> Any:

@@ -90,9 +90,9 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
         The output folder.
     """
     model_dir = Path(model_dir)
-    from edgemed.export.ggml_quant import weighs
+    from edgemed.export.ggml_quant import check_scope
 
-    weighs(imatrix_types, "F16")  # an unknown scope is refused first
+    check_scope(imatrix_types)  # an unknown scope is refused first
     if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
         if imatrix_types != "all":
             raise ExportError(f"{model_dir}: --imatrix-types applies to a calibrated export of a merged model; "
