@@ -198,3 +198,26 @@ def test_gguf_header_reads_what_gguf_py_reads(tiny_model, tmp_path):
     (tmp_path / "text.gguf").write_text(json.dumps({"not": "gguf"}) * 4)
     with pytest.raises(ArtifactError, match="not a GGUF file"):
         check_gguf(tmp_path / "text.gguf")
+
+
+def test_greedy_batches_are_bounded_by_one_step_of_logits(tiny_model, monkeypatch):
+    """Greedy answers keep one logits row per sequence at a step, so their batches may be far wider than the
+    teacher-forced ones (each decode step reads every weight once per batch), within both budgets."""
+    from edgemed.backends import pytorch
+    from edgemed.backends.pytorch import TorchBackend
+
+    b = TorchBackend(tiny_model("qwen2"), device="cpu", n_threads=1)
+    try:
+        vocab = int(b.model.get_output_embeddings().weight.shape[0])
+        monkeypatch.setattr(pytorch, "BATCH_LOGIT_BYTES", 4 * vocab * 100)  # 100 rows of logits
+        lengths = [30 + (7 * i) % 20 for i in range(32)]
+        forced, greedy = b._groups(lengths), b._groups(lengths, rows_per_token=False)
+        for groups in (forced, greedy):
+            assert sorted(i for g in groups for i in g) == list(range(32))
+        assert all(len(g) * max(lengths[i] for i in g) <= 100 for g in forced)  # logits rows of every token
+        assert len(greedy) == 1 and len(forced) >= 10
+        monkeypatch.setattr(pytorch, "GENERATE_TOKENS", 200)
+        greedy = b._groups(lengths, rows_per_token=False)
+        assert all(len(g) * max(lengths[i] for i in g) <= 200 for g in greedy) and len(greedy) > 1
+    finally:
+        b.close()

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 BATCH_TOKENS = 1024  # padded tokens per batched forward: beyond a few hundred rows a CPU matmul gains little
 BATCH_LOGIT_BYTES = 256 << 20  # float32 logits per batch (262144-wide Gemma rows: 256 tokens)
+# padded tokens (prompt + answer) per batch of greedy answers. Greedy decoding keeps one logits row per sequence,
+# and each decode step reads every weight once for the whole batch, so on a CPU its time goes with the number of
+# batches, not their width: a 0.5B fp32 model's 32 probes took 38 s in batches of 441 tokens (4 of them, the logits
+# budget above) and far less in one
+GENERATE_TOKENS = 4096
 
 
 class _Sampler:
@@ -205,7 +210,7 @@ class TorchBackend(HFBackend):
         toks = [self.tokenize(p) for p in prompts]
         out = [""] * len(prompts)
         with self._lock:
-            for group in self._groups([len(t) + params.max_tokens for t in toks]):
+            for group in self._groups([len(t) + params.max_tokens for t in toks], rows_per_token=False):
                 for i, ids in zip(group, self._greedy_ids([toks[i] for i in group], params.max_tokens), strict=True):
                     out[i] = _text_of(ids, self._detokenize)
         return out
@@ -235,15 +240,18 @@ class TorchBackend(HFBackend):
         pad = self.tokenizer.pad_token_id
         return int(pad) if pad is not None else (self.eos_ids or [0])[0]
 
-    def _groups(self, lengths: list[int]) -> list[list[int]]:
-        """Indices batched by similar length: each batch at most BATCH_TOKENS padded tokens and BATCH_LOGIT_BYTES
-        of float32 logits."""
+    def _groups(self, lengths: list[int], rows_per_token: bool = True) -> list[list[int]]:
+        """Indices batched by similar length. Teacher-forced batches (``rows_per_token``: a logits row per token)
+        hold at most BATCH_TOKENS padded tokens and BATCH_LOGIT_BYTES of float32 logits; greedy batches (a row per
+        sequence at each step) at most GENERATE_TOKENS padded tokens and BATCH_LOGIT_BYTES of one step's logits."""
         head = self.model.get_output_embeddings()
         vocab = int(head.weight.shape[0]) if head is not None else 262144  # unknown: budget for a wide one
-        budget = max(1, min(BATCH_TOKENS, BATCH_LOGIT_BYTES // (4 * vocab)))
+        tokens = BATCH_TOKENS if rows_per_token else GENERATE_TOKENS
         groups: list[list[int]] = []
         for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # ascending: lengths[i] is the widest
-            if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+            n = len(groups[-1]) + 1 if groups else 1
+            rows = n * lengths[i] if rows_per_token else n
+            if groups and n * lengths[i] <= tokens and rows * 4 * vocab <= BATCH_LOGIT_BYTES:
                 groups[-1].append(i)
             else:
                 groups.append([i])
