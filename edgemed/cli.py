@@ -227,8 +227,8 @@ def export() -> None:
 @click.option("--chat-template", "chat_template", type=EXISTING,
               help="Jinja chat template file to embed (and save beside the GGUF) instead of the folder's.")
 @click.option("--imatrix-types", type=click.Choice(["all", "k-quants"]), default=None,
-              help="Calibrated tensors: all (llama.cpp's way, the default) or k-quants (the q4_0/q5_0 fallback "
-                   "blocks of narrow matrices rounded unweighted). --auto-quant tries both unless one is given.")
+              help="Calibrated tensors: k-quants (the default: the q4_0/q5_0 fallback blocks of narrow matrices "
+                   "rounded unweighted) or all (llama.cpp's way). --auto-quant tries both unless one is given.")
 @calibration_options
 @handled
 def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str, adapter_quant: str,
@@ -259,7 +259,7 @@ def export_gguf_cmd(model_dir: Path, quants: tuple[str, ...], mmproj_quant: str,
         click.echo(pick(model_dir, out, overwrite=overwrite, imatrix_types=imatrix_types, **options, **kw))
         return
     click.echo(export_gguf(model_dir, list(quants), out, overwrite=overwrite, compensate=compensate,
-                           imatrix_types=imatrix_types or "all", **options))
+                           imatrix_types=imatrix_types, **options))
 
 
 @export.command("onnx")

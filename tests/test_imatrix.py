@@ -57,11 +57,11 @@ def test_vision_tower_and_projector_get_matrices_from_the_images(tiny_model, tmp
     assert cal.counts["blk.0.attn_q.weight"] > cal.counts["mm.0.weight"] > 0
 
 
-def test_calibration_changes_the_quantized_bytes_and_is_recorded(tiny_model, tmp_path):
+def test_calibration_changes_the_quantized_bytes_and_is_recorded(mixed_width_llama, tmp_path):
     from edgemed.artifacts import read_manifest
     from edgemed.export.gguf import export_gguf
 
-    model = tiny_model("llama")
+    model = mixed_width_llama  # 256-wide matrices take q4_K, which the default scope weighs
     data = write_vqa(tmp_path / "d", n=4, image=False)
     plain = export_gguf(model, ["q4_k_m"], tmp_path / "plain", calibrate=False)
     cal = export_gguf(model, ["q4_k_m"], tmp_path / "cal", calibration=data)
@@ -193,11 +193,11 @@ def test_k_quant_scope_weighs_k_quants_only_and_reuses_an_earlier_exports_matric
     T = gguf.GGMLQuantizationType
     model, data = mixed_width_llama, write_vqa(tmp_path / "d", n=4, image=False)
     plain = _blocks(export_gguf(model, ["q4_k_m"], tmp_path / "plain", calibrate=False) / "model-q4_k_m.gguf")
-    cal_dir = export_gguf(model, ["q4_k_m"], tmp_path / "cal", calibration=data)
+    cal_dir = export_gguf(model, ["q4_k_m"], tmp_path / "cal", calibration=data, imatrix_types="all")
     computed = _blocks(cal_dir / "model-q4_k_m.gguf")
     # the file keeps float32 sums and counts (llama.cpp's layout); the matrices it reads back are those used
-    full = _blocks(export_gguf(model, ["q4_k_m"], tmp_path / "re", calibration=cal_dir / "imatrix.gguf")
-                   / "model-q4_k_m.gguf")
+    full = _blocks(export_gguf(model, ["q4_k_m"], tmp_path / "re", calibration=cal_dir / "imatrix.gguf",
+                               imatrix_types="all") / "model-q4_k_m.gguf")
     assert full == computed
     k_dir = export_gguf(model, ["q4_k_m"], tmp_path / "k", calibration=cal_dir / "imatrix.gguf",
                         imatrix_types="k-quants")
@@ -208,6 +208,10 @@ def test_k_quant_scope_weighs_k_quants_only_and_reuses_an_earlier_exports_matric
         legacy = T(t).name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
         assert b == (plain[name][1] if legacy else full[name][1]), (name, T(t).name)
     assert kq != plain and kq != full
+    # with no scope asked for, a calibrated export is the k-quants one (ggml_quant.DEFAULT_SCOPE)
+    default_dir = export_gguf(model, ["q4_k_m"], tmp_path / "default", calibration=cal_dir / "imatrix.gguf")
+    assert _blocks(default_dir / "model-q4_k_m.gguf") == kq
+    assert read_manifest(default_dir)["calibration"]["imatrix_types"] == "k-quants"
     c, c0 = read_manifest(k_dir)["calibration"], read_manifest(cal_dir)["calibration"]
     assert c["imatrix_types"] == "k-quants" and c0["imatrix_types"] == "all"
     assert c["data"] == c0["data"] == str(data.absolute()) and c["data_sha256"] == c0["data_sha256"]

@@ -58,7 +58,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                 mmproj_quant: str = "f16", adapter_quant: str = "f16", chat_template: str | None = None,
                 calibration: Path | str | None = None, calibrate: bool = True,
                 calibration_samples: int | None = None, calibration_tokens: int | None = None,
-                compensate: int = 0, imatrix_types: str = "all") -> Path:
+                compensate: int = 0, imatrix_types: str | None = None) -> Path:
     """Write ``model_dir`` as GGUF: ``model-<quant>.gguf`` per quant and, for image models, ``mmproj-*.gguf``.
 
     Given a fine-tune run folder instead, writes the base once plus the run's LoRA as a llama.cpp adapter file
@@ -84,17 +84,18 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
             merged model, whose rounding no adapter file carries.
         imatrix_types: which quantized tensors of the text model get their matrix: "all" (llama.cpp's way) or
             "k-quants" (the legacy q4_0/q5_0 blocks llama.cpp falls back to at widths that are not a multiple of
-            256 are rounded unweighted; :mod:`edgemed.export.ggml_quant`).
+            256 are rounded unweighted; :mod:`edgemed.export.ggml_quant`); None: ``ggml_quant.DEFAULT_SCOPE``.
 
     Returns:
         The output folder.
     """
     model_dir = Path(model_dir)
-    from edgemed.export.ggml_quant import check_scope
+    from edgemed.export.ggml_quant import DEFAULT_SCOPE, check_scope
 
-    check_scope(imatrix_types)  # an unknown scope is refused first
+    if imatrix_types is not None:
+        check_scope(imatrix_types)  # an unknown scope is refused first
     if _is_run(model_dir):  # a fine-tune run: base once + LoRA adapter file (edgemed.export.gguf_adapter)
-        if imatrix_types != "all":
+        if imatrix_types is not None:
             raise ExportError(f"{model_dir}: --imatrix-types applies to a calibrated export of a merged model; "
                               "merge the run (`edgemed merge RUN_DIR --out MODEL_DIR`) and export MODEL_DIR")
         from edgemed.export.gguf_adapter import export_gguf_run
@@ -103,6 +104,7 @@ def export_gguf(model_dir: Path | str, quants: list[str], out: Path | str, *, ov
                                adapter_quant=adapter_quant, compensate=compensate, calibration=calibration,
                                calibrate=calibrate, calibration_samples=calibration_samples,
                                calibration_tokens=calibration_tokens)
+    imatrix_types = imatrix_types or DEFAULT_SCOPE
     if compensate:
         raise ExportError(f"{model_dir}: --compensate writes a correction into a run's LoRA adapter file; give the "
                           "run folder (`edgemed export gguf RUN_DIR --quant q4_0 --compensate 32`), not a merged model")
