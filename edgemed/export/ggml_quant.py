@@ -33,8 +33,8 @@ IMATRIX_SCOPES = ("all", "k-quants")  # --imatrix-types: every quantized tensor,
 # the scope of a calibrated export when none is asked for. llama.cpp weighs every quantized tensor ("all"); on the
 # models measured here that made q4_k_m worse than uncalibrated once (the demo model's second fine-tune: KL mean
 # +27%) and no better once (-1%), while "k-quants" was better than uncalibrated in all four cases measured
-# (docs/parity.md, "Which tensors get the matrix"). Matrices whose rows are a multiple of 256 get no fallback
-# blocks, so on most models of 1B and more the two scopes write the same file.
+# (docs/parity.md, "Which tensors get the matrix" and "A second demo fine-tune"). Matrices whose rows are a
+# multiple of 256 get no fallback blocks, so on most models of 1B and more the two scopes write the same file.
 DEFAULT_SCOPE = "k-quants"
 
 
