@@ -319,7 +319,7 @@ def gguf_file_checks(file: Path, ref: Backend, probes: list[Probe], bos_ref: int
     # llama.cpp's chat rendering (common/chat.cpp, and llama-cpp-python's Jinja formatter, which then adds none)
     # drops one leading BOS the template wrote when add_bos_token is set, because the tokenizer adds it: a template
     # that opens with {{ bos_token }} (Gemma, Llama 3) gives one BOS either way
-    checks["gguf_bos"] = lead + int(add_bos) - int(add_bos and lead > 0)
+    checks["gguf_bos"] = max(lead, int(add_bos))
     if checks["gguf_bos"] != bos_ref:
         fails.append(f"bos: {file.name} starts prompts with {checks['gguf_bos']} BOS token(s) (template writes "
                      f"{lead}, add_bos_token={add_bos}), the reference with {bos_ref}"
