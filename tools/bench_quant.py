@@ -8,9 +8,10 @@ probes must not overlap (checked: the same question text in both is refused).
         [--onnx int4,int4:q4_k_m]
 
 Without --calibration a merged fine-tune uses its run's training data (as `edgemed export gguf` does). Each GGUF
-quant is measured three ways: uncalibrated, calibrated, and calibrated with llama.cpp's legacy fallback blocks
-(q4_0/q5_0 of matrices whose width is not a multiple of 256) left unweighted (``--imatrix-types k-quants``, from the
-calibrated export's own imatrix.gguf). ``--onnx``
+quant is measured three ways: uncalibrated; calibrated with every quantized tensor weighted (``--imatrix-types
+all``, llama.cpp's way); and calibrated with llama.cpp's legacy fallback blocks (q4_0/q5_0 of matrices whose width is
+not a multiple of 256) left unweighted (``--imatrix-types k-quants``, edgemed's default, from the first calibrated
+export's own imatrix.gguf, so both use the same matrices). ``--onnx``
 adds ONNX exports to each mode, measured by the same parity run on the same probes: ``int4`` is plain int4,
 ``int4:q4_k_m`` is int4 with llama.cpp's q4_k_m bits (`export onnx --quant int4 --mixed q4_k_m`).
 """
@@ -25,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+ALL = "calibrated, all tensors"
 K_ONLY = "calibrated, k-quants only"
+MODES = ("uncalibrated", ALL, K_ONLY)
+FOLDERS = dict(zip(MODES, ("uncalibrated", "all", "k-quants"), strict=True))  # each mode's export folder
 
 def _questions(path: Path) -> set[str]:
     from edgemed.data import TextRecord, read_dataset
@@ -66,19 +70,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     rows = []
     try:
-        for mode in ("uncalibrated", "calibrated", K_ONLY):
-            kw = {"calibrate": mode != "uncalibrated", "calibration": cal if mode == "calibrated" else None,
+        for mode in MODES:
+            kw = {"calibrate": mode != "uncalibrated", "calibration": cal if mode == ALL else None,
                   "calibration_samples": args.samples}
+            scope = {"uncalibrated": None, ALL: "all", K_ONLY: "k-quants"}[mode]
             if mode == K_ONLY:
-                kw.update(calibration=work / "calibrated" / "imatrix.gguf", imatrix_types="k-quants")
+                kw.update(calibration=work / "all" / "imatrix.gguf")
             t0 = time.time()
-            folder = export_gguf(args.model, quants, work / mode.replace(" ", "-"), **kw) if quants else None
+            folder = (export_gguf(args.model, quants, work / FOLDERS[mode], imatrix_types=scope, **kw)
+                      if quants else None)
             runs = [] if folder is None else [(folder, time.time() - t0, None)]
             for spec in onnx if mode != K_ONLY else ():
                 onnx_quant, _, mix = spec.partition(":")
                 t0 = time.time()
-                runs.append((export_onnx(args.model, onnx_quant, work / f"{mode}-onnx-{spec.replace(':', '-')}",
-                                         mixed=mix or None, **kw), time.time() - t0, spec))
+                out = work / f"{FOLDERS[mode]}-onnx-{spec.replace(':', '-')}"
+                runs.append((export_onnx(args.model, onnx_quant, out, mixed=mix or None, **kw), time.time() - t0, spec))
             for folder, export_s, spec in runs:
                 res = run_parity(folder, reference=args.model, probes=args.probes, max_probes=args.max_probes,
                                  localise=False, n_threads=args.threads)
@@ -96,8 +102,7 @@ def main() -> None:
     print("| quant | calibration | KL mean | KL p99 | top-1 (all) | flip rate (decided) | answer flips | img cos "
           "| size MB | export s (GGUF: all quants) | parity |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    modes = ("uncalibrated", "calibrated", K_ONLY)
-    for r in sorted(rows, key=lambda r: (names.index(r["quant"]), modes.index(r["mode"]))):
+    for r in sorted(rows, key=lambda r: (names.index(r["quant"]), MODES.index(r["mode"]))):
         cos = "-" if r["image_cos"] is None else f"{r['image_cos']:.4f}"
         print(f"| {r['quant']} | {r['mode']} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.1%} | "
               f"{r['flip_rate']:.1%} ({r['decided']}/{r['positions']}) | {r['answer_flips']:.0%} | {cos} | "
@@ -105,8 +110,11 @@ def main() -> None:
     for q in names:
         u = next(r for r in rows if r["quant"] == q and r["mode"] == "uncalibrated")
         for c in (r for r in rows if r["quant"] == q and r["mode"] != "uncalibrated"):
-            print(f"{q}: {c['mode']} KL mean {100 * (1 - c['kl_mean'] / u['kl_mean']):+.0f}% lower than "
-                  f"uncalibrated, flip rate {c['flip_rate']:.1%} vs {u['flip_rate']:.1%}")
+            gain = 100 * (1 - c["kl_mean"] / u["kl_mean"])
+            flips = [round(r["flip_rate"] * r["decided"]) for r in (c, u)]
+            print(f"{q}: {c['mode']}: KL mean {abs(gain):.0f}% {'lower' if gain >= 0 else 'higher'} than "
+                  f"uncalibrated, flip rate {c['flip_rate']:.1%} vs {u['flip_rate']:.1%} "
+                  f"({flips[0]} vs {flips[1]} of {c['decided']} decided positions)")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "calibration": str(cal), "rows": rows}, indent=2))
 
