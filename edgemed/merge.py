@@ -206,8 +206,10 @@ def check_merge(run_dir: Path, merged: Path, base: Path, prompts: list[str]) -> 
     pairs, scale = _lora_pairs(run_dir)
     trained = load_safetensors(run_dir / TRAINED) if (run_dir / TRAINED).is_file() else {}
     proc, tok = load_processor(merged, arch)
-    texts = [prompting.render(proc, prompting.messages(q, typed=arch.is_vision)) for q in prompts]
-    ids = [tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
+    texts = [prompting.generation_prompt(proc, q, typed=arch.is_vision) for q in prompts]
+    # a rendered template holds its own BOS; a base model's plain prompt gets the tokenizer's
+    specials = not prompting.has_template(proc)
+    ids = [tok(t, return_tensors="pt", add_special_tokens=specials)["input_ids"] for t in texts]
     with tempfile.TemporaryDirectory(prefix=".edgemed-check-") as off:
         reference = _offloaded(base, arch, Path(off) / "a")
         try:

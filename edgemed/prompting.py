@@ -54,6 +54,28 @@ def plain(question: str, system: str | None = None) -> str:
     return f"{system}\n\n{question}" if system else question
 
 
+PLAIN_ANSWER_SEPARATOR = "\n"  # a base model is trained to answer a plain prompt on the next line, then stop
+
+
+def bos_text(tokenizer: Any) -> str:
+    """The BOS token's text where the tokenizer adds one by itself (Gemma, Llama 3), else "": a plain prompt
+    tokenized without special tokens must begin as the model always saw its input begin."""
+    prefix = tokenizer("", add_special_tokens=True).input_ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return tokenizer.bos_token if bos is not None and prefix[:1] == [bos] else ""
+
+
+def generation_prompt(template_owner: Any, question: str, *, image: bool = False, system: str | None = None,
+                      typed: bool = False) -> str:
+    """The generation prompt for one question: the chat template's, or a base model's plain text
+    (:func:`plain`; an image needs a template to say where it goes, so a base model's image prompt is refused)."""
+    if not has_template(template_owner):
+        if image:
+            raise ValueError("a model without a chat template has no place for an image in its prompt")
+        return plain(question, system)
+    return render(template_owner, messages(question, image=image, system=system, typed=typed))
+
+
 def read_template(path: Path | str) -> str:
     """The text of a ``--chat-template FILE`` (a Jinja chat template), checked to parse."""
     import jinja2
@@ -127,7 +149,17 @@ def prompt_and_answer(template_owner: Any, question: str, answer: str, *, image:
 
     Rendering the conversation with and without the answer and taking the difference keeps exactly the
     template's closing tokens (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``) in the supervised part.
+
+    A base model (no chat template) gets its plain prompt, BOS in front where its tokenizer adds one (the caller
+    tokenizes without special tokens, as a rendered template holds its own BOS), and the answer on the next line
+    followed by EOS, so that the fine-tune learns to stop.
     """
+    if not has_template(template_owner):
+        if image:
+            raise ValueError("a model without a chat template has no place for an image in its prompt")
+        tok = getattr(template_owner, "tokenizer", template_owner)
+        return (bos_text(tok) + plain(question, system),
+                PLAIN_ANSWER_SEPARATOR + answer + (getattr(tok, "eos_token", None) or ""))
     prompt = render(template_owner, messages(question, image=image, system=system, typed=typed), True)
     full = render(template_owner, messages(question, image=image, system=system, typed=typed, answer=answer),
                   False)

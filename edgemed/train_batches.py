@@ -104,11 +104,17 @@ def encode_text(loaded: Loaded, recipe: Recipe, record: Any) -> list[Example]:
     ids = tok(record.text, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         ids = ids + [tok.eos_token_id]
+    # each example begins as the model's input always begins: with BOS where the tokenizer adds one (Gemma and
+    # Llama 3 are far off their training distribution without it; every runtime edgemed serves with adds it)
+    bos_text = prompting.bos_text(tok)
+    bos = tok(bos_text, add_special_tokens=False)["input_ids"] if bos_text else []
+    step = recipe.max_length - len(bos)
     out = []
-    for start in range(0, len(ids), recipe.max_length):
-        chunk = torch.tensor(ids[start:start + recipe.max_length])
-        if len(chunk) < 2:
+    for start in range(0, len(ids), step):
+        piece = ids[start:start + step]
+        if len(bos) + len(piece) < 2:
             continue
+        chunk = torch.tensor(bos + piece)
         inputs = {"input_ids": chunk[None], "attention_mask": torch.ones_like(chunk)[None]}
         out.append(Example(inputs=inputs, labels=chunk.clone(), has_image=False, source=record.source))
     return out

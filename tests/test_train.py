@@ -217,3 +217,58 @@ def test_encoded_image_examples_hold_no_pixels_until_their_batch_is_built(tiny_m
     n = direct["pixel_values"].shape[0]
     assert torch.equal(batch["pixel_values"][-n:], direct["pixel_values"])
     assert torch.equal(batch["input_ids"][1, :direct["input_ids"].shape[1]], direct["input_ids"][0])
+
+
+def _shell(model_dir):
+    from edgemed.modeling import Loaded, load_processor
+
+    spec = REGISTRY[json.loads((model_dir / "config.json").read_text())["model_type"]]
+    proc, tok = load_processor(model_dir, spec)
+    return Loaded(model=None, processor=proc, tokenizer=tok, arch=spec, base_dir=model_dir), tok
+
+
+def test_text_examples_begin_with_bos_where_the_tokenizer_adds_one(tiny_model):
+    """A corpus document is trained as the model reads input: with BOS in front (Gemma's tokenizer adds it),
+    on every chunk of a long document, and with no BOS where the tokenizer adds none (SmolLM2's)."""
+    from edgemed.data import TextRecord
+    from edgemed.train_batches import encode_text
+
+    recipe = Recipe.model_validate({"model": {"path": "x"}, "max_length": 16,
+                                    "stages": [{"name": "s", "data": {"train": "t"}}]})
+    doc = TextRecord(" ".join(f"word{i}" for i in range(40)), "t:1")
+    gemma, tok = _shell(tiny_model("gemma3_text"))
+    examples = encode_text(gemma, recipe, doc)
+    assert len(examples) > 1
+    for e in examples:
+        ids = e.inputs["input_ids"][0].tolist()
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and len(ids) <= 16
+    body = tok(doc.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [t for e in examples for t in e.inputs["input_ids"][0].tolist()[1:]] == body  # nothing lost
+    llama, ltok = _shell(tiny_model("llama"))
+    first = encode_text(llama, recipe, doc)[0].inputs["input_ids"][0].tolist()
+    assert first == ltok(doc.text, add_special_tokens=False)["input_ids"][:16]
+
+
+def test_a_base_model_without_chat_template_fine_tunes_on_questions_and_merges(tiny_model, tmp_path):
+    """A base model (no chat template) trains on question/answer records as plain text (BOS, question, the answer
+    on the next line, EOS, loss on the answer only) and its run merges with the logit check."""
+    from conftest import base_model
+
+    from edgemed.merge import merge
+    from edgemed.train_batches import encode_vqa
+
+    base = base_model(tiny_model("gemma3_text"), tmp_path / "base")
+    data = write_vqa(tmp_path / "data", n=4, image=False)
+    recipe = recipe_for(base, data)
+    shell, tok = _shell(base)
+    rec = type("R", (), {"question": "Say left.", "answer": "left", "image": None, "system": None, "task": None,
+                         "source": "t:1"})()
+    ex = encode_vqa(shell, recipe, rec)
+    ids = ex.inputs["input_ids"][0].tolist()
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.bos_token_id) == 1
+    supervised = [t for t, lab in zip(ids, ex.labels.tolist(), strict=True) if lab != -100]
+    assert tok.decode(supervised) == "\nleft" + tok.eos_token
+    run = finetune(recipe, tmp_path / "run")
+    out = merge(run, tmp_path / "merged")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "model.safetensors").is_file() and manifest["merge"]["check_prompts"] > 0

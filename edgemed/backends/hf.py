@@ -96,13 +96,11 @@ class HFBackend(ABC):
         from edgemed import prompting
 
         self._check_image(image)
-        if not prompting.has_template(self.processor):  # a base model: plain text, no turn markers
-            if image:
-                raise DataError(f"{self.folder}: has no chat template to place the image in; give a template "
-                                "with --chat-template FILE")
-            return prompting.plain(question, system)
-        msgs = prompting.messages(question, image=image, system=system, typed=self.is_vision)
-        return prompting.render(self.processor, msgs)
+        if image and not prompting.has_template(self.processor):  # a base model: plain text, no turn markers
+            raise DataError(f"{self.folder}: has no chat template to place the image in; give a template "
+                            "with --chat-template FILE")
+        return prompting.generation_prompt(self.processor, question, image=image, system=system,
+                                           typed=self.is_vision)
 
     def chat_template(self) -> str:
         return getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
