@@ -155,10 +155,8 @@ def prompt_and_answer(template_owner: Any, question: str, answer: str, *, image:
     followed by EOS, so that the fine-tune learns to stop.
     """
     if not has_template(template_owner):
-        if image:
-            raise ValueError("a model without a chat template has no place for an image in its prompt")
         tok = getattr(template_owner, "tokenizer", template_owner)
-        return (bos_text(tok) + plain(question, system),
+        return (bos_text(tok) + generation_prompt(template_owner, question, image=image, system=system),
                 PLAIN_ANSWER_SEPARATOR + answer + (getattr(tok, "eos_token", None) or ""))
     prompt = render(template_owner, messages(question, image=image, system=system, typed=typed), True)
     full = render(template_owner, messages(question, image=image, system=system, typed=typed, answer=answer),
