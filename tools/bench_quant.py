@@ -91,7 +91,7 @@ def main() -> None:
     # correctness flips need reference answers: VQA records (a probe file of bare questions has none)
     answered = not args.no_eval and _has_answers(args.probes)
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
-    exported = []  # (folder, mode, spec) of every export, for the eval below
+    exported = []  # (folder, spec) of every export, for the eval below
     rows = []
     try:
         for mode in MODES:
@@ -110,7 +110,7 @@ def main() -> None:
                 out = work / f"{FOLDERS[mode]}-onnx-{spec.replace(':', '-')}"
                 runs.append((export_onnx(args.model, onnx_quant, out, mixed=mix or None, **kw), time.time() - t0, spec))
             for folder, export_s, spec in runs:
-                exported.append((folder, mode, spec))
+                exported.append((folder, spec))
                 res = run_parity(folder, reference=args.model, probes=args.probes, max_probes=args.max_probes,
                                  localise=False, n_threads=args.threads)
                 for r in res.rows:
@@ -123,10 +123,10 @@ def main() -> None:
                                  "image_cos": m.image_cos, "passed": r.passed, "folder": str(folder.absolute()),
                                  "size_mb": sum(f.stat().st_size for f in files) / 1e6, "export_s": export_s})
         if answered:  # one eval: the PyTorch model first, every export compared with it (as `edgemed eval`)
-            res = evaluate_many([args.model, *(f for f, _, _ in exported)], args.probes, limit=args.max_probes,
+            res = evaluate_many([args.model, *(f for f, _ in exported)], args.probes, limit=args.max_probes,
                                 n_threads=args.threads)
             for e in res.results[1:]:
-                spec = next(s for f, _, s in exported if str(f.absolute()) == e["path"])
+                spec = next(s for f, s in exported if str(f.absolute()) == e["path"])
                 quant = e["quant"] if spec is None else f"onnx {spec}"
                 row = next(r for r in rows if r["quant"] == quant and r["folder"] == e["path"])
                 ret = e["retention"]
