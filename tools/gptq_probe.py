@@ -36,7 +36,7 @@ from edgemed.archs import arch_for_dir
 from edgemed.backends.pytorch import TorchBackend
 from edgemed.data import TextRecord, load_image
 from edgemed.export import imatrix as im
-from edgemed.export.ggml_quant import _copy_fields, quantize, weighs
+from edgemed.export.ggml_quant import quantize, weighs, writer_like
 from edgemed.export.gguf_tensors import Checkpoint, plan_tensors
 from edgemed.export.gguf_text import load_config
 
@@ -129,14 +129,7 @@ def main() -> None:
     shutil.copytree(a.cal, a.out)
     dst = a.out / f"model-{a.quant}.gguf"
     dst.unlink()
-    w = gguf.GGUFWriter(dst, q.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    _copy_fields(q, w, ())
-    for t in q.tensors:
-        w.add_tensor_info(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), np.dtype(np.float32),
-                          int(t.n_bytes), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    w = writer_like(q, dst)
     done = 0
     for t in q.tensors:
         qt = T(t.tensor_type)

@@ -132,6 +132,29 @@ def _copy_fields(reader: Any, writer: Any, skip: tuple[str, ...]) -> None:
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
 
+def writer_like(q: Any, path: Path, extra_kv: dict[str, Any] | None = None) -> Any:
+    """A ``GGUFWriter`` at ``path`` with the metadata of the reader ``q`` (plus ``extra_kv``, string or uint32) and
+    its tensor infos, header written: the caller writes each tensor's bytes in ``q.tensors`` order and closes it."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, q.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    try:
+        _copy_fields(q, w, tuple(extra_kv or ()))
+        for k, v in (extra_kv or {}).items():
+            w.add_key_value(k, v, gguf.GGUFValueType.STRING if isinstance(v, str) else gguf.GGUFValueType.UINT32)
+        for t in q.tensors:
+            w.add_tensor_info(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), np.dtype(np.float32),
+                              int(t.n_bytes), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+    except BaseException:
+        w.close()
+        raise
+    return w
+
+
 def requantize(quantized: Path, source_f16: Path, dst: Path, imatrix: dict[str, Any] | None,
                extra_kv: dict[str, Any] | None = None, n_threads: int = 2, scope: str = "all") -> dict[str, str]:
     """Write ``dst``: the tensors of llama.cpp's ``quantized`` file, each quantized again from ``source_f16`` at
@@ -157,20 +180,10 @@ def requantize(quantized: Path, source_f16: Path, dst: Path, imatrix: dict[str, 
     T = gguf.GGMLQuantizationType
     q = gguf.GGUFReader(quantized)
     f = {t.name: t for t in gguf.GGUFReader(source_f16).tensors}
-    arch = q.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     weighted: dict[str, str] = {}
     with atomic_file(dst) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
+        w = writer_like(q, tmp, extra_kv)
         try:
-            _copy_fields(q, w, tuple(extra_kv or ()))
-            for k, v in (extra_kv or {}).items():
-                w.add_key_value(k, v, gguf.GGUFValueType.STRING if isinstance(v, str) else gguf.GGUFValueType.UINT32)
-            for t in q.tensors:
-                w.add_tensor_info(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), np.dtype(np.float32),
-                                  int(t.n_bytes), raw_dtype=t.tensor_type)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
             for t in tqdm(q.tensors, desc=f"calibrated {dst.stem}", unit="tensor", leave=False):
                 qt = T(t.tensor_type)
                 if qt in (T.F32, T.F16, T.BF16) or t.name not in f:
